@@ -1,0 +1,31 @@
+# The two commands a newcomer needs:
+#   make run    create .venv if missing, then run the DVC pipeline on the reference data
+#   make test   create .venv if missing, then run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+# Nothing phones home.
+export DVC_NO_ANALYTICS := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test env clean-env
+
+env: $(STAMP)
+
+# Reinstalls only when the dependency list changes.
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+clean-env:
+	rm -rf $(VENV)

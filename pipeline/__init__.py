@@ -1,0 +1,1 @@
+"""cytopipe: Pap cytology classification pipeline."""

@@ -1,0 +1,111 @@
+"""`cytopipe`: one subcommand per stage.
+
+Argument parsing only. Each command imports what it needs when it runs, so `--help`
+stays instant and never loads torch, timm, mlflow or albumentations.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Pap cytology classification pipeline (benign / malignant).
+
+Stages (also run by `dvc repro`, parameters from params.yaml):
+  ingest   validate images into a manifest (+ rejects report)
+  split    grouped, stratified train/val/test split and CV folds
+"""
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", metavar="YAML",
+                   help="parameter file (default: %(default)s)")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline.config import GroupRule, load_params
+    from pipeline.data import ingest
+    from pipeline.data.images import ImageLimits
+
+    data = load_params(args.params).data
+    if args.source:
+        data = replace(data, source=args.source)
+    if args.label_map:
+        data = replace(data, label_map=args.label_map)
+    if args.group_regex or args.group_column:
+        data = replace(data, group=GroupRule(regex=args.group_regex, column=args.group_column))
+    ingest.run(data.source, data.label_map, data.group, ImageLimits(data.min_side, data.max_pixels), args.out)
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline.config import load_params
+    from pipeline.data import split
+
+    config = load_params(args.params).split
+    if args.seed is not None:
+        config = replace(config, seed=args.seed)
+    if args.folds is not None:
+        config = replace(config, folds=args.folds)
+    split.run(args.manifest, config, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cytopipe", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("ingest", help="validate images into a manifest",
+                       description="Validate a folder of class subfolders (or a CSV manifest with columns "
+                                   "path,class[,group]) into manifest.csv, rejects.csv and summary.json.")
+    _add_params(p)
+    p.add_argument("--source", help="image folder or CSV manifest (default: data.source in params)")
+    p.add_argument("--label-map", help="label map YAML (default: data.label_map in params)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--group-regex", help="regex over the file name; its first capture group is the group")
+    group.add_argument("--group-column", help="CSV manifest column that holds the group")
+    p.add_argument("--out", default="data/ingest", metavar="DIR", help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("split", help="grouped, stratified train/val/test split and CV folds",
+                       description="Assign whole groups to train/val/test (stratified by class, seeded) and "
+                                   "to CV folds; write split.csv and summary.json and print a count table.")
+    _add_params(p)
+    p.add_argument("--manifest", default="data/ingest/manifest.csv", help="manifest from ingest (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="override split.seed")
+    p.add_argument("--folds", type=int, help="override split.folds (0 = no CV folds)")
+    p.add_argument("--out", default="data/split", metavar="DIR", help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_split)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.config import ConfigError
+    from pipeline.data.images import ImageError
+    from pipeline.data.ingest import IngestError
+    from pipeline.data.manifest import ManifestError
+    from pipeline.data.split import SplitError
+
+    return ConfigError, ImageError, IngestError, ManifestError, SplitError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"cytopipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as exc:
+        print(f"cytopipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

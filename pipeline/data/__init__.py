@@ -1,0 +1,1 @@
+"""Data stages: image reading, ingest, split."""
