@@ -14,6 +14,7 @@ Pap cytology classification pipeline (benign / malignant).
 Stages (also run by `dvc repro`, parameters from params.yaml):
   ingest   validate images into a manifest (+ rejects report)
   split    grouped, stratified train/val/test split and CV folds
+  train    fine-tune the backbone, track in MLflow, register the model
 """
 
 
@@ -55,6 +56,20 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline import train
+    from pipeline.config import load_params
+
+    params = load_params(args.params)
+    resume = "require" if args.resume else "never" if args.fresh else "auto"
+    result, metrics = train.run(params, args.split, args.manifest, args.out, args.checkpoints, args.reports, resume)
+    print(f"train: best val AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} of {result.epochs_run}"
+          + (" (stopped early)" if result.stopped_early else "")
+          + f"; model -> {args.out}; MLflow run {metrics['mlflow_run_id']}, "
+          f"{params.mlflow.registered_model} v{metrics['model_version']} @{params.mlflow.alias}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cytopipe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="override split.folds (0 = no CV folds)")
     p.add_argument("--out", default="data/split", metavar="DIR", help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="fine-tune the backbone (tracked in MLflow)",
+                       description="Fine-tune the configured backbone on the train split, early-stop on "
+                                   "validation AUC, checkpoint every epoch, log the run to MLflow and register "
+                                   "the best model. An unfinished run of the same config resumes automatically.")
+    _add_params(p)
+    p.add_argument("--split", default="data/split/split.csv", help="split file (default: %(default)s)")
+    p.add_argument("--manifest", default="data/ingest/manifest.csv", help="manifest, for provenance (default: %(default)s)")
+    p.add_argument("--out", default="models/train", metavar="DIR", help="model folder (default: %(default)s)")
+    p.add_argument("--checkpoints", default="checkpoints/train", metavar="DIR",
+                   help="per-epoch checkpoints, kept outside DVC outputs (default: %(default)s)")
+    p.add_argument("--reports", default="reports/train", metavar="DIR",
+                   help="metrics.json, history.csv, curves.png (default: %(default)s)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the checkpoint; fail if there is none")
+    mode.add_argument("--fresh", action="store_true", help="ignore any checkpoint and start afresh")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -91,8 +123,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.ingest import IngestError
     from pipeline.data.manifest import ManifestError
     from pipeline.data.split import SplitError
+    from pipeline.inference.predictor import ModelDirError
+    from pipeline.models.backbones import WeightsError
+    from pipeline.train import TrainingError
 
-    return ConfigError, ImageError, IngestError, ManifestError, SplitError
+    return ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ the file and the key.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +148,91 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "timm/tf_efficientnet_lite0"
+    weights: str | None = "imagenet"  # imagenet (built in) | null (random init) | path to a state dict
+    image_size: int = 224
+    drop_rate: float = 0.2
+
+    def __post_init__(self):
+        if self.image_size < 32:
+            raise ConfigError("model.image_size: must be at least 32")
+
+
+BALANCE = ("class_weights", "sampler", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 42
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    balance: str = "class_weights"
+    augment: str = "train"
+    patience: int = 4  # epochs without a better val AUC before stopping
+    num_threads: int = 0  # 0: all cores
+    num_workers: int = 0
+    max_images: int = 0  # 0: all; >0 caps train and val (tiny test configs)
+    channels_last: bool = True
+    device: str = "auto"
+
+    def __post_init__(self):
+        from pipeline.data.transforms import PRESETS
+
+        if self.balance not in BALANCE:
+            raise ConfigError(f"train.balance: '{self.balance}' is not one of {', '.join(BALANCE)}")
+        if self.augment not in PRESETS:
+            raise ConfigError(f"train.augment: '{self.augment}' is not one of {', '.join(PRESETS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("train: epochs, batch_size and lr must be positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("train.label_smoothing: must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("train.device: must be auto, cpu or cuda")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides
+    experiment: str = "cytology"
+    registered_model: str = "cytology-classifier"
+    alias: str = "candidate"
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None))}
+
+
+def _from_section(cls, section: dict, where: str):
+    """Build a flat dataclass from a params section, checking each value's type."""
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in section:
+            continue
+        value = section[f.name]
+        allowed = _TYPES[f.type]
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise ConfigError(f"{where}.{f.name}: expected {f.type}, got {value!r}")
+        kwargs[f.name] = float(value) if f.type == "float" else value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     split: SplitConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     path: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("path")
+        return out
 
 
 def _typed(value: Any, kind: type, where: str):
@@ -161,12 +242,17 @@ def _typed(value: Any, kind: type, where: str):
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
-    """Load and validate params.yaml (unknown sections are left for later stages)."""
+    """Load and validate params.yaml."""
     raw = read_yaml(path)
     where = str(path)
+    unknown = set(raw) - {"data", "split", "model", "train", "mlflow"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s): {', '.join(sorted(unknown))}")
     data = _section(raw, "data", {"source", "label_map", "group", "min_side", "max_pixels"}, where)
     group = _section(data, "group", {"regex", "column"}, f"{where}: data")
     split = _section(raw, "split", {"seed", "fractions", "folds"}, where)
+    sections = {name: _section(raw, name, {f.name for f in fields(cls)}, where)
+                for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("mlflow", MlflowConfig))}
     defaults_d, defaults_s = DataConfig(), SplitConfig()
     try:
         data_cfg = DataConfig(
@@ -184,7 +270,10 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
             fractions={str(k): v for k, v in fractions.items()},
             folds=_typed(split.get("folds", defaults_s.folds), int, f"{where}: split.folds"),
         )
+        model_cfg = _from_section(ModelConfig, sections["model"], "model")
+        train_cfg = _from_section(TrainConfig, sections["train"], "train")
+        mlflow_cfg = _from_section(MlflowConfig, sections["mlflow"], "mlflow")
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    return Params(data_cfg, split_cfg, where)
+    return Params(data_cfg, split_cfg, model_cfg, train_cfg, mlflow_cfg, where)

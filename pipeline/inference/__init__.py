@@ -1,0 +1,1 @@
+"""Inference: one predictor behind every command and the MLflow model."""

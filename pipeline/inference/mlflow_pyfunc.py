@@ -1,0 +1,43 @@
+"""The MLflow pyfunc model, logged as code (no pickle): base64 images in, probabilities out.
+
+Input: a DataFrame with a column `image` holding base64-encoded image file bytes.
+Output: a DataFrame with one column `prob_<label>` per label.
+"""
+from __future__ import annotations
+
+import base64
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+IMAGE_COLUMN = "image"
+
+
+def encode_image_file(path) -> str:
+    with open(path, "rb") as fh:
+        return base64.b64encode(fh.read()).decode("ascii")
+
+
+def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
+    """Score a DataFrame of base64 images with a loaded predictor."""
+    from pipeline.data.images import decode_rgb
+
+    images = [np.asarray(decode_rgb(base64.b64decode(b), f"row {i}")[0])
+              for i, b in enumerate(model_input[IMAGE_COLUMN])]
+    probs = predictor.predict_proba(images)
+    return pd.DataFrame(probs, columns=[f"prob_{label}" for label in predictor.labels])
+
+
+class CytologyModel(PythonModel):
+    def load_context(self, context):
+        from pipeline.inference.predictor import TorchPredictor
+
+        self.predictor = TorchPredictor(context.artifacts["model_dir"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return predict_frame(self.predictor, model_input)
+
+
+mlflow.models.set_model(CytologyModel())

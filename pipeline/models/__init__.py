@@ -1,0 +1,1 @@
+"""Model builders: timm / torchvision architectures, local weights only."""

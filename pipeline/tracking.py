@@ -1,0 +1,193 @@
+"""The one place that talks to MLflow: tracking URI, runs, tags, logging, registry, aliases.
+
+Default store: embedded `sqlite:///mlflow.db` in the project root, artifacts in `mlartifacts/`
+beside it. `MLFLOW_TRACKING_URI` (or `mlflow.tracking_uri` in params) points elsewhere,
+e.g. at a tracking server.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.config import MlflowConfig
+
+LIBRARIES = ("torch", "torchvision", "timm", "albumentations", "mlflow", "numpy", "scikit-learn", "dvc")
+MODEL_ARTIFACT = "model"
+REQUIREMENTS = ("torch", "torchvision", "timm", "albumentations", "mlflow", "numpy", "pandas", "pillow")
+
+
+def tracking_uri(config: MlflowConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go to mlartifacts/ beside the database file."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    return None  # a server decides
+
+
+def setup(config: MlflowConfig) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = _artifact_root(uri)
+    if location:
+        root = Path(location[len("file://"):])
+        location = (root / config.experiment).as_uri()
+    return mlflow.create_experiment(config.experiment, artifact_location=location)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = "null" if value is None else str(value)
+    return out
+
+
+def _git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def provenance_tags(inputs: dict[str, Path]) -> dict[str, str]:
+    """git commit + dirty flag, sha256 of each input file, DVC stage, library versions."""
+    from pipeline.inference.predictor import file_sha256
+
+    tags = {
+        "git.commit": _git("rev-parse", "HEAD") or "unknown",
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "dvc.stage": os.environ.get("DVC_STAGE", "none (run outside dvc)"),
+        "python": platform.python_version(),
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    for name, path in inputs.items():
+        tags[f"{name}.sha256"] = file_sha256(path)
+    for lib in LIBRARIES:
+        try:
+            tags[f"version.{lib}"] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def mark_stale_runs(experiment_id: str, run_ids: list[str], status: str = "KILLED") -> None:
+    """Close runs left RUNNING by a killed process, so they do not stay RUNNING forever."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # the run is gone (another store): nothing to close
+            continue
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+
+
+class Run:
+    """A training run: params, per-epoch metrics, tags, artifacts, then the model."""
+
+    def __init__(self, config: MlflowConfig, run_name: str | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.config = config
+        self.experiment_id = setup(config)
+        self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        flat = flatten(params)
+        items = list(flat.items())
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self.mlflow.log_params(dict(items[start:start + 100]))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path | str, folder: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_model(self, model_dir: Path, input_example) -> tuple[str, str]:
+        """Log the model dir as a pyfunc (code, not pickle), register it and set the alias.
+
+        Returns (model URI, registered version).
+        """
+        from mlflow.models import infer_signature
+
+        import pipeline.inference.mlflow_pyfunc as pyfunc_module
+        from pipeline.inference.predictor import TorchPredictor
+
+        output_example = pyfunc_module.predict_frame(TorchPredictor(model_dir), input_example)
+        info = self.mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=pyfunc_module.__file__,
+            artifacts={"model_dir": str(model_dir)},
+            signature=infer_signature(input_example, output_example),
+            input_example=input_example,
+            registered_model_name=self.config.registered_model,
+            # Stated, not inferred: inference would re-import the model in a subprocess.
+            pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in REQUIREMENTS],
+        )
+        version = str(info.registered_model_version)
+        client = self.mlflow.MlflowClient()
+        client.set_registered_model_alias(self.config.registered_model, self.config.alias, version)
+        client.set_model_version_tag(self.config.registered_model, version, "run_id", self.run_id)
+        return info.model_uri, version
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+class TrainingTracker:
+    """Connects `pipeline.train.fit` to an MLflow run (created when training starts)."""
+
+    def __init__(self, config: MlflowConfig, inputs: dict[str, Path]):
+        self.config = config
+        self.inputs = inputs
+        self.run: Run | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run else None
+
+    def start(self, params: dict, split_sha: str, config_hash: str, state: dict | None) -> None:
+        self.run = Run(self.config)
+        self.run.log_params(params)
+        tags = provenance_tags(self.inputs)
+        tags["config_hash"] = config_hash
+        previous = (state or {}).get("mlflow_run_id")
+        if previous:
+            mark_stale_runs(self.run.experiment_id, [previous])
+            tags["resumed_from_run"] = previous
+            tags["resumed_from_epoch"] = str(state["epoch"])
+        self.run.set_tags(tags)
+
+    def log_epoch(self, row: dict) -> None:
+        self.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+    def end(self, status: str) -> None:
+        if self.run is not None:
+            self.run.end(status)

@@ -1,0 +1,405 @@
+"""Train stage: fine-tune a backbone on the train split, early-stop on validation AUC.
+
+`fit()` is the pure entry point; `run()` adds MLflow tracking and the stage's files.
+Randomness is keyed by (seed, epoch): a resumed run reproduces an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.config import LabelMap, Params
+from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+
+CHECKPOINT = "last.pt"
+BEST = "best.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable checkpoint...). One line."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    best_val_auc: float
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_epoch: int | None
+    model_dir: Path
+    checkpoint_dir: Path
+    run_ids: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- helpers
+
+def config_hash(params: Params, split_sha: str) -> str:
+    """What makes two runs the same run (threads/workers/device change speed, not results)."""
+    train = {k: v for k, v in asdict(params.train).items() if k not in ("num_threads", "num_workers", "device")}
+    payload = {"model": asdict(params.model), "train": train, "label_map": params.data.label_map, "split": split_sha}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": np.random.get_state()[1].tolist()}
+
+
+def positive_index(labels: tuple[str, ...]) -> int | None:
+    """Binary tasks score the second label (e.g. malignant); multi-class has none."""
+    return 1 if len(labels) == 2 else None
+
+
+def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: tuple[str, ...]) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    present = np.unique(targets)
+    if len(present) < 2:
+        auc = float("nan")
+    elif len(labels) == 2:
+        auc = roc_auc_score(targets, probs[:, 1])
+    else:  # macro one-vs-rest over the classes present
+        p = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+        auc = roc_auc_score(targets, p, multi_class="ovr", labels=present) if len(present) > 2 else \
+            roc_auc_score(targets == present[1], p[:, 1])
+    return {"auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(targets, probs.argmax(1)))}
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _cap(frame, n: int, seed: int):
+    """At most n rows, keeping both labels (tiny configs)."""
+    if not n or len(frame) <= n:
+        return frame
+    import pandas as pd
+
+    parts = [g.sample(max(1, round(n * len(g) / len(frame))), random_state=seed) for _, g in frame.groupby("label")]
+    return pd.concat(parts).head(n)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- loops
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last: bool, desc: str):
+    """One pass over `loader`; returns (mean loss, images/s). Raises TrainingError on a non-finite loss."""
+    import torch
+    from tqdm import tqdm
+
+    model.train()
+    total, seen, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None, file=sys.stderr, leave=False)
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = criterion(model(x), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss.item()}) at {desc}, batch {step}; "
+                                "the last good checkpoint is kept. Lower train.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    return total / max(seen, 1), seen / (time.perf_counter() - start)
+
+
+def evaluate(model, loader, criterion, device, channels_last: bool):
+    """Returns (mean loss, probabilities (N, C), targets (N,))."""
+    import torch
+
+    model.eval()
+    probs, targets, total = [], [], 0.0
+    with torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            total += criterion(logits, y).item() * len(y)
+            probs.append(torch.softmax(logits, 1).cpu().numpy())
+            targets.append(y.cpu().numpy())
+    p, t = np.concatenate(probs), np.concatenate(targets)
+    return total / len(t), p, t
+
+
+# ---------------------------------------------------------------- fit
+
+def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, resume: str = "auto",
+        tracker=None, log=print) -> FitResult:
+    """Train, checkpoint every epoch, keep the best model (by val AUC) in `model_dir`.
+
+    resume: "auto" continues an unfinished run of the same config if its checkpoint exists,
+    "require" insists on one, "never" starts afresh. `tracker` (optional) gets params,
+    per-epoch metrics and artifacts (see pipeline.tracking.Run).
+    """
+    import torch
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from pipeline.data.dataset import CellDataset
+    from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, file_sha256
+    from pipeline.models.backbones import build_model, preprocessing
+
+    cfg, mcfg = params.train, params.model
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed)
+    device = _device(cfg.device)
+
+    label_map = LabelMap.load(params.data.label_map)
+    labels = label_map.labels
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    split_sha = file_sha256(Path(split_csv))
+    chash = config_hash(params, split_sha)
+    checkpoint_dir = Path(checkpoint_dir)
+    ckpt_path = checkpoint_dir / CHECKPOINT
+
+    # ---- resume?
+    state = None
+    if resume != "never" and ckpt_path.is_file():
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise TrainingError(f"{ckpt_path}: unreadable checkpoint ({type(exc).__name__}); delete it to start afresh") from None
+        if state.get("config_hash") != chash or state.get("finished"):
+            if resume == "require":
+                why = "finished" if state.get("finished") else "made with a different config"
+                raise TrainingError(f"{ckpt_path}: cannot resume, the checkpoint was {why}")
+            state = None
+    if resume == "require" and state is None:
+        raise TrainingError(f"{ckpt_path}: no checkpoint to resume from")
+
+    root = source_root(params.data.source)
+    train_rows = _cap(split[split["split"] == "train"], cfg.max_images, cfg.seed)
+    val_rows = _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed)
+    model = build_model(mcfg.arch, len(labels), mcfg.weights, mcfg.drop_rate)
+    mean, std = preprocessing(mcfg, model)
+    train_ds = CellDataset.from_frame(train_rows, root, labels, mcfg.image_size, cfg.augment, mean, std,
+                                      seed=cfg.seed, desc="cache train")
+    val_ds = CellDataset.from_frame(val_rows, root, labels, mcfg.image_size, "eval", mean, std, desc="cache val")
+
+    counts = np.bincount(train_ds.targets, minlength=len(labels)).astype(float)
+    if (counts == 0).any():
+        missing = [labels[i] for i in np.flatnonzero(counts == 0)]
+        raise TrainingError(f"the train split has no image labelled {', '.join(missing)}")
+    class_weights = counts.sum() / (len(labels) * counts)
+    criterion = torch.nn.CrossEntropyLoss(
+        weight=torch.tensor(class_weights, dtype=torch.float32, device=device) if cfg.balance == "class_weights" else None,
+        label_smoothing=cfg.label_smoothing)
+    eval_criterion = torch.nn.CrossEntropyLoss()
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # norms and biases
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    drop_last = len(train_ds) > cfg.batch_size  # a batch of one breaks BatchNorm
+    steps_per_epoch = len(train_ds) // cfg.batch_size if drop_last else 1
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total_steps))
+
+    history: list[dict] = []
+    best_auc, best_epoch, bad_epochs, start_epoch, resumed_from = -1.0, 0, 0, 1, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = list(state["history"])
+        best_auc, best_epoch, bad_epochs = state["best_val_auc"], state["best_epoch"], state["bad_epochs"]
+        start_epoch = resumed_from = state["epoch"] + 1
+        log(f"resuming from {ckpt_path} after epoch {state['epoch']} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
+
+    config_dict = params.to_dict()
+    if tracker is not None:
+        tracker.start(config_dict, split_sha, chash, state)
+        for row in history:  # the resumed run carries the whole curve
+            tracker.log_epoch(row)
+
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
+    stopped_early = False
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if bad_epochs >= cfg.patience:
+            stopped_early = True
+            break
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc., independent of where we resumed
+        train_ds.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        if cfg.balance == "sampler":
+            weights = torch.tensor([1.0 / counts[t] for t in train_ds.targets], dtype=torch.double)
+            sampler = WeightedRandomSampler(weights, len(train_ds), replacement=True, generator=gen)
+            loader = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers)
+        else:
+            loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=gen, drop_last=drop_last,
+                                num_workers=cfg.num_workers)
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, speed = train_one_epoch(model, loader, criterion, optimizer, scheduler, device,
+                                            cfg.channels_last, f"epoch {epoch}/{cfg.epochs}")
+        val_loss, probs, targets = evaluate(model, val_loader, eval_criterion, device, cfg.channels_last)
+        val = classification_metrics(probs, targets, labels)
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val["auc"],
+               "val_balanced_accuracy": val["balanced_accuracy"], "lr": lr, "images_per_s": speed,
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        improved = val["auc"] > best_auc
+        if improved:
+            best_auc, best_epoch, bad_epochs = val["auc"], epoch, 0
+            with atomic.atomic_path(checkpoint_dir / BEST) as tmp:
+                torch.save(model.state_dict(), tmp)
+        else:
+            bad_epochs += 1
+        with atomic.atomic_path(ckpt_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config_dict,
+                        "config_hash": chash, "rng": rng_states(), "history": history,
+                        "best_val_auc": best_auc, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                        "finished": False, "mlflow_run_id": getattr(tracker, "run_id", None)}, tmp)
+        if tracker is not None:
+            tracker.log_epoch(row)
+        log(f"epoch {epoch:>2}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+            f"val_auc {val['auc']:.4f}  val_bacc {val['balanced_accuracy']:.4f}  lr {lr:.2e}  "
+            f"{speed:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if improved else ""))
+
+    # ---- the model dir: best weights + everything inference needs
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    best_weights = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)
+    with atomic.atomic_path(model_dir / WEIGHTS_FILE) as tmp:
+        torch.save(best_weights, tmp)
+    best_row = next(r for r in history if r["epoch"] == best_epoch)
+    meta = {"arch": mcfg.arch, "labels": list(labels), "positive_label": labels[1] if len(labels) == 2 else None,
+            "image_size": mcfg.image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic",
+            "resize": "long side to image_size, pad square by repeating the edge",
+            "label_map": label_map.path, "label_map_classes": label_map.classes,
+            "best_epoch": best_epoch, "val_metrics": {k: best_row[k] for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
+            "config_hash": chash, "split_sha256": split_sha,
+            "sha256": {WEIGHTS_FILE: file_sha256(model_dir / WEIGHTS_FILE)}}
+    atomic.write_json(model_dir / META_FILE, meta)
+
+    final = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    final["finished"] = True
+    with atomic.atomic_path(ckpt_path) as tmp:
+        torch.save(final, tmp)
+    return FitResult(history, best_epoch, best_auc, len(history), stopped_early, resumed_from, model_dir, checkpoint_dir)
+
+
+# ---------------------------------------------------------------- the stage
+
+def write_reports(result: FitResult, reports_dir: Path, seconds: float) -> dict:
+    """metrics.json (DVC metrics), history.csv (DVC plots) and curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    reports_dir = Path(reports_dir)
+    best = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    metrics = {"val_auc": best["val_auc"], "val_balanced_accuracy": best["val_balanced_accuracy"],
+               "val_loss": best["val_loss"], "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+               "stopped_early": result.stopped_early, "train_seconds": round(seconds, 1)}
+    atomic.write_json(reports_dir / "metrics.json", metrics)
+    history = pd.DataFrame(result.history)
+    atomic.write_csv(reports_dir / "history.csv", history)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(history["epoch"], history["train_loss"], label="train")
+    ax1.plot(history["epoch"], history["val_loss"], label="val")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax1.legend()
+    ax2.plot(history["epoch"], history["val_auc"], label="val AUC")
+    ax2.plot(history["epoch"], history["val_balanced_accuracy"], label="val balanced acc.")
+    ax2.axvline(result.best_epoch, color="grey", linestyle=":", label="best")
+    ax2.set(xlabel="epoch", title="validation")
+    ax2.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(reports_dir / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return metrics
+
+
+def _input_example(params: Params, split_csv: Path):
+    """One real validation image, base64-encoded, as the MLflow input example."""
+    import pandas as pd
+
+    from pipeline.inference.mlflow_pyfunc import IMAGE_COLUMN, encode_image_file
+
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    first = split[split["split"] == "val"]["path"].iloc[0]
+    return pd.DataFrame({IMAGE_COLUMN: [encode_image_file(source_root(params.data.source) / first)]})
+
+
+def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, checkpoint_dir: Path,
+        reports_dir: Path, resume: str = "auto") -> tuple[FitResult, dict]:
+    """The stage: fit with MLflow tracking, write reports, log and register the model."""
+    import yaml
+
+    from pipeline.inference.predictor import META_FILE, read_metadata
+    from pipeline.tracking import TrainingTracker
+
+    tracker = TrainingTracker(params.mlflow, {"manifest": Path(manifest_csv), "split": Path(split_csv)})
+    start = time.perf_counter()
+    try:
+        result = fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker)
+        metrics = write_reports(result, reports_dir, time.perf_counter() - start)
+        r = tracker.run
+        r.log_metrics({f"best_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=result.best_epoch)
+        config_file = Path(checkpoint_dir) / "config.yaml"
+        atomic.write_text(config_file, yaml.safe_dump(params.to_dict(), sort_keys=False))
+        for path, folder in ((config_file, "config"), (split_csv, "data"), (Path(reports_dir) / "curves.png", "plots"),
+                             (Path(reports_dir) / "history.csv", "plots"), (Path(checkpoint_dir) / BEST, "checkpoint")):
+            r.log_artifact(path, folder)
+        model_uri, version = r.log_model(Path(model_dir), _input_example(params, split_csv))
+        meta = read_metadata(model_dir)
+        meta["mlflow"] = {"run_id": r.run_id, "model_uri": model_uri, "registered_model": params.mlflow.registered_model,
+                          "version": version, "alias": params.mlflow.alias}
+        atomic.write_json(Path(model_dir) / META_FILE, meta)
+        result.run_ids.append(r.run_id)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    return result, {**metrics, "mlflow_run_id": r.run_id, "model_version": version}
