@@ -1,6 +1,7 @@
 """`dvc repro` runs ingest -> split in a scratch copy of the repo, and `dvc status` tracks the source."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,32 +29,58 @@ def _run(args, cwd, env):
     return proc.stdout
 
 
-def test_dvc_repro_in_a_scratch_repo(tmp_path, herlev_dir):
-    # Same layout as the real checkout, so params.yaml's ../shared/data/herlev resolves unchanged;
-    # the data is a copy so the test can change it.
+def _scratch_repo(tmp_path, herlev_dir) -> tuple[Path, dict]:
+    """A copy of the project beside a copy of the data, in the same layout as the real checkout,
+    so params.yaml's ../shared/data/herlev resolves unchanged and the test may change the data."""
     repo = tmp_path / "main"
     shutil.copytree(herlev_dir, tmp_path / "shared" / "data" / "herlev")
     for rel in _project_files():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, repo / rel)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(DVC_NO_ANALYTICS="1", NO_ALBUMENTATIONS_UPDATE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     _run(["git", "init", "-q"], repo, env)
+    return repo, env
 
-    _run(["dvc", "repro"], repo, env)
+
+def test_dvc_repro_ingest_and_split(tmp_path, herlev_dir):
+    repo, env = _scratch_repo(tmp_path, herlev_dir)
+    _run(["dvc", "repro", "split"], repo, env)
     split = pd.read_csv(repo / "data/split/split.csv", dtype={"group": str})
     assert len(split) == 722
     assert (split.groupby("group")["split"].nunique() == 1).all()
-    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo, env)
+    assert "Data and pipelines are up to date" in _run(["dvc", "status", "--with-deps", "split"], repo, env)
     dag = _run(["dvc", "dag"], repo, env)
-    assert "ingest" in dag and "split" in dag
+    assert "ingest" in dag and "split" in dag and "train" in dag
     lock = (repo / "dvc.lock").read_text()
     assert "../shared/data/herlev" in lock and "nfiles: 723" in lock
 
     # Removing one image from the source is noticed.
     victim = next((tmp_path / "shared/data/herlev/normal_columnar").iterdir())
     victim.unlink()
-    status = _run(["dvc", "status"], repo, env)
+    status = _run(["dvc", "status", "--with-deps", "split"], repo, env)
     assert "ingest" in status and "modified" in status and "shared/data/herlev" in status
-    _run(["dvc", "repro"], repo, env)
+    _run(["dvc", "repro", "split"], repo, env)
     assert len(pd.read_csv(repo / "data/ingest/manifest.csv")) == 721
+
+
+def test_dvc_train_stage_and_experiment_on_the_tiny_config(tmp_path, herlev_dir):
+    repo, env = _scratch_repo(tmp_path, herlev_dir)
+    shutil.copy(repo / "configs" / "tiny.yaml", repo / "params.yaml")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(git + ["add", "-A"], repo, env)
+    _run(git + ["commit", "-qm", "scratch"], repo, env)  # dvc exp needs a commit
+
+    _run(["dvc", "repro"], repo, env)
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo, env)
+    metrics = json.loads((repo / "reports/train/metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and 0 <= metrics["val_auc"] <= 1
+    assert (repo / "models/train/model.pt").is_file()
+    assert json.loads((repo / "models/train/model.json").read_text())["mlflow"]["version"] == "1"
+    assert "val_auc" in _run(["dvc", "metrics", "show"], repo, env)
+
+    _run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo, env)
+    shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
+    assert "0.0005" in shown
+    assert json.loads((repo / "models/train/model.json").read_text())["mlflow"]["version"] == "2"

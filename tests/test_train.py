@@ -1,0 +1,151 @@
+"""Training on the tiny config (64 px, <=32 images) over real Herlev cells."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import LabelMap, load_params
+from pipeline.data.ingest import ingest, write_outputs
+from pipeline.data.split import split_frame
+from pipeline.models.backbones import WeightsError, build_model
+from pipeline.train import CHECKPOINT, TrainingError, fit, lr_lambda
+from tests.conftest import ROOT
+
+
+def make_split(tmp: Path, herlev_dir: Path, label_map: str = "configs/labels/herlev_binary.yaml"):
+    """Ingest + split the real Herlev cells into `tmp`; returns (params, split.csv, manifest.csv)."""
+    import pandas as pd
+
+    params = load_params(ROOT / "configs/tiny.yaml")
+    lm = LabelMap.load(ROOT / label_map)
+    result = ingest(herlev_dir, lm, params.data.group, progress=False)
+    write_outputs(result, tmp / "ingest", str(herlev_dir), lm)
+    split = split_frame(pd.DataFrame(result.rows), params.split)
+    split.to_csv(tmp / "split.csv", index=False)
+    params = dataclasses.replace(
+        params,
+        data=dataclasses.replace(params.data, source=str(herlev_dir), label_map=str(ROOT / label_map)),
+        mlflow=dataclasses.replace(params.mlflow, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}"),
+    )
+    return params, tmp / "split.csv", tmp / "ingest" / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    herlev = ROOT.parent / "shared" / "data" / "herlev"
+    if not herlev.is_dir():
+        pytest.fail(f"reference data missing: {herlev}")
+    return make_split(tmp_path_factory.mktemp("tiny"), herlev)
+
+
+def _with_train(params, **changes):
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, **changes))
+
+
+def _stable(history):
+    return [{k: v for k, v in row.items() if k not in ("images_per_s", "seconds")} for row in history]
+
+
+class StopAfter:
+    """A tracker that 'kills' training right after epoch `n` has been checkpointed."""
+
+    run_id = None
+
+    def __init__(self, n):
+        self.n = n
+
+    def start(self, *args):
+        pass
+
+    def log_epoch(self, row):
+        if row["epoch"] == self.n:
+            raise KeyboardInterrupt
+
+
+def test_loss_decreases_and_outputs_exist(tiny, tmp_path):
+    params, split_csv, _ = tiny
+    params = _with_train(params, epochs=3)
+    result = fit(params, split_csv, tmp_path / "model", tmp_path / "ck", log=lambda *_: None)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0], losses
+    assert result.epochs_run == 3 and 0 <= result.best_val_auc <= 1
+    assert (tmp_path / "model" / "model.pt").is_file() and (tmp_path / "model" / "model.json").is_file()
+    ckpt = torch.load(tmp_path / "ck" / CHECKPOINT, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 3 and ckpt["finished"] is True
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny, tmp_path):
+    params, split_csv, _ = tiny
+    quiet = dict(log=lambda *_: None)
+    full = fit(params, split_csv, tmp_path / "m_full", tmp_path / "ck_full", **quiet)
+    again = fit(params, split_csv, tmp_path / "m_again", tmp_path / "ck_again", **quiet)
+    assert _stable(full.history) == _stable(again.history)  # deterministic
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(1), **quiet)
+    assert torch.load(tmp_path / "ck" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    resumed = fit(params, split_csv, tmp_path / "m", tmp_path / "ck", resume="require", **quiet)
+    assert resumed.resumed_from_epoch == 2
+    assert _stable(resumed.history) == _stable(full.history)
+
+
+def test_resume_require_without_checkpoint_is_a_clear_error(tiny, tmp_path):
+    params, split_csv, _ = tiny
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        fit(params, split_csv, tmp_path / "m", tmp_path / "ck", resume="require", log=lambda *_: None)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    params, split_csv, _ = tiny
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(1), log=lambda *_: None)
+    good = (tmp_path / "ck" / CHECKPOINT).read_bytes()
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", lambda self, x, y: (x.sum() * float("nan")))
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        fit(params, split_csv, tmp_path / "m", tmp_path / "ck", log=lambda *_: None)
+    assert (tmp_path / "ck" / CHECKPOINT).read_bytes() == good
+
+
+def test_seven_class_task_trains_by_switching_the_label_map(tmp_path, herlev_dir):
+    params, split_csv, _ = make_split(tmp_path, herlev_dir, "configs/labels/herlev_7class.yaml")
+    params = _with_train(params, epochs=1, max_images=56)
+    result = fit(params, split_csv, tmp_path / "m", tmp_path / "ck", log=lambda *_: None)
+    state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert state["classifier.weight"].shape[0] == 7
+    assert 0 <= result.history[0]["val_auc"] <= 1
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="nope.pth: weights file not found"):
+        build_model("timm/tf_efficientnet_lite0", 2, str(tmp_path / "nope.pth"))
+
+
+def test_mismatched_weights_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(build_model("torchvision/resnet18", 2, None).state_dict(), path)
+    with pytest.raises(WeightsError, match="does not match the architecture"):
+        build_model("timm/tf_efficientnet_lite0", 2, str(path))
+
+
+def test_local_weights_file_loads_for_torchvision(tmp_path):
+    path = tmp_path / "r18.pth"
+    source = build_model("torchvision/resnet18", 1000, None)
+    torch.save(source.state_dict(), path)
+    model = build_model("torchvision/resnet18", 2, str(path))
+    assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
+    assert model.fc.out_features == 2
+
+
+def test_builtin_imagenet_weights_only_for_lite0():
+    with pytest.raises(WeightsError, match="built in for timm/tf_efficientnet_lite0 only"):
+        build_model("timm/resnet18", 2, "imagenet")
+
+
+def test_warmup_then_cosine():
+    lrs = [lr_lambda(s, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
