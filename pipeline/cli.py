@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 Pap cytology classification pipeline (benign / malignant).
@@ -15,6 +16,8 @@ Stages (also run by `dvc repro`, parameters from params.yaml):
   ingest   validate images into a manifest (+ rejects report)
   split    grouped, stratified train/val/test split and CV folds
   train    fine-tune the backbone, track in MLflow, register the model
+  evaluate calibrate on val, measure test with CIs, promote; or measure any labelled folder
+  cv       grouped k-fold cross-validation (MLflow parent run + one child run per fold)
 """
 
 
@@ -70,6 +73,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline import evaluate
+    from pipeline.config import load_params
+
+    params = load_params(args.params)
+    if args.data:
+        if not args.label_map:
+            raise SystemExit("cytopipe evaluate: error: --data needs --label-map")
+        evaluate.evaluate_folder(args.model or "models:/cytology-classifier@champion", Path(args.data),
+                                 Path(args.label_map), Path(args.out or "reports/evaluate-folder"), params.evaluate,
+                                 group_regex=args.group_regex, tta=args.tta,
+                                 tracking_uri=_tracking_uri(params))
+        return 0
+    evaluate.run(params, Path(args.model or "models/train"), Path(args.split), Path(args.out or "models/calibrated"),
+                 Path(args.reports))
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from pipeline import cv
+    from pipeline.config import load_params
+
+    cv.run(load_params(args.params), Path(args.split), Path(args.reports), Path(args.work))
+    return 0
+
+
+def _tracking_uri(params) -> str:
+    from pipeline.tracking import tracking_uri
+
+    return tracking_uri(params.mlflow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cytopipe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="continue from the checkpoint; fail if there is none")
     mode.add_argument("--fresh", action="store_true", help="ignore any checkpoint and start afresh")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", help="calibrate + measure the model (stage), or measure any labelled folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stage mode (no --data): fit temperature and threshold on the val split, measure the test "
+                    "split with group-bootstrap CIs, write the calibrated model folder, log to MLflow and "
+                    "promote to @champion when params' minimums are met.\n\n"
+                    "Folder mode (--data DIR --label-map YAML): score a folder of class subfolders with an "
+                    "existing model and its own calibration; unreadable files are reported and skipped.",
+        epilog="examples:\n  cytopipe evaluate\n"
+               "  cytopipe evaluate --model models:/cytology-classifier@champion --data my_cases/ "
+               "--label-map configs/labels/mine.yaml --out reports/my_cases")
+    _add_params(p)
+    p.add_argument("--model", help="stage mode: trained model folder (default: models/train); folder mode: MLflow "
+                                   "URI or model folder (default: models:/cytology-classifier@champion)")
+    p.add_argument("--data", metavar="DIR", help="folder mode: labelled folder of class subfolders")
+    p.add_argument("--label-map", metavar="YAML", help="folder mode: label map for DIR's classes")
+    p.add_argument("--group-regex", help="folder mode: regex whose first group is an image's group (default: "
+                                         "each image is its own group)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="folder mode: 8-view test-time augmentation (default: as the model was calibrated)")
+    p.add_argument("--split", default="data/split/split.csv", help="stage mode: split file (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="stage mode: calibrated model folder (default: models/calibrated); "
+                                               "folder mode: report folder (default: reports/evaluate-folder)")
+    p.add_argument("--reports", default="reports/evaluate", metavar="DIR",
+                   help="stage mode: metrics and plot files (default: %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cv", help="grouped k-fold cross-validation over train+val",
+                       description="Train each CV fold (from the split stage) for cv.epochs and measure it on its "
+                                   "held-out fold; report mean ± sd of AUC and balanced accuracy.")
+    _add_params(p)
+    p.add_argument("--split", default="data/split/split.csv", help="split file with folds (default: %(default)s)")
+    p.add_argument("--reports", default="reports/cv", metavar="DIR", help="metrics.json + folds.csv (default: %(default)s)")
+    p.add_argument("--work", default="checkpoints/cv", metavar="DIR",
+                   help="per-fold models and checkpoints, resumable (default: %(default)s)")
+    p.set_defaults(func=cmd_cv)
     return parser
 
 
@@ -123,11 +195,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.ingest import IngestError
     from pipeline.data.manifest import ManifestError
     from pipeline.data.split import SplitError
+    from pipeline.cv import CvError
+    from pipeline.evaluate import EvaluationError
     from pipeline.inference.predictor import ModelDirError
     from pipeline.models.backbones import WeightsError
     from pipeline.train import TrainingError
 
-    return ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError
+    return ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError, \
+        EvaluationError, CvError
 
 
 def main(argv: list[str] | None = None) -> int:

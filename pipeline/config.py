@@ -203,7 +203,39 @@ class MlflowConfig:
     alias: str = "candidate"
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None))}
+@dataclass(frozen=True)
+class EvaluateConfig:
+    tta: bool = True  # mean logits over the 8 dihedral views
+    threshold_rule: str = "sensitivity"  # sensitivity | youden
+    target_sensitivity: float = 0.95
+    band_width: float = 0.1  # indeterminate band around the threshold, in probability
+    positive_labels: list = field(default_factory=lambda: ["malignant"])
+    bootstrap: int = 1000
+    ece_bins: int = 10
+
+    def __post_init__(self):
+        if self.threshold_rule not in ("sensitivity", "youden"):
+            raise ConfigError("evaluate.threshold_rule: must be sensitivity or youden")
+        if not 0 < self.target_sensitivity <= 1 or not 0 <= self.band_width < 1:
+            raise ConfigError("evaluate: target_sensitivity must be in (0, 1] and band_width in [0, 1)")
+        if not self.positive_labels or not all(isinstance(x, str) for x in self.positive_labels):
+            raise ConfigError("evaluate.positive_labels: a non-empty list of label names")
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    min_auc: float = 0.97
+    min_sensitivity: float = 0.95
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class CvConfig:
+    epochs: int = 6  # fixed: no early stopping on the held-out fold
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None)),
+          "list": (list,)}
 
 
 def _from_section(cls, section: dict, where: str):
@@ -227,12 +259,19 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    cv: CvConfig = field(default_factory=CvConfig)
     path: str = ""
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("path")
         return out
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "mlflow": MlflowConfig, "evaluate": EvaluateConfig,
+             "promotion": PromotionConfig, "cv": CvConfig}
 
 
 def _typed(value: Any, kind: type, where: str):
@@ -245,14 +284,14 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Load and validate params.yaml."""
     raw = read_yaml(path)
     where = str(path)
-    unknown = set(raw) - {"data", "split", "model", "train", "mlflow"}
+    unknown = set(raw) - {"data", "split", "model", "train", "mlflow", "evaluate", "promotion", "cv"}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s): {', '.join(sorted(unknown))}")
     data = _section(raw, "data", {"source", "label_map", "group", "min_side", "max_pixels"}, where)
     group = _section(data, "group", {"regex", "column"}, f"{where}: data")
     split = _section(raw, "split", {"seed", "fractions", "folds"}, where)
     sections = {name: _section(raw, name, {f.name for f in fields(cls)}, where)
-                for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("mlflow", MlflowConfig))}
+                for name, cls in _SECTIONS.items()}
     defaults_d, defaults_s = DataConfig(), SplitConfig()
     try:
         data_cfg = DataConfig(
@@ -270,10 +309,8 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
             fractions={str(k): v for k, v in fractions.items()},
             folds=_typed(split.get("folds", defaults_s.folds), int, f"{where}: split.folds"),
         )
-        model_cfg = _from_section(ModelConfig, sections["model"], "model")
-        train_cfg = _from_section(TrainConfig, sections["train"], "train")
-        mlflow_cfg = _from_section(MlflowConfig, sections["mlflow"], "mlflow")
+        typed = {name: _from_section(cls, sections[name], name) for name, cls in _SECTIONS.items()}
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    return Params(data_cfg, split_cfg, model_cfg, train_cfg, mlflow_cfg, where)
+    return Params(data_cfg, split_cfg, path=where, **typed)

@@ -106,13 +106,17 @@ def mark_stale_runs(experiment_id: str, run_ids: list[str], status: str = "KILLE
 class Run:
     """A training run: params, per-epoch metrics, tags, artifacts, then the model."""
 
-    def __init__(self, config: MlflowConfig, run_name: str | None = None):
+    def __init__(self, config: MlflowConfig, run_name: str | None = None, run_id: str | None = None,
+                 nested: bool = False, tags: dict | None = None):
         import mlflow
 
         self.mlflow = mlflow
         self.config = config
         self.experiment_id = setup(config)
-        self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        if run_id is not None:  # reopen an existing run, e.g. to add evaluation to its training run
+            self.run = mlflow.start_run(run_id=run_id)
+        else:
+            self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, nested=nested, tags=tags)
         self.run_id = self.run.info.run_id
 
     def log_params(self, params: dict) -> None:
@@ -130,7 +134,8 @@ class Run:
     def log_artifact(self, path: Path | str, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def log_model(self, model_dir: Path, input_example) -> tuple[str, str]:
+    def log_model(self, model_dir: Path, input_example, name: str = MODEL_ARTIFACT,
+                  model_metadata: dict | None = None, alias: str | None = None) -> tuple[str, str]:
         """Log the model dir as a pyfunc (code, not pickle), register it and set the alias.
 
         Returns (model URI, registered version).
@@ -142,7 +147,8 @@ class Run:
 
         output_example = pyfunc_module.predict_frame(TorchPredictor(model_dir), input_example)
         info = self.mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
+            name=name,
+            metadata=model_metadata,
             python_model=pyfunc_module.__file__,
             artifacts={"model_dir": str(model_dir)},
             signature=infer_signature(input_example, output_example),
@@ -153,7 +159,7 @@ class Run:
         )
         version = str(info.registered_model_version)
         client = self.mlflow.MlflowClient()
-        client.set_registered_model_alias(self.config.registered_model, self.config.alias, version)
+        client.set_registered_model_alias(self.config.registered_model, alias or self.config.alias, version)
         client.set_model_version_tag(self.config.registered_model, version, "run_id", self.run_id)
         return info.model_uri, version
 
@@ -164,9 +170,12 @@ class Run:
 class TrainingTracker:
     """Connects `pipeline.train.fit` to an MLflow run (created when training starts)."""
 
-    def __init__(self, config: MlflowConfig, inputs: dict[str, Path]):
+    def __init__(self, config: MlflowConfig, inputs: dict[str, Path], nested: bool = False,
+                 run_name: str | None = None):
         self.config = config
         self.inputs = inputs
+        self.nested = nested
+        self.run_name = run_name
         self.run: Run | None = None
 
     @property
@@ -174,7 +183,7 @@ class TrainingTracker:
         return self.run.run_id if self.run else None
 
     def start(self, params: dict, split_sha: str, config_hash: str, state: dict | None) -> None:
-        self.run = Run(self.config)
+        self.run = Run(self.config, run_name=self.run_name, nested=self.nested)
         self.run.log_params(params)
         tags = provenance_tags(self.inputs)
         tags["config_hash"] = config_hash
@@ -191,3 +200,48 @@ class TrainingTracker:
     def end(self, status: str) -> None:
         if self.run is not None:
             self.run.end(status)
+
+
+def _run_exists(run_id: str | None) -> bool:
+    import mlflow
+
+    if not run_id:
+        return False
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return True
+    except Exception:  # not in this store
+        return False
+
+
+def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Path, input_example,
+                   metrics: dict[str, float], artifacts: list[Path], calibration: dict,
+                   promote: bool, reason: str, champion_alias: str) -> dict:
+    """Add test metrics and evaluation files to the training run, register the calibrated model
+    (calibration in its metadata) as `candidate`, and give it `champion_alias` if `promote`."""
+    import math
+
+    setup(config)
+    reopen = train_run_id if _run_exists(train_run_id) else None
+    run = Run(config, run_name=None if reopen else "evaluate", run_id=reopen)
+    try:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
+        for path in artifacts:
+            run.log_artifact(path, "evaluation")
+        metadata = {"calibration": calibration}
+        model_uri, version = run.log_model(model_dir, input_example, name="calibrated_model", model_metadata=metadata)
+        client = run.mlflow.MlflowClient()
+        name = config.registered_model
+        for key in ("temperature", "threshold", "band_width", "tta", "threshold_rule"):
+            client.set_model_version_tag(name, version, f"calibration.{key}", str(calibration[key]))
+        client.set_model_version_tag(name, version, "promotion.decision", "promoted" if promote else "not promoted")
+        client.set_model_version_tag(name, version, "promotion.reason", reason)
+        run.set_tags({"promotion.decision": "promoted" if promote else "not promoted", "promotion.reason": reason,
+                      "promotion.model_version": version})
+        if promote:
+            client.set_registered_model_alias(name, champion_alias, version)
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+    return {"run_id": run.run_id, "model_uri": model_uri, "version": version, "promoted": promote}

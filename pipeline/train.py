@@ -71,19 +71,30 @@ def positive_index(labels: tuple[str, ...]) -> int | None:
     return 1 if len(labels) == 2 else None
 
 
-def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: tuple[str, ...]) -> dict:
+def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: tuple[str, ...],
+                           positive_labels: list[str] | None = None) -> dict:
+    """Validation AUC and balanced accuracy.
+
+    The AUC is the clinical one, P(malignant) = summed probability of `positive_labels`, whenever
+    those are labels of a multi-class model (e.g. 7-class Herlev); otherwise the binary AUC of the
+    second label, or the macro one-vs-rest AUC.
+    """
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    present = np.unique(targets)
-    if len(present) < 2:
-        auc = float("nan")
-    elif len(labels) == 2:
-        auc = roc_auc_score(targets, probs[:, 1])
-    else:  # macro one-vs-rest over the classes present
+    bacc = float(balanced_accuracy_score(targets, probs.argmax(1)))
+    pos = [labels.index(x) for x in (positive_labels or []) if x in labels]
+    if len(labels) == 2:
+        y, score = targets == 1, probs[:, 1]
+    elif pos and len(pos) == len(positive_labels):
+        y, score = np.isin(targets, pos), probs[:, pos].sum(1)
+    else:
+        present = np.unique(targets)
+        if len(present) < 3:
+            return {"auc": float("nan"), "balanced_accuracy": bacc}
         p = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
-        auc = roc_auc_score(targets, p, multi_class="ovr", labels=present) if len(present) > 2 else \
-            roc_auc_score(targets == present[1], p[:, 1])
-    return {"auc": float(auc), "balanced_accuracy": float(balanced_accuracy_score(targets, probs.argmax(1)))}
+        return {"auc": float(roc_auc_score(targets, p, multi_class="ovr", labels=present)), "balanced_accuracy": bacc}
+    auc = roc_auc_score(y, score) if 0 < y.sum() < len(y) else float("nan")
+    return {"auc": float(auc), "balanced_accuracy": bacc}
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -276,7 +287,7 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
         train_loss, speed = train_one_epoch(model, loader, criterion, optimizer, scheduler, device,
                                             cfg.channels_last, f"epoch {epoch}/{cfg.epochs}")
         val_loss, probs, targets = evaluate(model, val_loader, eval_criterion, device, cfg.channels_last)
-        val = classification_metrics(probs, targets, labels)
+        val = classification_metrics(probs, targets, labels, params.evaluate.positive_labels)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val["auc"],
                "val_balanced_accuracy": val["balanced_accuracy"], "lr": lr, "images_per_s": speed,
                "seconds": time.perf_counter() - t0}

@@ -77,10 +77,13 @@ def test_dvc_train_stage_and_experiment_on_the_tiny_config(tmp_path, herlev_dir)
     metrics = json.loads((repo / "reports/train/metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and 0 <= metrics["val_auc"] <= 1
     assert (repo / "models/train/model.pt").is_file()
-    assert json.loads((repo / "models/train/model.json").read_text())["mlflow"]["version"] == "1"
-    assert "val_auc" in _run(["dvc", "metrics", "show"], repo, env)
+    version = lambda d: json.loads((repo / d / "model.json").read_text())["mlflow"]["version"]  # noqa: E731
+    assert (version("models/train"), version("models/calibrated")) == ("1", "2")
+    shown = _run(["dvc", "metrics", "show"], repo, env)
+    assert "val_auc" in shown and "roc_auc" in shown and "auc_mean" in shown
+    assert (repo / "reports/cv/folds.csv").is_file()
 
     _run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo, env)
     shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
     assert "0.0005" in shown
-    assert json.loads((repo / "models/train/model.json").read_text())["mlflow"]["version"] == "2"
+    assert (version("models/train"), version("models/calibrated")) == ("3", "4")

@@ -1,7 +1,9 @@
 """The MLflow pyfunc model, logged as code (no pickle): base64 images in, probabilities out.
 
 Input: a DataFrame with a column `image` holding base64-encoded image file bytes.
-Output: a DataFrame with one column `prob_<label>` per label.
+Output: a DataFrame with one column `prob_<label>` per label (temperature-scaled once the model
+is calibrated) and, for a calibrated model, `p_malignant` and `call` (benign / malignant /
+indeterminate, from the model's own threshold and band).
 """
 from __future__ import annotations
 
@@ -27,7 +29,14 @@ def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
     images = [np.asarray(decode_rgb(base64.b64decode(b), f"row {i}")[0])
               for i, b in enumerate(model_input[IMAGE_COLUMN])]
     probs = predictor.predict_proba(images)
-    return pd.DataFrame(probs, columns=[f"prob_{label}" for label in predictor.labels])
+    out = pd.DataFrame(probs, columns=[f"prob_{label}" for label in predictor.labels])
+    calibration = predictor.calibration
+    if calibration:
+        from pipeline.calibration import Band
+
+        out["p_malignant"] = predictor.malignant_probability(probs)
+        out["call"] = Band(calibration["threshold"], calibration["band_width"]).call(out["p_malignant"].to_numpy())
+    return out
 
 
 class CytologyModel(PythonModel):

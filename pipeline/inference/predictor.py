@@ -67,18 +67,55 @@ class TorchPredictor:
         m = self.meta
         return to_tensor(base_resize(image, m["image_size"]), m["mean"], m["std"])
 
-    def logits(self, batch):
+    @property
+    def calibration(self) -> dict:
+        """Temperature, threshold, band... written by the evaluate stage (empty before it)."""
+        return self.meta.get("calibration") or {}
+
+    def batch_logits(self, batch, tta: bool = False):
+        """Logits for a preprocessed batch; with tta, the mean over the 8 dihedral views."""
         import torch
 
         with torch.inference_mode():
-            return self.model(batch.contiguous(memory_format=torch.channels_last)).float()
+            if not tta:
+                return self.model(batch.contiguous(memory_format=torch.channels_last)).float()
+            views = [torch.rot90(b, k, dims=(2, 3)) for b in (batch, batch.flip(3)) for k in range(4)]
+            return torch.stack([self.model(v.contiguous(memory_format=torch.channels_last)).float()
+                                for v in views]).mean(0)
 
-    def predict_proba(self, images: list[np.ndarray]) -> np.ndarray:
-        """Class probabilities, shape (N, n_labels)."""
+    def predict_logits(self, images: list[np.ndarray], tta: bool | None = None) -> np.ndarray:
+        """Raw logits, shape (N, n_labels). tta=None uses the setting the model was calibrated with."""
         import torch
 
+        tta = self.calibration.get("tta", False) if tta is None else tta
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([self.preprocess(im) for im in images[start:start + self.batch_size]])
-            out.append(torch.softmax(self.logits(batch), dim=1).numpy())
+            out.append(self.batch_logits(batch, tta).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities from logits (temperature 1 before calibration)."""
+        z = logits / float(self.calibration.get("temperature", 1.0))
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> np.ndarray:
+        """Calibrated class probabilities, shape (N, n_labels)."""
+        return self.probabilities(self.predict_logits(images, tta))
+
+    @property
+    def positive_labels(self) -> list[str]:
+        default = [self.meta["positive_label"]] if self.meta.get("positive_label") else []
+        labels = self.calibration.get("positive_labels") or default
+        unknown = [x for x in labels if x not in self.labels]
+        if not labels or unknown:
+            raise ModelDirError(f"{self.model_dir}: positive labels {labels or '(none)'} do not name the model's "
+                                f"labels {self.labels}; set evaluate.positive_labels")
+        return labels
+
+    def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
+        """P(malignant): the summed probability of the positive labels."""
+        idx = [self.labels.index(x) for x in self.positive_labels]
+        return probs[:, idx].sum(axis=1)

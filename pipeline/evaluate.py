@@ -1,0 +1,362 @@
+"""Evaluate stage: calibrate on validation, measure on test with group-bootstrap CIs, promote.
+
+- Temperature scaling and the operating threshold are fitted on the validation split only.
+- Every metric on test gets a 95% CI from a bootstrap that resamples groups, not cells.
+- The calibrated model folder (weights + model.json with a `calibration` block) is what every
+  later command loads; it is also registered in MLflow.
+`evaluate_folder()` measures any labelled folder with an existing model, without retraining.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.config import EXCLUDE, EvaluateConfig, LabelMap, Params
+from pipeline.data.images import ImageError, load_rgb
+from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+
+GLANDULAR_BENIGN = "normal_columnar"  # Herlev's benign glandular cells: their FPR is reported alone
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot go on (no usable images, one class only...). One line."""
+
+
+@dataclass
+class Cases:
+    """Cases to score: parallel lists."""
+
+    paths: list[str]
+    groups: list[str]
+    original_class: list[str]
+    label: list[str]
+
+
+def load_images(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
+    """RGB arrays (None where unreadable) and one error message per path (None where fine)."""
+    from tqdm import tqdm
+
+    images, errors = [], []
+    for p in tqdm(paths, desc="read", unit="img", disable=None, file=sys.stderr, leave=False):
+        try:
+            images.append(np.asarray(load_rgb(p)))
+            errors.append(None)
+        except ImageError as exc:
+            images.append(None)
+            errors.append(str(exc))
+    return images, errors
+
+
+def positive_targets(labels: list[str], positive_labels: list[str]) -> np.ndarray:
+    return np.array([label in positive_labels for label in labels], dtype=int)
+
+
+def calibrate(logits: np.ndarray, label_idx: np.ndarray, y_pos: np.ndarray, predictor, cfg: EvaluateConfig,
+              tta: bool) -> dict:
+    """Temperature + threshold + band from validation logits; returns the model's `calibration` block."""
+    from pipeline.calibration import Band, choose_threshold, fit_temperature, nll, softmax
+    from pipeline.metrics import expected_calibration_error
+
+    temperature = fit_temperature(logits, label_idx)
+    idx = [predictor.labels.index(x) for x in cfg.positive_labels]
+    p_raw = softmax(logits)[:, idx].sum(1)
+    p_cal = softmax(logits, temperature)[:, idx].sum(1)
+    chosen = choose_threshold(y_pos, p_cal, cfg.threshold_rule, cfg.target_sensitivity)
+    band = Band(chosen["threshold"], cfg.band_width)
+    return {
+        "temperature": float(temperature), "tta": bool(tta), "positive_labels": list(cfg.positive_labels),
+        "threshold": float(band.threshold), "threshold_rule": cfg.threshold_rule,
+        "target_sensitivity": cfg.target_sensitivity if cfg.threshold_rule == "sensitivity" else None,
+        "band_width": cfg.band_width, "band": [band.lower, band.upper],
+        "validation": {
+            "n": int(len(y_pos)), "sensitivity": chosen["sensitivity"], "specificity": chosen["specificity"],
+            "nll_before": nll(logits, label_idx), "nll_after": nll(logits, label_idx, temperature),
+            "ece_before": expected_calibration_error(y_pos, p_raw, cfg.ece_bins),
+            "ece_after": expected_calibration_error(y_pos, p_cal, cfg.ece_bins),
+            "coverage": band.coverage(p_cal),
+        },
+    }
+
+
+def measure(y: np.ndarray, p: np.ndarray, groups: list[str], classes: list[str], calibration: dict,
+            cfg: EvaluateConfig, seed: int = 0) -> dict:
+    """Test metrics with group-bootstrap CIs, coverage, and calls per original class."""
+    from pipeline.calibration import Band
+    from pipeline.metrics import calls_by_class, metrics_with_ci
+
+    if len(set(y.tolist())) < 2:
+        raise EvaluationError("the evaluated cases hold one class only: AUC and sensitivity/specificity are undefined")
+    band = Band(calibration["threshold"], calibration["band_width"])
+    metrics = metrics_with_ci(y, p, np.asarray(groups), band.threshold, n_boot=cfg.bootstrap, seed=seed)
+    calls = band.call(p)
+    definite = calls != "indeterminate"
+    out = {"n": int(len(y)), "n_groups": int(len(set(groups))), "threshold": band.threshold,
+           "metrics": metrics, "coverage": float(definite.mean()),
+           "by_class": calls_by_class(np.asarray(classes), p, band.threshold, band.lower, band.upper)}
+    if definite.any():
+        called = calls[definite] == "malignant"
+        yd = y[definite]
+        out["definite_calls"] = {
+            "n": int(definite.sum()),
+            "sensitivity": float(called[yd == 1].mean()) if (yd == 1).any() else float("nan"),
+            "specificity": float((~called[yd == 0]).mean()) if (yd == 0).any() else float("nan"),
+        }
+    glandular = np.asarray(classes) == GLANDULAR_BENIGN
+    if glandular.any():
+        out["normal_columnar_fpr"] = float((p[glandular] >= band.threshold).mean())
+    return out
+
+
+def write_plots(out_dir: Path, y: np.ndarray, p: np.ndarray, calls: np.ndarray, bins: int) -> list[Path]:
+    """ROC, PR, confusion and reliability data as CSV files for `dvc plots`."""
+    import pandas as pd
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from pipeline.metrics import reliability_curve
+
+    fpr, tpr, thr = roc_curve(y, p)
+    precision, recall, _ = precision_recall_curve(y, p)
+    files = {
+        "roc.csv": pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)}),
+        "pr.csv": pd.DataFrame({"recall": recall, "precision": precision}),
+        "confusion.csv": pd.DataFrame({"actual": np.where(y == 1, "malignant", "benign"), "predicted": calls}),
+        "reliability.csv": pd.DataFrame(reliability_curve(y, p, bins)),
+    }
+    written = []
+    for name, frame in files.items():
+        atomic.write_csv(out_dir / name, frame)
+        written.append(out_dir / name)
+    return written
+
+
+def _flat_metrics(result: dict, prefix: str) -> dict[str, float]:
+    flat = {}
+    for name, m in result["metrics"].items():
+        flat[f"{prefix}{name}"] = m["value"]
+        flat[f"{prefix}{name}_ci_low"] = m["ci_low"]
+        flat[f"{prefix}{name}_ci_high"] = m["ci_high"]
+    flat[f"{prefix}coverage"] = result["coverage"]
+    if "normal_columnar_fpr" in result:
+        flat[f"{prefix}normal_columnar_fpr"] = result["normal_columnar_fpr"]
+    return flat
+
+
+def score_cases(predictor, images: list[np.ndarray], tta: bool) -> np.ndarray:
+    return predictor.predict_logits(images, tta=tta)
+
+
+def _summary_line(name: str, result: dict) -> str:
+    m = result["metrics"]
+    parts = [f"{k} {m[k]['value']:.3f} [{m[k]['ci_low']:.3f}, {m[k]['ci_high']:.3f}]"
+             for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")]
+    return f"{name}: n={result['n']}  " + "  ".join(parts) + f"  coverage {result['coverage']:.3f}"
+
+
+def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path,
+                   log=print) -> dict:
+    """The stage body (no MLflow): calibrate on val, measure test with and without TTA, write files."""
+    from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, TorchPredictor, read_metadata
+
+    cfg = params.evaluate
+    predictor = TorchPredictor(model_dir)
+    unknown = [x for x in cfg.positive_labels if x not in predictor.labels]
+    if unknown:
+        raise EvaluationError(f"evaluate.positive_labels {unknown} are not labels of the model {predictor.labels}")
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    root = source_root(params.data.source)
+    parts = {}
+    for name in ("val", "test"):
+        rows = split[split["split"] == name]
+        images, errors = load_images([root / p for p in rows["path"]])
+        bad = [e for e in errors if e]
+        if bad:
+            raise EvaluationError(f"{len(bad)} {name} image(s) unreadable since ingest, e.g. {bad[0]}; rerun `dvc repro`")
+        parts[name] = (rows, images)
+
+    results, calibrations, variants = {}, {}, ([True, False] if cfg.tta else [False])
+    val_rows, val_images = parts["val"]
+    test_rows, test_images = parts["test"]
+    val_idx = np.array([predictor.labels.index(x) for x in val_rows["label"]])
+    y_val = positive_targets(list(val_rows["label"]), cfg.positive_labels)
+    y_test = positive_targets(list(test_rows["label"]), cfg.positive_labels)
+    for tta in variants:
+        key = "tta" if tta else "no_tta"
+        log(f"evaluate: scoring val + test ({'8-view TTA' if tta else 'single view'})")
+        val_logits = score_cases(predictor, val_images, tta)
+        calibrations[key] = calibrate(val_logits, val_idx, y_val, predictor, cfg, tta)
+        predictor.meta["calibration"] = calibrations[key]
+        p_test = predictor.malignant_probability(predictor.probabilities(score_cases(predictor, test_images, tta)))
+        results[key] = measure(y_test, p_test, list(test_rows["group"]), list(test_rows["original_class"]),
+                               calibrations[key], cfg, seed=params.split.seed)
+        results[key]["p"] = p_test
+    shipped = "tta" if cfg.tta else "no_tta"
+    calibration, result = calibrations[shipped], results[shipped]
+
+    # ---- calibrated model folder: same weights, metadata + calibration
+    out_model_dir = Path(out_model_dir)
+    out_model_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(out_model_dir / WEIGHTS_FILE) as tmp:
+        shutil.copyfile(Path(model_dir) / WEIGHTS_FILE, tmp)
+    meta = read_metadata(model_dir)
+    meta["calibration"] = calibration
+    meta["test_metrics"] = {k: v["value"] for k, v in result["metrics"].items()}
+    atomic.write_json(out_model_dir / META_FILE, meta)
+
+    # ---- reports
+    from pipeline.calibration import Band
+
+    reports_dir = Path(reports_dir)
+    band = Band(calibration["threshold"], calibration["band_width"])
+    plots = write_plots(reports_dir, y_test, result["p"], band.call(result["p"]), cfg.ece_bins)
+    metrics = {"test": _flat_metrics(result, ""), "calibration": {k: v for k, v in calibration.items()
+                                                                   if k != "validation"} | calibration["validation"]}
+    if len(variants) == 2:
+        metrics["test_without_tta"] = _flat_metrics(results["no_tta"], "")
+    metrics["test"]["n"] = result["n"]
+    metrics["test"]["n_groups"] = result["n_groups"]
+    atomic.write_json(reports_dir / "metrics.json", metrics)
+    atomic.write_json(reports_dir / "by_class.json", result["by_class"])
+    import pandas as pd
+
+    atomic.write_csv(reports_dir / "test_predictions.csv", pd.DataFrame({
+        "path": test_rows["path"].to_numpy(), "group": test_rows["group"].to_numpy(),
+        "original_class": test_rows["original_class"].to_numpy(), "label": test_rows["label"].to_numpy(),
+        "p_malignant": result["p"], "call": band.call(result["p"])}))
+    for key in results:
+        log(_summary_line(f"test ({key.replace('_', ' ')})", results[key]))
+    log(f"calibration: temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.4f} "
+        f"({calibration['threshold_rule']}), band [{band.lower:.4f}, {band.upper:.4f}], "
+        f"val sensitivity {calibration['validation']['sensitivity']:.3f}")
+    return {"metrics": metrics, "result": result, "calibration": calibration, "plots": plots,
+            "files": [reports_dir / "metrics.json", reports_dir / "by_class.json", reports_dir / "test_predictions.csv"]}
+
+
+def promotion_decision(test_metrics: dict, params: Params) -> tuple[bool, str]:
+    """(promote?, reason) from the test AUC and sensitivity against the params' minimums."""
+    auc, sens = test_metrics["roc_auc"], test_metrics["sensitivity"]
+    p = params.promotion
+    failures = []
+    if not auc >= p.min_auc:
+        failures.append(f"test AUC {auc:.4f} < {p.min_auc}")
+    if not sens >= p.min_sensitivity:
+        failures.append(f"test sensitivity {sens:.4f} < {p.min_sensitivity}")
+    if failures:
+        return False, "not promoted: " + "; ".join(failures)
+    return True, f"promoted: test AUC {auc:.4f} >= {p.min_auc} and sensitivity {sens:.4f} >= {p.min_sensitivity}"
+
+
+def run(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path) -> dict:
+    """The stage: evaluate, then log to the training run, register the calibrated model, promote."""
+    from pipeline import tracking
+    from pipeline.inference.mlflow_pyfunc import IMAGE_COLUMN, encode_image_file
+    import pandas as pd
+
+    from pipeline.inference.predictor import META_FILE, read_metadata
+
+    out = evaluate_split(params, model_dir, split_csv, out_model_dir, reports_dir)
+    test_values = {k: v["value"] for k, v in out["result"]["metrics"].items()}
+    promote, reason = promotion_decision(test_values, params)
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    example_path = source_root(params.data.source) / split[split["split"] == "val"]["path"].iloc[0]
+    example = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(example_path)]})
+    train_run = (read_metadata(model_dir).get("mlflow") or {}).get("run_id")
+    logged = tracking.log_evaluation(
+        params.mlflow, train_run, Path(out_model_dir), example,
+        metrics={f"test_{k}": v for k, v in out["metrics"]["test"].items()},
+        artifacts=out["plots"] + out["files"], calibration=out["calibration"],
+        promote=promote, reason=reason, champion_alias=params.promotion.alias)
+    meta = read_metadata(out_model_dir)
+    meta["mlflow"] = {**logged, "registered_model": params.mlflow.registered_model}
+    atomic.write_json(Path(out_model_dir) / META_FILE, meta)
+    print(f"{reason}; {params.mlflow.registered_model} v{logged['version']} "
+          f"@{params.promotion.alias if promote else params.mlflow.alias}")
+    return {**out, "promoted": promote, "reason": reason, "mlflow": logged}
+
+
+# ---------------------------------------------------------------- any labelled folder
+
+def evaluate_folder(model: str, data_dir: Path, label_map_path: Path, out_dir: Path, cfg: EvaluateConfig,
+                    group_regex: str | None = None, tta: bool | None = None, tracking_uri: str | None = None) -> dict:
+    """Measure a model on a folder of class subfolders, with the model's own calibration.
+
+    Unreadable files are reported and skipped; classes mapped to `exclude` are scored and
+    reported per class but left out of the binary metrics. Without a group regex every image
+    is its own group for the bootstrap.
+    """
+    import re
+
+    import pandas as pd
+
+    from pipeline.calibration import Band
+    from pipeline.config import ConfigError, GroupRule
+    from pipeline.data.ingest import discover
+    from pipeline.inference.loading import resolve_model_dir
+    from pipeline.inference.predictor import TorchPredictor
+    from pipeline.metrics import calls_by_class
+
+    predictor = TorchPredictor(resolve_model_dir(model, tracking_uri))
+    calibration = predictor.calibration
+    if not calibration:
+        print(f"warning: {model} has no calibration (run the evaluate stage); using temperature 1 and "
+              "threshold 0.5", file=sys.stderr)
+        calibration = {"threshold": 0.5, "band_width": 0.0, "temperature": 1.0}
+    label_map = LabelMap.load(label_map_path)
+    rejects: list[dict] = []
+    candidates = discover(Path(data_dir), GroupRule(), rejects)
+    missing = sorted({c.original_class for c in candidates} - set(label_map.classes))
+    if missing:
+        raise ConfigError(label_map.missing_message(missing))
+    images, errors = load_images([c.path for c in candidates])
+    ok = [i for i, e in enumerate(errors) if e is None]
+    for i, e in enumerate(errors):
+        if e:
+            rejects.append({"path": candidates[i].rel, "original_class": candidates[i].original_class,
+                            "reason": e.split(": ", 1)[-1]})
+    for r in rejects:
+        print(f"skipped: {r['path']}: {r['reason']}", file=sys.stderr)
+    if not ok:
+        raise EvaluationError(f"{data_dir}: no readable images ({len(rejects)} skipped)")
+
+    logits = predictor.predict_logits([images[i] for i in ok], tta=tta)
+    p = predictor.malignant_probability(predictor.probabilities(logits))
+    band = Band(calibration["threshold"], calibration["band_width"])
+    cases = [candidates[i] for i in ok]
+    labels = [label_map.classes[c.original_class] for c in cases]
+    pattern = re.compile(group_regex) if group_regex else None
+
+    def group_of(c):
+        m = pattern.search(c.path.name) if pattern else None
+        return m.group(1) if m else c.rel
+
+    frame = pd.DataFrame({"path": [c.rel for c in cases], "original_class": [c.original_class for c in cases],
+                          "label": labels, "group": [group_of(c) for c in cases], "p_malignant": p,
+                          "call": band.call(p)})
+    out_dir = Path(out_dir)
+    atomic.write_csv(out_dir / "predictions.csv", frame)
+    atomic.write_csv(out_dir / "rejects.csv", pd.DataFrame(rejects, columns=["path", "original_class", "reason"]))
+    included = frame["label"] != EXCLUDE
+    report: dict = {"model": model, "data": str(data_dir), "n_scored": int(len(frame)), "n_skipped": len(rejects),
+                    "n_excluded": int((~included).sum()), "calibration": {k: calibration.get(k) for k in
+                                                                         ("temperature", "threshold", "band_width", "tta")},
+                    "by_class": calls_by_class(frame["original_class"].to_numpy(), p, band.threshold, band.lower, band.upper)}
+    inc = frame[included]
+    y = positive_targets(list(inc["label"]), predictor.positive_labels)
+    if len(set(y.tolist())) == 2:
+        result = measure(y, inc["p_malignant"].to_numpy(), list(inc["group"]), list(inc["original_class"]),
+                         calibration, cfg)
+        report["metrics"] = result["metrics"]
+        report["coverage"] = result["coverage"]
+        write_plots(out_dir, y, inc["p_malignant"].to_numpy(), inc["call"].to_numpy(), cfg.ece_bins)
+        print(_summary_line("evaluate", result))
+    else:
+        report["metrics"] = None
+        print("evaluate: the included cases hold one class only; binary metrics are not defined", file=sys.stderr)
+    atomic.write_json(out_dir / "metrics.json", report)
+    print(f"evaluate: {len(frame)} scored, {len(rejects)} skipped, {report['n_excluded']} excluded from metrics "
+          f"-> {out_dir}")
+    return report

@@ -1,0 +1,43 @@
+"""Build a complete tiny project (ingest -> split -> train -> evaluate) in a folder, in-process.
+
+The folder has the real project's layout (params.yaml, data/, models/, reports/, mlflow.db),
+so notebooks and commands can be pointed at it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_params(project: Path, herlev_dir: Path, **overrides) -> Path:
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["data"]["source"] = str(herlev_dir)
+    raw["data"]["label_map"] = str(ROOT / raw["data"]["label_map"])
+    raw["mlflow"]["tracking_uri"] = f"sqlite:///{project / 'mlflow.db'}"
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    path = project / "params.yaml"
+    project.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def build_tiny_project(project: Path, herlev_dir: Path, **overrides) -> dict:
+    """Run every stage on the tiny config into `project`; returns the evaluate stage's result."""
+    from pipeline import evaluate, train
+    from pipeline.config import load_params
+    from pipeline.data import ingest, split
+    from pipeline.data.images import ImageLimits
+
+    params = load_params(write_tiny_params(project, herlev_dir, **overrides))
+    d = params.data
+    ingest.run(d.source, d.label_map, d.group, ImageLimits(d.min_side, d.max_pixels), str(project / "data/ingest"))
+    split.run(project / "data/ingest/manifest.csv", params.split, project / "data/split")
+    train.run(params, project / "data/split/split.csv", project / "data/ingest/manifest.csv",
+              project / "models/train", project / "checkpoints/train", project / "reports/train")
+    return evaluate.run(params, project / "models/train", project / "data/split/split.csv",
+                        project / "models/calibrated", project / "reports/evaluate")
