@@ -20,7 +20,7 @@ print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["split", "--help"], ["train", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["split", "--help"], ["train", "--help"], ["evaluate", "--help"], ["cv", "--help"]])
 def test_help_imports_no_heavy_module(argv):
     code = PROBE.format(argv=argv, heavy=HEAVY_MODULES)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
