@@ -24,7 +24,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+# The report's browser test drives Debian's Chromium; a browser is never downloaded.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }; \
+	else echo "note: the browser test needs Debian's chromium (sudo apt-get install chromium)"; fi
+
+test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/python -m pytest
 
 clean-env:

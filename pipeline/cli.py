@@ -18,6 +18,10 @@ Stages (also run by `dvc repro`, parameters from params.yaml):
   train    fine-tune the backbone, track in MLflow, register the model
   evaluate calibrate on val, measure test with CIs, promote; or measure any labelled folder
   cv       grouped k-fold cross-validation (MLflow parent run + one child run per fold)
+
+For pathologists:
+  predict      score image files or folders: calibrated probability and call per file
+  score-slide  score a whole slide: cells.csv, summary.json, heat map and report.html
 """
 
 
@@ -96,6 +100,32 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from pipeline.config import load_params
 
     cv.run(load_params(args.params), Path(args.split), Path(args.reports), Path(args.work))
+    return 0
+
+
+def _params_or_defaults(path: str):
+    """Inference commands run anywhere: use params.yaml when present, defaults otherwise."""
+    from pipeline.config import DataConfig, Params, SplitConfig, load_params
+
+    return load_params(path) if Path(path).is_file() else Params(DataConfig(), SplitConfig())
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.inference.files import predict_paths
+
+    params = _params_or_defaults(args.params)
+    return predict_paths(args.paths, args.model, args.out, args.tta, _tracking_uri(params), args.batch_size)
+
+
+def cmd_score_slide(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline.inference.score_slide import score_slide
+
+    params = _params_or_defaults(args.params)
+    cfg = params.slide if args.batch_size is None else replace(params.slide, batch_size=args.batch_size)
+    score_slide(args.slide, args.model, Path(args.out), cfg, mpp=args.mpp, top=args.top, tta=args.tta,
+                tracking_uri=_tracking_uri(params))
     return 0
 
 
@@ -186,6 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="checkpoints/cv", metavar="DIR",
                    help="per-fold models and checkpoints, resumable (default: %(default)s)")
     p.set_defaults(func=cmd_cv)
+
+    default_model = "models:/cytology-classifier@champion"
+    p = sub.add_parser("predict", help="score image files or folders",
+                       description="Score images (files, or folders searched recursively for jpg/png/tif/bmp). "
+                                   "Per file: path, calibrated probability of malignant, call (benign / malignant / "
+                                   "indeterminate, from the model's own threshold and band), model version, error. "
+                                   "Unreadable files are reported in their row; the rest are scored.")
+    _add_params(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--model", default=default_model,
+                   help="MLflow URI or model folder, e.g. models/calibrated (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE", help="FILE.csv or FILE.json (default: CSV on stdout)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-view test-time augmentation (default: as the model was calibrated)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("score-slide", help="score a whole slide and write a reviewable report",
+                       description="Detect cells on a whole slide (any format OpenSlide reads, or a plain PNG/JPEG "
+                                   "field image), score each with the calibrated model, and write cells.csv, "
+                                   "summary.json, heatmap.png and a self-contained report.html into --out.")
+    _add_params(p)
+    p.add_argument("slide", metavar="SLIDE", help="slide file")
+    p.add_argument("--model", default=default_model, help="MLflow URI or model folder (default: %(default)s)")
+    p.add_argument("--out", default="slide-report", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when the slide's properties lack it")
+    p.add_argument("--top", type=int, help="cells in the report gallery (default: slide.gallery in params)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-view test-time augmentation (default: as the model was calibrated)")
+    p.add_argument("--batch-size", type=int, help="cells per inference batch (default: slide.batch_size in params)")
+    p.set_defaults(func=cmd_score_slide)
     return parser
 
 
@@ -198,11 +259,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pipeline.cv import CvError
     from pipeline.evaluate import EvaluationError
     from pipeline.inference.predictor import ModelDirError
+    from pipeline.inference.slide import SlideError
     from pipeline.models.backbones import WeightsError
     from pipeline.train import TrainingError
 
     return ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError, \
-        EvaluationError, CvError
+        EvaluationError, CvError, SlideError
 
 
 def main(argv: list[str] | None = None) -> int:

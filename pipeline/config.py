@@ -234,6 +234,21 @@ class CvConfig:
     epochs: int = 6  # fixed: no early stopping on the held-out fold
 
 
+@dataclass(frozen=True)
+class SlideConfig:
+    """Whole-slide scoring: foreground mask, cell detection, crop recipe, slide-level rule."""
+
+    mask_max_px: int = 2048  # the foreground mask uses the first level whose long side is <= this
+    tile_px: int = 2048  # level-0 region size for detection (plus an overlap of one max cell diameter)
+    min_cell_um: float = 5.0  # equivalent diameter limits of a detected cell
+    max_cell_um: float = 60.0
+    crop_margin: float = 0.25  # crop = bounding box grown by this fraction of its long side on each side
+    batch_size: int = 16  # small batches run faster on a 2-core CPU (cache), measured
+    top_k: int = 10  # slide summary: mean score of the k most suspicious cells
+    min_malignant_cells: int = 3  # slide call: positive when at least this many cells are called malignant
+    gallery: int = 24  # default --top: cells shown in the report
+
+
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None)),
           "list": (list,)}
 
@@ -262,6 +277,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     cv: CvConfig = field(default_factory=CvConfig)
+    slide: SlideConfig = field(default_factory=SlideConfig)
     path: str = ""
 
     def to_dict(self) -> dict:
@@ -271,7 +287,7 @@ class Params:
 
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "mlflow": MlflowConfig, "evaluate": EvaluateConfig,
-             "promotion": PromotionConfig, "cv": CvConfig}
+             "promotion": PromotionConfig, "cv": CvConfig, "slide": SlideConfig}
 
 
 def _typed(value: Any, kind: type, where: str):
@@ -284,7 +300,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Load and validate params.yaml."""
     raw = read_yaml(path)
     where = str(path)
-    unknown = set(raw) - {"data", "split", "model", "train", "mlflow", "evaluate", "promotion", "cv"}
+    unknown = set(raw) - {"data", "split", "model", "train", "mlflow", "evaluate", "promotion", "cv", "slide"}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s): {', '.join(sorted(unknown))}")
     data = _section(raw, "data", {"source", "label_map", "group", "min_side", "max_pixels"}, where)

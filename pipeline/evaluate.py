@@ -178,7 +178,8 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
             raise EvaluationError(f"{len(bad)} {name} image(s) unreadable since ingest, e.g. {bad[0]}; rerun `dvc repro`")
         parts[name] = (rows, images)
 
-    results, calibrations, variants = {}, {}, ([True, False] if cfg.tta else [False])
+    # Both variants are always measured; cfg.tta picks the one that ships.
+    results, calibrations, variants = {}, {}, [True, False]
     val_rows, val_images = parts["val"]
     test_rows, test_images = parts["test"]
     val_idx = np.array([predictor.labels.index(x) for x in val_rows["label"]])
@@ -215,8 +216,8 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     plots = write_plots(reports_dir, y_test, result["p"], band.call(result["p"]), cfg.ece_bins)
     metrics = {"test": _flat_metrics(result, ""), "calibration": {k: v for k, v in calibration.items()
                                                                    if k != "validation"} | calibration["validation"]}
-    if len(variants) == 2:
-        metrics["test_without_tta"] = _flat_metrics(results["no_tta"], "")
+    metrics["test_with_tta"] = _flat_metrics(results["tta"], "")
+    metrics["test_without_tta"] = _flat_metrics(results["no_tta"], "")
     metrics["test"]["n"] = result["n"]
     metrics["test"]["n_groups"] = result["n_groups"]
     atomic.write_json(reports_dir / "metrics.json", metrics)

@@ -20,7 +20,10 @@ print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"], ["split", "--help"], ["train", "--help"], ["evaluate", "--help"], ["cv", "--help"]])
+COMMANDS = ("ingest", "split", "train", "evaluate", "cv", "predict", "score-slide")
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
 def test_help_imports_no_heavy_module(argv):
     code = PROBE.format(argv=argv, heavy=HEAVY_MODULES)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -15,22 +15,15 @@ from pipeline import evaluate, tracking
 from pipeline.config import load_params
 from pipeline.inference.loading import resolve_model_dir
 from pipeline.inference.predictor import ModelDirError, TorchPredictor
-from tests.conftest import ROOT, SHARED_DATA, tree_digest
-from tests.tiny_project import build_tiny_project
+from tests.conftest import ROOT, tree_digest
+from tests.tiny_project import tiny_project
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    herlev = SHARED_DATA / "herlev"
-    if not herlev.is_dir():
-        pytest.fail(f"reference data missing: {herlev}")
-    mp = pytest.MonkeyPatch()
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = tmp_path_factory.mktemp("project")
     # Minimums of 0 so that this tiny model is promoted; the refusal is tested below.
-    out = build_tiny_project(root, herlev, promotion__min_auc=0.0, promotion__min_sensitivity=0.0)
-    yield root, out, load_params(root / "params.yaml")
-    mp.undo()
+    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0) as built:
+        yield built
 
 
 def test_stage_writes_calibrated_model_and_reports(project):
@@ -46,7 +39,7 @@ def test_stage_writes_calibrated_model_and_reports(project):
                  "brier", "ece"):
         value, lo, hi = (metrics["test"][f"{name}{s}"] for s in ("", "_ci_low", "_ci_high"))
         assert lo - 1e-9 <= value <= hi + 1e-9, name
-    assert "test_without_tta" in metrics and 0 < metrics["test"]["coverage"] <= 1
+    assert {"test_with_tta", "test_without_tta"} <= set(metrics) and 0 < metrics["test"]["coverage"] <= 1
     assert "normal_columnar_fpr" in metrics["test"]
     by_class = json.loads((root / "reports/evaluate/by_class.json").read_text())
     assert {r["original_class"] for r in by_class} == {

@@ -5,6 +5,7 @@ so notebooks and commands can be pointed at it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -41,3 +42,26 @@ def build_tiny_project(project: Path, herlev_dir: Path, **overrides) -> dict:
               project / "models/train", project / "checkpoints/train", project / "reports/train")
     return evaluate.run(params, project / "models/train", project / "data/split/split.csv",
                         project / "models/calibrated", project / "reports/evaluate")
+
+
+@contextmanager
+def tiny_project(tmp_path_factory, **overrides):
+    """A built tiny project for a module-scoped fixture: yields (root, evaluate result, params).
+
+    MLFLOW_TRACKING_URI is unset while it lives, so the project's own sqlite store is used.
+    """
+    import pytest
+
+    from pipeline.config import load_params
+
+    herlev = ROOT.parent / "shared" / "data" / "herlev"
+    if not (herlev / "MANIFEST.csv").is_file():
+        pytest.fail(f"reference data missing: {herlev} (tests need ../shared/data from the project root)")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        root = tmp_path_factory.mktemp("project")
+        out = build_tiny_project(root, herlev, **overrides)
+        yield root, out, load_params(root / "params.yaml")
+    finally:
+        mp.undo()

@@ -6,6 +6,8 @@ from pathlib import Path
 from pipeline.inference.predictor import META_FILE, ModelDirError
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+DEFAULT_MODEL = "models:/cytology-classifier@champion"
+UNREGISTERED = "unregistered"
 
 
 def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
@@ -31,3 +33,52 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     if not found:
         raise ModelDirError(f"{model}: the MLflow model holds no {META_FILE}; it was not logged by cytopipe")
     return found[0].parent
+
+
+def model_error_message(model: str, exc: Exception) -> str:
+    message = str(exc)
+    if model != DEFAULT_MODEL:
+        return message
+    # resolve_model_dir's generic hint names only training; the alias also needs evaluate + promotion.
+    cause = message.partition(". Train one with")[0]
+    return (f"{cause}. No @champion model yet: train and evaluate one with `make run` (promotion sets "
+            "@champion only when the model meets the promotion minimums in params.yaml), "
+            "or pass --model models/calibrated")
+
+
+def pin_registered(model: str, tracking_uri: str | None) -> tuple[str, str | None]:
+    """(URI to load, registered version) for models:/NAME@ALIAS or models:/NAME/N; (model, None) otherwise.
+
+    The version comes from the registry: a logged model.json still carries the training
+    registration's version. Pinning the alias first also keeps it from moving mid-run.
+    """
+    if not model.startswith("models:/"):
+        return model, None
+    ref = model[len("models:/"):].rstrip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        if not name or not alias or "/" in alias:
+            return model, None
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        except Exception:  # noqa: BLE001 - resolve_model_dir reports why, in one line
+            return model, None
+        return f"models:/{name}/{version}", version
+    name, _, version = ref.rpartition("/")
+    return (model, version) if name and version.isdigit() else (model, None)
+
+
+def load_predictor(model: str, tracking_uri: str | None = None, batch_size: int = 32):
+    """(TorchPredictor, registered version or 'unregistered') for a model folder or MLflow URI."""
+    from pipeline.inference.predictor import TorchPredictor
+
+    uri, registered = pin_registered(model, tracking_uri)
+    try:
+        predictor = TorchPredictor(resolve_model_dir(uri, tracking_uri), batch_size=batch_size)
+    except ModelDirError as exc:
+        raise ModelDirError(model_error_message(model, exc)) from None
+    version = registered or (predictor.meta.get("mlflow") or {}).get("version")
+    return predictor, str(version) if version not in (None, "") else UNREGISTERED

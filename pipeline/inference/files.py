@@ -1,0 +1,195 @@
+"""`cytopipe predict`: score image files and folders with a model, one row per file.
+
+Images are read and scored a batch at a time, so memory does not grow with the number
+of files; unreadable files become error rows instead of stopping the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.data.images import IMAGE_SUFFIXES, ImageError, load_rgb
+from pipeline.inference.loading import DEFAULT_MODEL  # noqa: F401  (re-exported for callers)
+
+COLUMNS = ("path", "p_malignant", "call", "model_version", "error")
+OUT_SUFFIXES = (".csv", ".json")
+PROG = "cytopipe predict"
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _walk(folder: Path, seen: set[Path]) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for each image file under `folder`, (path, reason) for image-named non-files."""
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        yield folder, f"cannot list folder: {exc.strerror or exc}"
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if _is_image_name(entry):
+                yield entry, "is a directory, not an image file"
+            real = entry.resolve()
+            if real not in seen:  # symlinked folders could otherwise loop forever
+                seen.add(real)
+                yield from _walk(entry, seen)
+        elif _is_image_name(entry):
+            if entry.is_file():
+                yield entry, None
+            elif entry.is_symlink() and not entry.exists():
+                yield entry, "broken symlink"
+            else:
+                # FIFOs, sockets, devices: reading one could block forever.
+                yield entry, "not a regular file"
+
+
+def _expand(paths: list[str]) -> list[tuple[Path, str | None]]:
+    """Every PATH expanded in input order: (file, None) to score or (path, reason) for an error row."""
+    out: list[tuple[Path, str | None]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(_walk(path, {path.resolve()}))
+        elif path.is_file():
+            if _is_image_name(path):
+                out.append((path, None))
+            else:
+                suffix = path.suffix or "(none)"
+                out.append((path, f"unsupported file type {suffix} (expected one of "
+                                  f"{', '.join(sorted(IMAGE_SUFFIXES))})"))
+        elif path.is_symlink() and not path.exists():
+            out.append((path, "broken symlink"))
+        elif path.exists():
+            out.append((path, "not a regular file"))
+        else:
+            out.append((path, "no such file or directory"))
+    # A file named twice (e.g. itself and inside its folder) is scored once, at its first place.
+    unique: dict[str, tuple[Path, str | None]] = {}
+    for path, reason in out:
+        unique.setdefault(os.path.normpath(str(path)), (path, reason))
+    return list(unique.values())
+
+
+def collect_paths(paths: list[str]) -> tuple[list[Path], list[dict]]:
+    """Files to score, and error rows ({"path", "error"}) for PATHs that cannot be scored."""
+    entries = _expand(paths)
+    files = [p for p, reason in entries if reason is None]
+    errors = [{"path": str(p), "error": reason} for p, reason in entries if reason is not None]
+    return files, errors
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return np.asarray(load_rgb(path)), None
+    except ImageError as exc:
+        return None, exc.reason
+    except Exception as exc:  # noqa: BLE001 - one odd file must not abort a long batch
+        first = (str(exc).splitlines() or [""])[0]
+        return None, f"cannot read: {type(exc).__name__}{': ' + first if first else ''}"
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | None, tracking_uri: str | None,
+                  batch_size: int = 32) -> int:
+    """Score image files/folders; write CSV (stdout or .csv) or JSON (.json). Returns the exit code."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from pipeline import atomic
+    from pipeline.calibration import Band
+    from pipeline.inference.loading import load_predictor
+    from pipeline.inference.predictor import ModelDirError
+
+    # Argument checks first: they cost nothing, loading a model does.
+    out_path = Path(out) if out else None
+    if out_path is not None and out_path.suffix.lower() not in OUT_SUFFIXES:
+        return _fail(f"--out {out}: unsupported output type {out_path.suffix or '(none)'}; "
+                     "use a .csv or .json file, or omit --out for CSV on stdout", 2)
+    if batch_size < 1:
+        return _fail(f"batch size must be >= 1, got {batch_size}", 2)
+
+    try:
+        predictor, model_version = load_predictor(model, tracking_uri, batch_size)
+        predictor.positive_labels  # noqa: B018 - fail on a bad label config before reading any image
+    except ModelDirError as exc:
+        return _fail(str(exc), 1)
+
+    calibration = predictor.calibration
+    if not calibration:
+        print(f"warning: {model} has no calibration (run the evaluate stage); using threshold 0.5 and "
+              "no indeterminate band", file=sys.stderr)
+    band = Band(float(calibration.get("threshold", 0.5)), float(calibration.get("band_width", 0.0)))
+    use_tta = bool(calibration.get("tta", False)) if tta is None else bool(tta)
+
+    entries = _expand(paths)
+    rows: list[dict] = []
+    with tqdm(total=len(entries), desc="predict", unit="img", disable=None, file=sys.stderr, leave=False) as bar:
+        for chunk in _batches(entries, batch_size):
+            chunk_rows, images, slots = [], [], []
+            for path, reason in chunk:
+                if reason is None:
+                    image, reason = _read(path)
+                    if image is not None:
+                        slots.append(len(chunk_rows))
+                        images.append(image)
+                if reason is not None:
+                    tqdm.write(f"skipped: {path}: {reason}", file=sys.stderr)
+                chunk_rows.append({"path": str(path), "p_malignant": None, "call": "",
+                                   "model_version": model_version, "error": reason or ""})
+                bar.update(1)
+            if images:
+                logits = predictor.predict_logits(images, tta=use_tta)
+                p = predictor.malignant_probability(predictor.probabilities(logits))
+                for slot, value, call in zip(slots, p, band.call(p)):
+                    value = _finite(float(value))
+                    chunk_rows[slot].update(p_malignant=value, call=str(call) if value is not None else "",
+                                            error="" if value is not None else "model returned a non-finite score")
+            del images  # release this batch's pixels before reading the next
+            rows.extend(chunk_rows)
+
+    scored = [r for r in rows if not r["error"]]
+    n_err = len(rows) - len(scored)
+    if not scored:
+        what = f"none of {len(rows)} file(s) could be scored" if rows else "no image files found"
+        return _fail(f"{what} in {' '.join(paths)}; nothing written", 1)
+
+    if out_path is None:
+        pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(sys.stdout, index=False)
+        sys.stdout.flush()
+    elif out_path.suffix.lower() == ".csv":
+        atomic.write_csv(out_path, pd.DataFrame(rows, columns=list(COLUMNS)))
+    else:
+        doc = {"model": model, "model_version": model_version, "threshold": band.threshold,
+               "band": [band.lower, band.upper], "tta": use_tta, "predictions": rows}
+        # NaN is already None; allow_nan=False guards against an invalid JSON file regardless.
+        atomic.write_text(out_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+    n_mal = sum(r["call"] == "malignant" for r in scored)
+    n_ind = sum(r["call"] == "indeterminate" for r in scored)
+    target = f" -> {out_path}" if out_path is not None else ""
+    print(f"predict: {len(scored)} scored, {n_mal} malignant, {n_ind} indeterminate, {n_err} errors{target}",
+          file=sys.stderr)
+    return 0

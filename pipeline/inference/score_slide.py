@@ -1,0 +1,139 @@
+"""`cytopipe score-slide`: detect cells on a whole slide, score them, write cells.csv, a summary,
+a heat map and a self-contained report.html.
+
+Steps: foreground mask on a low-resolution level -> cell detection at level 0, region by region
+-> Herlev-style crops (bounding box + margin, long side scaled to the model input, padded
+square) -> batched, calibrated inference -> Grad-CAM for the gallery -> report.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.config import SlideConfig
+
+
+def slide_rule(cfg: SlideConfig) -> str:
+    return f"positive when at least {cfg.min_malignant_cells} cell(s) are called malignant, otherwise negative"
+
+
+def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None) -> np.ndarray:
+    """Calibrated P(malignant) per detected cell; crops are read and scored batch by batch."""
+    from tqdm import tqdm
+
+    from pipeline.inference.slide import read_crops
+
+    scores = []
+    for start in tqdm(range(0, len(cells), cfg.batch_size), desc="score", unit="batch", file=sys.stderr,
+                      disable=None if progress is None else not progress):
+        crops = read_crops(source, cells.iloc[start:start + cfg.batch_size], cfg.crop_margin)
+        scores.append(predictor.malignant_probability(predictor.probabilities(predictor.predict_logits(crops, tta))))
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
+                top: int | None = None, tta: bool | None = None, tracking_uri: str | None = None,
+                log=print) -> dict:
+    """Score one slide into `out_dir`; returns the summary dict."""
+    import pandas as pd
+
+    from pipeline.calibration import Band
+    from pipeline.inference.loading import load_predictor
+    from pipeline.inference.report import heatmap_overlay, png_data_uri, render_html, saliency_maps
+    from pipeline.inference.slide import detect_slide, open_slide, read_crops
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    predictor, version = load_predictor(model, tracking_uri, cfg.batch_size)
+    calibration = predictor.calibration
+    if not calibration:
+        print(f"warning: {model} has no calibration; using threshold 0.5", file=sys.stderr)
+        calibration = {"threshold": 0.5, "band_width": 0.0, "temperature": 1.0, "tta": False}
+    band = Band(calibration["threshold"], calibration["band_width"])
+    use_tta = calibration.get("tta", False) if tta is None else tta
+    seconds["load model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    source = open_slide(slide, mpp)
+    seconds["open slide"] = time.perf_counter() - t
+    with source:
+        log(f"score-slide: {slide}: {source.dimensions[0]}x{source.dimensions[1]} px, {source.mpp:.4f} µm/px "
+            f"(from {source.mpp_source})")
+        t = time.perf_counter()
+        cells = detect_slide(source, cfg)
+        seconds["detect cells"] = time.perf_counter() - t
+        log(f"score-slide: {len(cells)} cells detected in {seconds['detect cells']:.1f}s")
+
+        t = time.perf_counter()
+        scores = score_cells(predictor, source, cells, cfg, use_tta)
+        seconds["crop + inference"] = time.perf_counter() - t
+        calls = band.call(scores) if len(scores) else np.array([], dtype=str)
+
+        n_top = cfg.gallery if top is None else top
+        order = np.argsort(-scores, kind="stable")[:n_top]
+        t = time.perf_counter()
+        top_cells = cells.iloc[order]
+        crops = read_crops(source, top_cells, cfg.crop_margin) if len(order) else []
+        cams = saliency_maps(predictor, crops)
+        seconds["saliency"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        thumbnail, downsample = source.thumbnail(cfg.mask_max_px)
+        heat = heatmap_overlay(thumbnail, downsample, cells, scores, mark=len(order))
+    out_dir = Path(out_dir)
+    table = pd.DataFrame({
+        "cell_id": cells["cell_id"].to_numpy() if len(cells) else [], "x": cells["x"].to_numpy() if len(cells) else [],
+        "y": cells["y"].to_numpy() if len(cells) else [],
+        "diameter_um": cells["diameter_um"].round(2).to_numpy() if len(cells) else [],
+        "area_um2": cells["area_um2"].round(1).to_numpy() if len(cells) else [],
+        "score": np.round(scores, 6), "call": calls})
+    atomic.write_csv(out_dir / "cells.csv", table)
+    with atomic.atomic_path(out_dir / "heatmap.png") as tmp:
+        from PIL import Image
+
+        Image.fromarray(heat).save(tmp, format="PNG")
+
+    n = len(cells)
+    n_mal = int((calls == "malignant").sum())
+    k = min(cfg.top_k, n)
+    meta_mlflow = predictor.meta.get("mlflow") or {}
+    summary = {
+        "slide": str(slide), "width": source.dimensions[0], "height": source.dimensions[1],
+        "mpp": source.mpp, "mpp_source": source.mpp_source,
+        "n_cells": n, "n_malignant": n_mal, "fraction_malignant": n_mal / n if n else 0.0,
+        "n_indeterminate": int((calls == "indeterminate").sum()),
+        "top_k": cfg.top_k, "top_k_mean": float(np.sort(scores)[::-1][:k].mean()) if k else None,
+        "slide_call": ("positive" if n_mal >= cfg.min_malignant_cells else "negative") if n else "no cells found",
+        "rule": slide_rule(cfg),
+        "threshold": band.threshold, "band": [band.lower, band.upper],
+        "temperature": float(calibration.get("temperature", 1.0)), "tta": bool(use_tta),
+        "model": {"uri": model, "version": version, "registered_model": meta_mlflow.get("registered_model"),
+                  "arch": predictor.meta.get("arch")},
+        "seconds": seconds,
+    }
+    gallery = [{"rank": r + 1, "cell_id": int(row.cell_id), "x": int(row.x), "y": int(row.y),
+                "diameter_um": float(row.diameter_um), "p_malignant": float(scores[i]), "call": str(calls[i]),
+                "crop_uri": png_data_uri(np.asarray(predictor_crop(predictor, crops[r]))),
+                "cam_uri": png_data_uri(cams[r])}
+               for r, (i, row) in enumerate(zip(order, top_cells.itertuples()))]
+    seconds["report"] = time.perf_counter() - t
+    seconds["total"] = sum(v for key, v in seconds.items() if key != "total")
+    atomic.write_text(out_dir / "report.html", render_html(summary, png_data_uri(heat), gallery))
+    atomic.write_json(out_dir / "summary.json", summary)
+    if n == 0:
+        log("score-slide: no cells found; the report says so")
+    log(f"score-slide: {n} cells, {n_mal} malignant ({summary['fraction_malignant']:.1%}), "
+        f"{summary['n_indeterminate']} indeterminate; slide call: {summary['slide_call']} "
+        f"({summary['rule']}); {seconds['total']:.1f}s -> {out_dir / 'report.html'}")
+    return summary
+
+
+def predictor_crop(predictor, crop: np.ndarray) -> np.ndarray:
+    """The crop as the model saw it: long side scaled to the input size, padded square."""
+    from pipeline.data.transforms import base_resize
+
+    return base_resize(crop, predictor.meta["image_size"])

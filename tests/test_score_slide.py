@@ -1,0 +1,148 @@
+"""`cytopipe score-slide` end to end: synthetic slides, a real CSF field, bad input, and the report in Chromium."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.inference.score_slide import score_slide
+from tests.conftest import ROOT, SHARED_DATA, tree_digest
+from tests.test_slide import CELLS, MPP, SIZE, draw_cells, glass, write_pyramid
+from tests.tiny_project import tiny_project
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    with tiny_project(tmp_path_factory) as (root, _, params):
+        yield root, params
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slides")
+    cells = write_pyramid(folder / "cells.tiff", draw_cells(glass(SIZE), CELLS))
+    blank = write_pyramid(folder / "blank.tiff", glass(SIZE, seed=3))
+    return cells, blank
+
+
+@pytest.fixture(scope="module")
+def scored(project, slides, tmp_path_factory):
+    root, params = project
+    out = tmp_path_factory.mktemp("report")
+    before = tree_digest(slides[0].parent)
+    summary = score_slide(str(slides[0]), str(root / "models/calibrated"), out, params.slide, top=8,
+                          log=lambda *_: None)
+    assert tree_digest(slides[0].parent) == before  # the slide is never modified
+    return out, summary
+
+
+def test_cells_are_found_scored_and_summarised(scored):
+    out, summary = scored
+    cells = pd.read_csv(out / "cells.csv")
+    assert list(cells.columns) == ["cell_id", "x", "y", "diameter_um", "area_um2", "score", "call"]
+    assert len(cells) == len(CELLS) == summary["n_cells"]
+    for cx, cy, r, *_ in CELLS:  # every drawn cell, at the right level-0 place
+        d = np.hypot(cells["x"] - cx, cells["y"] - cy)
+        assert d.min() < 8, (cx, cy)
+    assert cells["score"].between(0, 1).all() and set(cells["call"]) <= {"benign", "malignant", "indeterminate"}
+    assert summary["mpp"] == pytest.approx(MPP) and summary["mpp_source"] == "slide properties"
+    assert summary["n_malignant"] == int((cells["call"] == "malignant").sum())
+    assert summary["slide_call"] in ("positive", "negative") and "at least" in summary["rule"]
+    top = np.sort(cells["score"].to_numpy())[::-1][:summary["top_k"]].mean()
+    assert summary["top_k_mean"] == pytest.approx(top, abs=1e-5)
+    assert {"detect cells", "crop + inference", "saliency", "report", "total"} <= set(summary["seconds"])
+    assert json.loads((out / "summary.json").read_text())["n_cells"] == len(cells)
+    assert Image.open(out / "heatmap.png").size[0] > 0
+
+
+def test_report_is_self_contained(scored):
+    out, summary = scored
+    page = (out / "report.html").read_text()
+    assert "decision support" in page.lower() and "pathologist" in page
+    assert page.count("<img") == 1 + 2 * 8  # heat map + (crop, Grad-CAM) per gallery cell
+    assert "src='http" not in page and 'src="http' not in page  # nothing fetched from elsewhere
+    assert "level-0 x=" in page and f"{summary['threshold']:.4f}" in page
+
+
+def test_report_renders_in_chromium_without_errors(scored):
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing: `make test` installs it as root (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    out, _ = scored
+    errors = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((out / "report.html").as_uri())
+        widths = page.eval_on_selector_all(".gallery img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        heat = page.eval_on_selector("img.thumb", "i => i.naturalWidth")
+        browser.close()
+    assert len(widths) == 16 and all(w > 0 for w in widths), widths
+    assert heat > 0
+    assert errors == []
+
+
+def test_blank_slide_reports_no_cells(project, slides, tmp_path):
+    root, params = project
+    summary = score_slide(str(slides[1]), str(root / "models/calibrated"), tmp_path, params.slide, log=lambda *_: None)
+    assert summary["n_cells"] == 0 and summary["slide_call"] == "no cells found"
+    assert "No cells found" in (tmp_path / "report.html").read_text()
+    assert len(pd.read_csv(tmp_path / "cells.csv")) == 0
+
+
+def test_real_csf_field_as_a_plain_png(project, tmp_path):
+    import openslide
+
+    root, params = project
+    real = SHARED_DATA / "slides" / "csf-breast-carcinoma-pap.tiff"
+    if not real.is_file():
+        pytest.fail(f"reference slide missing: {real}")
+    with openslide.OpenSlide(str(real)) as s:  # a cell-rich field near the middle
+        field = np.asarray(s.read_region((13000, 13000), 0, (1536, 1536)).convert("RGB"))
+    png = tmp_path / "csf field.png"
+    Image.fromarray(field).save(png)
+    summary = score_slide(str(png), str(root / "models/calibrated"), tmp_path / "out", params.slide, mpp=0.25,
+                          top=4, log=lambda *_: None)
+    assert summary["mpp_source"] == "--mpp" and summary["n_cells"] > 0
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv")
+    assert cells["x"].between(0, 1536).all() and cells["diameter_um"].between(5, 60).all()
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "score-slide", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not a slide"])
+def test_bad_slide_input_is_one_line(project, tmp_path, kind):
+    root, _ = project
+    target = {"missing": tmp_path / "nope.svs", "directory": tmp_path, "not a slide": tmp_path / "notes.tiff"}[kind]
+    if kind == "not a slide":
+        target.write_text("this is not a slide")
+    proc = _cli(str(target), "--model", str(root / "models/calibrated"), "--out", str(tmp_path / "o"),
+                "--params", str(root / "params.yaml"), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert str(target.name) in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_without_a_champion_says_how_to_get_one(project, slides, tmp_path):
+    root, _ = project
+    params = tmp_path / "params.yaml"
+    params.write_text((root / "params.yaml").read_text().replace(str(root / "mlflow.db"), str(tmp_path / "empty.db")))
+    proc = _cli(str(slides[0]), "--params", str(params), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 1 and "make run" in proc.stderr and "--model" in proc.stderr
+    assert "Traceback" not in proc.stderr
