@@ -183,3 +183,15 @@ def test_source_errors(tmp_path, binary_map):
     (tmp_path / "empty").mkdir()
     with pytest.raises(IngestError, match="no class subfolders"):
         ingest(tmp_path / "empty", lm, RULE)
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    from pipeline import atomic
+
+    atomic.write_text(tmp_path / "x.txt", "hello")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "x.txt").read_text() == "hello"
