@@ -146,10 +146,6 @@ def _flat_metrics(result: dict, prefix: str) -> dict[str, float]:
     return flat
 
 
-def score_cases(predictor, images: list[np.ndarray], tta: bool) -> np.ndarray:
-    return predictor.predict_logits(images, tta=tta)
-
-
 def _summary_line(name: str, result: dict) -> str:
     m = result["metrics"]
     parts = [f"{k} {m[k]['value']:.3f} [{m[k]['ci_low']:.3f}, {m[k]['ci_high']:.3f}]"
@@ -188,10 +184,10 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     for tta in variants:
         key = "tta" if tta else "no_tta"
         log(f"evaluate: scoring val + test ({'8-view TTA' if tta else 'single view'})")
-        val_logits = score_cases(predictor, val_images, tta)
+        val_logits = predictor.predict_logits(val_images, tta)
         calibrations[key] = calibrate(val_logits, val_idx, y_val, predictor, cfg, tta)
         predictor.meta["calibration"] = calibrations[key]
-        p_test = predictor.malignant_probability(predictor.probabilities(score_cases(predictor, test_images, tta)))
+        p_test = predictor.malignant_probability(predictor.probabilities(predictor.predict_logits(test_images, tta)))
         results[key] = measure(y_test, p_test, list(test_rows["group"]), list(test_rows["original_class"]),
                                calibrations[key], cfg, seed=params.split.seed)
         results[key]["p"] = p_test
@@ -254,17 +250,13 @@ def promotion_decision(test_metrics: dict, params: Params) -> tuple[bool, str]:
 def run(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path) -> dict:
     """The stage: evaluate, then log to the training run, register the calibrated model, promote."""
     from pipeline import tracking
-    from pipeline.inference.mlflow_pyfunc import IMAGE_COLUMN, encode_image_file
-    import pandas as pd
-
+    from pipeline.inference.mlflow_pyfunc import input_example
     from pipeline.inference.predictor import META_FILE, read_metadata
 
     out = evaluate_split(params, model_dir, split_csv, out_model_dir, reports_dir)
     test_values = {k: v["value"] for k, v in out["result"]["metrics"].items()}
     promote, reason = promotion_decision(test_values, params)
-    split = read_table(split_csv, SPLIT_COLUMNS)
-    example_path = source_root(params.data.source) / split[split["split"] == "val"]["path"].iloc[0]
-    example = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(example_path)]})
+    example = input_example(params.data.source, split_csv)
     train_run = (read_metadata(model_dir).get("mlflow") or {}).get("run_id")
     logged = tracking.log_evaluation(
         params.mlflow, train_run, Path(out_model_dir), example,

@@ -369,22 +369,12 @@ def write_reports(result: FitResult, reports_dir: Path, seconds: float) -> dict:
     return metrics
 
 
-def _input_example(params: Params, split_csv: Path):
-    """One real validation image, base64-encoded, as the MLflow input example."""
-    import pandas as pd
-
-    from pipeline.inference.mlflow_pyfunc import IMAGE_COLUMN, encode_image_file
-
-    split = read_table(split_csv, SPLIT_COLUMNS)
-    first = split[split["split"] == "val"]["path"].iloc[0]
-    return pd.DataFrame({IMAGE_COLUMN: [encode_image_file(source_root(params.data.source) / first)]})
-
-
 def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, checkpoint_dir: Path,
         reports_dir: Path, resume: str = "auto") -> tuple[FitResult, dict]:
     """The stage: fit with MLflow tracking, write reports, log and register the model."""
     import yaml
 
+    from pipeline.inference.mlflow_pyfunc import input_example
     from pipeline.inference.predictor import META_FILE, read_metadata
     from pipeline.tracking import TrainingTracker
 
@@ -400,7 +390,7 @@ def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, ch
         for path, folder in ((config_file, "config"), (split_csv, "data"), (Path(reports_dir) / "curves.png", "plots"),
                              (Path(reports_dir) / "history.csv", "plots"), (Path(checkpoint_dir) / BEST, "checkpoint")):
             r.log_artifact(path, folder)
-        model_uri, version = r.log_model(Path(model_dir), _input_example(params, split_csv))
+        model_uri, version = r.log_model(Path(model_dir), input_example(params.data.source, split_csv))
         meta = read_metadata(model_dir)
         meta["mlflow"] = {"run_id": r.run_id, "model_uri": model_uri, "registered_model": params.mlflow.registered_model,
                           "version": version, "alias": params.mlflow.alias}

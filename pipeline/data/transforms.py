@@ -7,6 +7,8 @@ inference see, so train and test share one geometry. Normalisation is the model'
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 PRESETS = ("train", "train_light", "eval")
@@ -17,14 +19,19 @@ def base_resize(image: np.ndarray, size: int) -> np.ndarray:
 
     Padding repeats the edge: cell crops such as Herlev's sit on a flat background colour.
     """
+    return _resize_pipeline(size)(image=image)["image"]
+
+
+@functools.lru_cache(maxsize=8)
+def _resize_pipeline(size: int):
+    # Built once per size: base_resize runs for every cell of a slide.
     import albumentations as A
     import cv2
 
-    resize = A.Compose([
+    return A.Compose([
         A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_CUBIC),
         A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_REPLICATE, position="center"),
     ])
-    return resize(image=image)["image"]
 
 
 def augmentation(name: str, seed: int | None = None):

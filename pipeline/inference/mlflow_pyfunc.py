@@ -22,6 +22,15 @@ def encode_image_file(path) -> str:
         return base64.b64encode(fh.read()).decode("ascii")
 
 
+def input_example(source: str, split_csv) -> pd.DataFrame:
+    """One real validation image, base64-encoded: the input example logged with the model."""
+    from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    first = split[split["split"] == "val"]["path"].iloc[0]
+    return pd.DataFrame({IMAGE_COLUMN: [encode_image_file(source_root(source) / first)]})
+
+
 def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
     """Score a DataFrame of base64 images with a loaded predictor."""
     from pipeline.data.images import decode_rgb

@@ -96,10 +96,9 @@ class TorchPredictor:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities from logits (temperature 1 before calibration)."""
-        z = logits / float(self.calibration.get("temperature", 1.0))
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        from pipeline.calibration import softmax
+
+        return softmax(logits, float(self.calibration.get("temperature", 1.0)))
 
     def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> np.ndarray:
         """Calibrated class probabilities, shape (N, n_labels)."""
