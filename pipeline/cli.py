@@ -18,6 +18,7 @@ Stages (also run by `dvc repro`, parameters from params.yaml):
   train    fine-tune the backbone, track in MLflow, register the model
   evaluate calibrate on val, measure test with CIs, promote; or measure any labelled folder
   cv       grouped k-fold cross-validation (MLflow parent run + one child run per fold)
+  export   ONNX model + metadata.json, validated against torch, registered in MLflow
 
 For pathologists:
   predict      score image files or folders: calibrated probability and call per file
@@ -100,6 +101,14 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from pipeline.config import load_params
 
     cv.run(load_params(args.params), Path(args.split), Path(args.reports), Path(args.work))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline import export
+    from pipeline.config import load_params
+
+    export.run(load_params(args.params), Path(args.model), Path(args.split), Path(args.out), Path(args.reports))
     return 0
 
 
@@ -218,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cv)
 
     default_model = "models:/cytology-classifier@champion"
+    p = sub.add_parser("export", help="export the calibrated model to ONNX and register it",
+                       description="Export the calibrated model to model.onnx + metadata.json, check on real images "
+                                   "that ONNX Runtime matches torch (export.tolerance), log it to MLflow as an "
+                                   "ONNX-backed pyfunc, register it and move the source version's aliases to it.")
+    _add_params(p)
+    p.add_argument("--model", default="models/calibrated", metavar="DIR",
+                   help="calibrated torch model folder (default: %(default)s)")
+    p.add_argument("--split", default="data/split/split.csv", help="split file, for validation images "
+                                                                    "(default: %(default)s)")
+    p.add_argument("--out", default="models/exported", metavar="DIR", help="exported model folder (default: %(default)s)")
+    p.add_argument("--reports", default="reports/export", metavar="DIR", help="metrics.json (default: %(default)s)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("predict", help="score image files or folders",
                        description="Score images (files, or folders searched recursively for jpg/png/tif/bmp). "
                                    "Per file: path, calibrated probability of malignant, call (benign / malignant / "
@@ -258,13 +280,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.split import SplitError
     from pipeline.cv import CvError
     from pipeline.evaluate import EvaluationError
+    from pipeline.export import ExportError
     from pipeline.inference.predictor import ModelDirError
     from pipeline.inference.slide import SlideError
     from pipeline.models.backbones import WeightsError
     from pipeline.train import TrainingError
 
     return ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError, \
-        EvaluationError, CvError, SlideError
+        EvaluationError, CvError, SlideError, ExportError
 
 
 def main(argv: list[str] | None = None) -> int:

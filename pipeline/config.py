@@ -247,6 +247,32 @@ class SlideConfig:
     top_k: int = 10  # slide summary: mean score of the k most suspicious cells
     min_malignant_cells: int = 3  # slide call: positive when at least this many cells are called malignant
     gallery: int = 24  # default --top: cells shown in the report
+    pipelined: bool = True  # overlap reading + detection + cropping with inference (false: one after the other)
+    detect_workers: int = 1  # threads that read, detect and crop tiles while inference runs
+    queue_tiles: int = 4  # bound on tiles waiting for inference (memory stays flat)
+    inference_threads: int = 0  # ONNX Runtime intra-op threads (0: every core)
+
+    def __post_init__(self):
+        for name in ("detect_workers", "queue_tiles", "batch_size", "tile_px"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"slide.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.inference_threads < 0:
+            raise ConfigError(f"slide.inference_threads: must be >= 0 (0: every core), got {self.inference_threads}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The export stage: ONNX file, validation against torch, optional int8."""
+
+    opset: int = 17
+    validation_images: int = 64  # real images on which ONNX Runtime must match torch
+    tolerance: float = 1e-4  # max |P_onnx - P_torch| allowed
+
+    def __post_init__(self):
+        if self.validation_images < 1:
+            raise ConfigError(f"export.validation_images: must be >= 1, got {self.validation_images}")
+        if not self.tolerance > 0:
+            raise ConfigError(f"export.tolerance: must be > 0, got {self.tolerance}")
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None)),
@@ -278,6 +304,7 @@ class Params:
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     cv: CvConfig = field(default_factory=CvConfig)
     slide: SlideConfig = field(default_factory=SlideConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     path: str = ""
 
     def to_dict(self) -> dict:
@@ -287,7 +314,7 @@ class Params:
 
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "mlflow": MlflowConfig, "evaluate": EvaluateConfig,
-             "promotion": PromotionConfig, "cv": CvConfig, "slide": SlideConfig}
+             "promotion": PromotionConfig, "cv": CvConfig, "slide": SlideConfig, "export": ExportConfig}
 
 
 def _typed(value: Any, kind: type, where: str):
@@ -300,7 +327,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Load and validate params.yaml."""
     raw = read_yaml(path)
     where = str(path)
-    unknown = set(raw) - {"data", "split", "model", "train", "mlflow", "evaluate", "promotion", "cv", "slide"}
+    unknown = set(raw) - {"data", "split", "model", "train", "mlflow", "evaluate", "promotion", "cv", "slide", "export"}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s): {', '.join(sorted(unknown))}")
     data = _section(raw, "data", {"source", "label_map", "group", "min_side", "max_pixels"}, where)

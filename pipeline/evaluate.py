@@ -289,10 +289,11 @@ def evaluate_folder(model: str, data_dir: Path, label_map_path: Path, out_dir: P
     from pipeline.config import ConfigError, GroupRule
     from pipeline.data.ingest import discover
     from pipeline.inference.loading import resolve_model_dir
-    from pipeline.inference.predictor import TorchPredictor
+    from pipeline.inference.predictor import open_predictor
     from pipeline.metrics import calls_by_class
 
-    predictor = TorchPredictor(resolve_model_dir(model, tracking_uri))
+    # ONNX Runtime for an exported model, eager torch otherwise.
+    predictor = open_predictor(resolve_model_dir(model, tracking_uri))
     calibration = predictor.calibration
     if not calibration:
         print(f"warning: {model} has no calibration (run the evaluate stage); using temperature 1 and "

@@ -89,6 +89,15 @@ def provenance_tags(inputs: dict[str, Path]) -> dict[str, str]:
     return tags
 
 
+def next_version(client, name: str) -> str:
+    """The version number the registry will give the next version of `name`."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # noqa: BLE001 - no such registered model yet
+        versions = []
+    return str(max((int(v.version) for v in versions), default=0) + 1)
+
+
 def mark_stale_runs(experiment_id: str, run_ids: list[str], status: str = "KILLED") -> None:
     """Close runs left RUNNING by a killed process, so they do not stay RUNNING forever."""
     import mlflow
@@ -134,33 +143,61 @@ class Run:
     def log_artifact(self, path: Path | str, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def log_model(self, model_dir: Path, input_example, name: str = MODEL_ARTIFACT,
-                  model_metadata: dict | None = None, alias: str | None = None) -> tuple[str, str]:
-        """Log the model dir as a pyfunc (code, not pickle), register it and set the alias.
+    def _log_staged(self, model_dir: Path, version: str, name: str, model_metadata, input_example, requirements):
+        """Log a copy of model_dir whose metadata says `version`, registering it."""
+        import json
+        import shutil
+        import tempfile
 
-        Returns (model URI, registered version).
-        """
         from mlflow.models import infer_signature
 
         import pipeline.inference.mlflow_pyfunc as pyfunc_module
-        from pipeline.inference.predictor import TorchPredictor
+        from pipeline.inference.predictor import META_FILE, ONNX_META_FILE, is_exported, open_predictor
 
-        output_example = pyfunc_module.predict_frame(TorchPredictor(model_dir), input_example)
-        info = self.mlflow.pyfunc.log_model(
-            name=name,
-            metadata=model_metadata,
-            python_model=pyfunc_module.__file__,
-            artifacts={"model_dir": str(model_dir)},
-            signature=infer_signature(input_example, output_example),
-            input_example=input_example,
-            registered_model_name=self.config.registered_model,
-            # Stated, not inferred: inference would re-import the model in a subprocess.
-            pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in REQUIREMENTS],
-        )
-        version = str(info.registered_model_version)
+        with tempfile.TemporaryDirectory(prefix="cytopipe-log-") as tmp:
+            staged = Path(tmp) / "model_dir"
+            shutil.copytree(model_dir, staged)
+            meta_path = staged / (ONNX_META_FILE if is_exported(staged) else META_FILE)
+            meta = json.loads(meta_path.read_text())
+            meta["registered_version"] = version
+            meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+            output_example = pyfunc_module.predict_frame(open_predictor(staged), input_example)
+            return self.mlflow.pyfunc.log_model(
+                name=name,
+                metadata=model_metadata,
+                python_model=pyfunc_module.__file__,
+                artifacts={"model_dir": str(staged)},
+                signature=infer_signature(input_example, output_example),
+                input_example=input_example,
+                registered_model_name=self.config.registered_model,
+                # Stated, not inferred: inference would re-import the model in a subprocess.
+                pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in requirements],
+            )
+
+    def log_model(self, model_dir: Path, input_example, name: str = MODEL_ARTIFACT,
+                  model_metadata: dict | None = None, alias: str | None = None,
+                  requirements: tuple[str, ...] = REQUIREMENTS) -> tuple[str, str]:
+        """Log the model dir as a pyfunc (code, not pickle), register it and set the alias.
+
+        The logged copy's metadata records the version it is registered as, so a served model
+        reports its own version. Returns (model URI, registered version).
+        """
         client = self.mlflow.MlflowClient()
-        client.set_registered_model_alias(self.config.registered_model, alias or self.config.alias, version)
-        client.set_model_version_tag(self.config.registered_model, version, "run_id", self.run_id)
+        registered = self.config.registered_model
+        expected = next_version(client, registered)
+        # The registry numbers versions past deleted ones, which no search shows: on a miss,
+        # drop the version just made and log again under the number now known.
+        for attempt in range(3):
+            info = self._log_staged(model_dir, expected, name, model_metadata, input_example, requirements)
+            version = str(info.registered_model_version)
+            if version == expected:
+                break
+            client.delete_model_version(registered, version)
+            expected = str(int(version) + 1)
+        else:
+            raise RuntimeError(f"{registered}: other versions were registered while logging; run the stage again")
+        client.set_registered_model_alias(registered, alias or self.config.alias, version)
+        client.set_model_version_tag(registered, version, "run_id", self.run_id)
         return info.model_uri, version
 
     def end(self, status: str = "FINISHED") -> None:

@@ -7,7 +7,6 @@ inference see, so train and test share one geometry. Normalisation is the model'
 """
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 
@@ -18,20 +17,20 @@ def base_resize(image: np.ndarray, size: int) -> np.ndarray:
     """Aspect-preserving resize (long side = size, bicubic) + pad to size x size.
 
     Padding repeats the edge: cell crops such as Herlev's sit on a flat background colour.
+    Plain OpenCV, the same arithmetic as albumentations' LongestMaxSize + centred PadIfNeeded
+    (a test holds them equal), so the ONNX inference path needs neither albumentations nor torch.
     """
-    return _resize_pipeline(size)(image=image)["image"]
-
-
-@functools.lru_cache(maxsize=8)
-def _resize_pipeline(size: int):
-    # Built once per size: base_resize runs for every cell of a slide.
-    import albumentations as A
     import cv2
 
-    return A.Compose([
-        A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_CUBIC),
-        A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_REPLICATE, position="center"),
-    ])
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_CUBIC)
+    if nh < size or nw < size:
+        top, left = (size - nh) // 2, (size - nw) // 2
+        image = cv2.copyMakeBorder(image, top, size - nh - top, left, size - nw - left, cv2.BORDER_REPLICATE)
+    return image
 
 
 def augmentation(name: str, seed: int | None = None):
@@ -57,11 +56,15 @@ def augmentation(name: str, seed: int | None = None):
     raise ValueError(f"unknown augmentation preset '{name}' (choose from {', '.join(PRESETS)})")
 
 
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (N)HWC -> normalised float32 (N)CHW: the model input, for torch and ONNX alike."""
+    x = np.asarray(images, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
 def to_tensor(image: np.ndarray, mean, std):
     """uint8 HxWx3 -> normalised float32 3xHxW torch tensor."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - mean_t) / std_t
+    return torch.from_numpy(normalize(image, mean, std))

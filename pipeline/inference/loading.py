@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.inference.predictor import META_FILE, ModelDirError
+from pipeline.inference.predictor import META_FILE, ONNX_META_FILE, ModelDirError
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 DEFAULT_MODEL = "models:/cytology-classifier@champion"
@@ -14,9 +14,9 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     """A local folder holding model.json (+ weights) for `model`, downloading from MLflow if needed."""
     path = Path(model)
     if not model.startswith(MLFLOW_SCHEMES):
-        if (path / META_FILE).is_file():
+        if (path / META_FILE).is_file() or (path / ONNX_META_FILE).is_file():
             return path
-        raise ModelDirError(f"{model}: not a model folder ({META_FILE} missing) and not an MLflow URI "
+        raise ModelDirError(f"{model}: not a model folder ({META_FILE} or {ONNX_META_FILE} missing) and not an MLflow URI "
                             f"(models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH)")
     import mlflow
 
@@ -29,9 +29,11 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelDirError(f"{model}: cannot load from MLflow at {mlflow.get_tracking_uri()} ({first}). "
                             "Train one with `make run` (or `cytopipe train`) first") from None
-    found = sorted(local.rglob(META_FILE))
+    # An exported (ONNX) model first: a folder may hold both.
+    found = sorted(local.rglob(ONNX_META_FILE)) or sorted(local.rglob(META_FILE))
     if not found:
-        raise ModelDirError(f"{model}: the MLflow model holds no {META_FILE}; it was not logged by cytopipe")
+        raise ModelDirError(f"{model}: the MLflow model holds no {META_FILE} or {ONNX_META_FILE}; "
+                            "it was not logged by cytopipe")
     return found[0].parent
 
 
@@ -71,14 +73,17 @@ def pin_registered(model: str, tracking_uri: str | None) -> tuple[str, str | Non
     return (model, version) if name and version.isdigit() else (model, None)
 
 
-def load_predictor(model: str, tracking_uri: str | None = None, batch_size: int = 32):
-    """(TorchPredictor, registered version or 'unregistered') for a model folder or MLflow URI."""
-    from pipeline.inference.predictor import TorchPredictor
+def load_predictor(model: str, tracking_uri: str | None = None, batch_size: int = 32, threads: int = 0):
+    """(predictor, registered version or 'unregistered') for a model folder or MLflow URI.
+
+    An exported model (model.onnx + metadata.json) runs on ONNX Runtime; a torch model folder
+    on eager torch, the fallback."""
+    from pipeline.inference.predictor import open_predictor
 
     uri, registered = pin_registered(model, tracking_uri)
     try:
-        predictor = TorchPredictor(resolve_model_dir(uri, tracking_uri), batch_size=batch_size)
+        predictor = open_predictor(resolve_model_dir(uri, tracking_uri), batch_size=batch_size, threads=threads)
     except ModelDirError as exc:
         raise ModelDirError(model_error_message(model, exc)) from None
-    version = registered or (predictor.meta.get("mlflow") or {}).get("version")
+    version = registered or predictor.meta.get("registered_version") or (predictor.meta.get("mlflow") or {}).get("version")
     return predictor, str(version) if version not in (None, "") else UNREGISTERED

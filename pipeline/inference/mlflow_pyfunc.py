@@ -2,16 +2,24 @@
 
 Input: a DataFrame with a column `image` holding base64-encoded image file bytes.
 Output: a DataFrame with one column `prob_<label>` per label (temperature-scaled once the model
-is calibrated) and, for a calibrated model, `p_malignant` and `call` (benign / malignant /
-indeterminate, from the model's own threshold and band).
+is calibrated), `model_version`, and, for a calibrated model, `p_malignant` and `call` (benign /
+malignant / indeterminate, from the model's own threshold and band).
+
+The same file serves both backends: an exported model (model.onnx + metadata.json) runs on
+ONNX Runtime without torch; a torch model folder on eager torch. A bad row (not base64, not an
+image, empty) fails the request with an MlflowException naming the row, which
+`mlflow models serve` answers with HTTP 400 and keeps serving.
 """
 from __future__ import annotations
 
 import base64
+import binascii
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 IMAGE_COLUMN = "image"
@@ -31,13 +39,43 @@ def input_example(source: str, split_csv) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encode_image_file(source_root(source) / first)]})
 
 
+def _bad_input(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def decode_rows(model_input: pd.DataFrame) -> list[np.ndarray]:
+    """RGB arrays from the `image` column; MlflowException (HTTP 400) naming the first bad row."""
+    from pipeline.data.images import ImageError, decode_rgb
+
+    if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+        raise _bad_input(f"input needs a column '{IMAGE_COLUMN}' of base64-encoded image files")
+    if len(model_input) == 0:
+        raise _bad_input("input has no rows: send at least one base64-encoded image")
+    images = []
+    for i, value in enumerate(model_input[IMAGE_COLUMN]):
+        if not isinstance(value, (str, bytes)) or not value:
+            raise _bad_input(f"row {i}: empty or not a string; expected base64-encoded image bytes")
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad_input(f"row {i}: not valid base64") from None
+        try:
+            images.append(np.asarray(decode_rgb(data, f"row {i}")[0]))
+        except ImageError as exc:
+            raise _bad_input(str(exc)) from None
+    return images
+
+
+def model_version(predictor) -> str:
+    """The registered version the model knows for itself (exported models record it exactly)."""
+    meta = predictor.meta
+    version = meta.get("registered_version") or (meta.get("mlflow") or {}).get("version")
+    return str(version) if version not in (None, "") else "unregistered"
+
+
 def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
     """Score a DataFrame of base64 images with a loaded predictor."""
-    from pipeline.data.images import decode_rgb
-
-    images = [np.asarray(decode_rgb(base64.b64decode(b), f"row {i}")[0])
-              for i, b in enumerate(model_input[IMAGE_COLUMN])]
-    probs = predictor.predict_proba(images)
+    probs = predictor.predict_proba(decode_rows(model_input))
     out = pd.DataFrame(probs, columns=[f"prob_{label}" for label in predictor.labels])
     calibration = predictor.calibration
     if calibration:
@@ -45,14 +83,15 @@ def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
 
         out["p_malignant"] = predictor.malignant_probability(probs)
         out["call"] = Band(calibration["threshold"], calibration["band_width"]).call(out["p_malignant"].to_numpy())
+    out["model_version"] = model_version(predictor)
     return out
 
 
 class CytologyModel(PythonModel):
     def load_context(self, context):
-        from pipeline.inference.predictor import TorchPredictor
+        from pipeline.inference.predictor import open_predictor
 
-        self.predictor = TorchPredictor(context.artifacts["model_dir"])
+        self.predictor = open_predictor(context.artifacts["model_dir"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return predict_frame(self.predictor, model_input)

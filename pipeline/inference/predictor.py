@@ -1,4 +1,5 @@
-"""Load a trained model dir (model.pt + model.json) and score RGB images.
+"""Load a model folder and score RGB images: eager torch (model.pt + model.json) or ONNX Runtime
+(model.onnx + metadata.json, written by the export stage; needs no torch).
 
 Preprocessing comes from the model's own metadata and the shared transforms module, so
 training, evaluation and inference cannot drift apart.
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.transforms import base_resize, to_tensor
+from pipeline.data.transforms import base_resize, normalize
 
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+ONNX_META_FILE = "metadata.json"
 
 
 class ModelDirError(ValueError):
@@ -29,69 +32,76 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_exported(model_dir: Path | str) -> bool:
+    """An exported (ONNX) model folder, as opposed to a torch one."""
+    return (Path(model_dir) / ONNX_META_FILE).is_file()
+
+
 def read_metadata(model_dir: Path | str) -> dict:
+    """model.json of a torch model folder, or metadata.json of an exported one."""
     model_dir = Path(model_dir)
-    meta_path = model_dir / META_FILE
+    meta_path = model_dir / (ONNX_META_FILE if is_exported(model_dir) else META_FILE)
     if not meta_path.is_file():
-        raise ModelDirError(f"{model_dir}: not a model folder ({META_FILE} missing)")
+        raise ModelDirError(f"{model_dir}: not a model folder ({META_FILE} or {ONNX_META_FILE} missing)")
     try:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelDirError(f"{meta_path}: invalid JSON ({exc})") from None
 
 
-class TorchPredictor:
-    """Scores images with the eager torch model."""
+def verify_sha256(path: Path, expected: str | None, meta_name: str) -> None:
+    """Refuse a model file that does not match the checksum its metadata recorded."""
+    if expected and file_sha256(path) != expected:
+        raise ModelDirError(f"{path}: sha256 does not match {meta_name}; the file was changed or corrupted")
 
-    def __init__(self, model_dir: Path | str, batch_size: int = 32):
-        import torch
 
-        from pipeline.models.backbones import build_model
+def tta_views(batch: np.ndarray) -> list[np.ndarray]:
+    """The 8 dihedral views of an NCHW batch (rotations of it and of its mirror)."""
+    return [np.ascontiguousarray(np.rot90(b, k, axes=(2, 3))) for b in (batch, batch[..., ::-1]) for k in range(4)]
 
+
+class Predictor:
+    """What every backend shares: metadata, batching, calibration, P(malignant).
+
+    Subclasses implement `_logits(batch)` on a normalised float32 NCHW numpy batch.
+    """
+
+    backend = "?"
+
+    def __init__(self, model_dir: Path | str, meta: dict, batch_size: int):
         self.model_dir = Path(model_dir)
-        self.meta = read_metadata(self.model_dir)
-        weights = self.model_dir / WEIGHTS_FILE
-        if not weights.is_file():
-            raise ModelDirError(f"{self.model_dir}: {WEIGHTS_FILE} missing")
-        expected = self.meta.get("sha256", {}).get(WEIGHTS_FILE)
-        if expected and file_sha256(weights) != expected:
-            raise ModelDirError(f"{weights}: sha256 does not match {META_FILE}; the file was changed or corrupted")
-        self.model = build_model(self.meta["arch"], len(self.meta["labels"]), weights=None)
-        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.model.eval().to(memory_format=torch.channels_last)
-        self.labels = list(self.meta["labels"])
+        self.meta = meta
+        self.labels = list(meta["labels"])
         self.batch_size = batch_size
 
-    def preprocess(self, image: np.ndarray):
-        """uint8 RGB HxWx3 (any size) -> normalised tensor, exactly as in training."""
-        m = self.meta
-        return to_tensor(base_resize(image, m["image_size"]), m["mean"], m["std"])
+    def preprocess_array(self, images: list[np.ndarray]) -> np.ndarray:
+        """uint8 RGB images (any sizes) -> the normalised NCHW batch the model sees."""
+        size = self.meta["image_size"]
+        return self.normalize_batch(np.stack([base_resize(im, size) for im in images]))
+
+    def normalize_batch(self, crops: np.ndarray) -> np.ndarray:
+        """Already resized uint8 NHWC crops -> the normalised NCHW batch."""
+        return normalize(crops, self.meta["mean"], self.meta["std"])
 
     @property
     def calibration(self) -> dict:
         """Temperature, threshold, band... written by the evaluate stage (empty before it)."""
         return self.meta.get("calibration") or {}
 
-    def batch_logits(self, batch, tta: bool = False):
-        """Logits for a preprocessed batch; with tta, the mean over the 8 dihedral views."""
-        import torch
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
-        with torch.inference_mode():
-            if not tta:
-                return self.model(batch.contiguous(memory_format=torch.channels_last)).float()
-            views = [torch.rot90(b, k, dims=(2, 3)) for b in (batch, batch.flip(3)) for k in range(4)]
-            return torch.stack([self.model(v.contiguous(memory_format=torch.channels_last)).float()
-                                for v in views]).mean(0)
+    def array_logits(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Logits for a normalised NCHW batch; with tta, the mean over the 8 dihedral views."""
+        if not tta:
+            return self._logits(batch)
+        return np.mean([self._logits(v) for v in tta_views(batch)], axis=0)
 
     def predict_logits(self, images: list[np.ndarray], tta: bool | None = None) -> np.ndarray:
         """Raw logits, shape (N, n_labels). tta=None uses the setting the model was calibrated with."""
-        import torch
-
         tta = self.calibration.get("tta", False) if tta is None else tta
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[start:start + self.batch_size]])
-            out.append(self.batch_logits(batch, tta).numpy())
+        out = [self.array_logits(self.preprocess_array(images[start:start + self.batch_size]), tta)
+               for start in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
@@ -118,3 +128,84 @@ class TorchPredictor:
         """P(malignant): the summed probability of the positive labels."""
         idx = [self.labels.index(x) for x in self.positive_labels]
         return probs[:, idx].sum(axis=1)
+
+
+class TorchPredictor(Predictor):
+    """Scores images with the eager torch model."""
+
+    backend = "torch"
+
+    def __init__(self, model_dir: Path | str, batch_size: int = 32):
+        import torch
+
+        from pipeline.models.backbones import build_model
+
+        model_dir = Path(model_dir)
+        super().__init__(model_dir, read_metadata(model_dir), batch_size)
+        weights = self.model_dir / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ModelDirError(f"{self.model_dir}: {WEIGHTS_FILE} missing")
+        verify_sha256(weights, self.meta.get("sha256", {}).get(WEIGHTS_FILE), META_FILE)
+        self.model = build_model(self.meta["arch"], len(self.meta["labels"]), weights=None)
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model.eval().to(memory_format=torch.channels_last)
+
+    def preprocess(self, image: np.ndarray):
+        """uint8 RGB HxWx3 (any size) -> normalised tensor, exactly as in training."""
+        import torch
+
+        return torch.from_numpy(self.preprocess_array([image])[0])
+
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+            return self.model(x).float().numpy()
+
+
+class OnnxPredictor(Predictor):
+    """Scores images with ONNX Runtime on an exported model folder; imports no torch."""
+
+    backend = "onnx"
+
+    def __init__(self, model_dir: Path | str, batch_size: int = 32, threads: int = 0):
+        model_dir = Path(model_dir)
+        super().__init__(model_dir, read_metadata(model_dir), batch_size)
+        path = self.model_dir / ONNX_FILE
+        if not path.is_file():
+            raise ModelDirError(f"{self.model_dir}: {ONNX_FILE} missing")
+        verify_sha256(path, self.meta.get("sha256", {}).get(ONNX_FILE) or "missing", ONNX_META_FILE)
+        self.session = onnx_session(path, threads)
+        self.input_name = self.meta.get("input_name", "input")
+
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+    def cams(self, batch: np.ndarray, label: int) -> np.ndarray:
+        """Class activation maps (N, h, w) for one output label, from the graph's `cam` output."""
+        cam = self.session.run(["cam"], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+        return cam[:, label]
+
+
+def onnx_session(path: Path, threads: int = 0):
+    """An ONNX Runtime CPU session; threads=0 lets ONNX Runtime use every core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for corrupt graphs
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelDirError(f"{path}: not a loadable ONNX model ({first})") from None
+
+
+def open_predictor(model_dir: Path | str, batch_size: int = 32, threads: int = 0):
+    """The predictor a folder calls for: ONNX Runtime for an exported model, else eager torch.
+    `threads`: ONNX Runtime intra-op threads (0: every core)."""
+    if is_exported(model_dir):
+        return OnnxPredictor(model_dir, batch_size=batch_size, threads=threads)
+    return TorchPredictor(model_dir, batch_size=batch_size)

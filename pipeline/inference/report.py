@@ -69,8 +69,43 @@ def _cam_layer(model):
     return convs[-1]
 
 
+def overlay_cam(base: np.ndarray, cam: np.ndarray, image_weight: float = 0.6) -> np.ndarray:
+    """A [0, 1] map over a float RGB [0, 1] image, as pytorch-grad-cam's show_cam_on_image
+    draws it (JET colours), without importing torch."""
+    import cv2
+
+    heat = cv2.applyColorMap(np.uint8(255 * cam), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    out = (1 - image_weight) * heat + image_weight * base
+    return np.uint8(255 * out / np.max(out))
+
+
+def onnx_saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
+    """CAM from the exported graph's `cam` output, scaled like Grad-CAM (min-max, then resized)."""
+    import cv2
+
+    from pipeline.data.transforms import base_resize
+
+    if not crops or "cam" not in predictor.meta.get("outputs", []):
+        return [base_resize(c, predictor.meta["image_size"]) for c in crops]
+    size = predictor.meta["image_size"]
+    target = predictor.labels.index(predictor.positive_labels[0])
+    out = []
+    for start in range(0, len(crops), predictor.batch_size):
+        chunk = crops[start:start + predictor.batch_size]
+        maps = predictor.cams(predictor.preprocess_array(chunk), target)
+        for crop, m in zip(chunk, maps):
+            m = m - m.min()
+            m = cv2.resize(m / (1e-7 + m.max()), (size, size))
+            out.append(overlay_cam(base_resize(crop, size).astype(np.float32) / 255.0, m))
+    return out
+
+
 def saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
-    """Grad-CAM (pytorch-grad-cam) for the malignant output, overlaid on each model-input crop."""
+    """Saliency for the malignant output, overlaid on each model-input crop: Grad-CAM
+    (pytorch-grad-cam) on a torch model, the graph's CAM on an exported ONNX one."""
+    if getattr(predictor, "backend", "torch") == "onnx":
+        return onnx_saliency_maps(predictor, crops)
     import torch
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -137,12 +172,13 @@ def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> 
     if gallery:
         cards = "".join(
             f"<div class='cell'><div class='pair'><img src='{g['crop_uri']}' alt='cell {g['cell_id']}'>"
-            f"<img src='{g['cam_uri']}' alt='Grad-CAM of cell {g['cell_id']}'></div>"
+            f"<img src='{g['cam_uri']}' alt='saliency of cell {g['cell_id']}'></div>"
             f"<div>#{g['rank']} · cell {g['cell_id']} · <span class='{g['call']}'>{html.escape(g['call'])}</span></div>"
             f"<div>score {g['p_malignant']:.3f} · {g['diameter_um']:.1f} µm</div>"
             f"<div>level-0 x={g['x']}, y={g['y']}</div></div>" for g in gallery)
+        saliency = summary.get("saliency") or "Grad-CAM for the malignant output"
         gallery_html = (f"<p>The {len(gallery)} most suspicious cells, highest score first. Left: the crop the "
-                        f"model saw; right: Grad-CAM saliency for the malignant output (where the model looked).</p>"
+                        f"model saw; right: where the model looked ({html.escape(saliency)}).</p>"
                         f"<div class='gallery'>{cards}</div>")
     else:
         gallery_html = "<p><strong>No cells found.</strong> Nothing was scored on this slide.</p>"

@@ -1,9 +1,10 @@
 """`cytopipe score-slide`: detect cells on a whole slide, score them, write cells.csv, a summary,
 a heat map and a self-contained report.html.
 
-Steps: foreground mask on a low-resolution level -> cell detection at level 0, region by region
--> Herlev-style crops (bounding box + margin, long side scaled to the model input, padded
-square) -> batched, calibrated inference -> Grad-CAM for the gallery -> report.
+Steps: foreground mask on a low-resolution level -> cell detection, tile by tile -> Herlev-style
+crops (bounding box + margin, long side scaled to the model input, padded square) -> batched,
+calibrated inference (detection and cropping overlap inference: `slide_scoring`) -> saliency
+for the gallery (Grad-CAM on torch, CAM from the ONNX graph) -> report.
 """
 from __future__ import annotations
 
@@ -17,22 +18,13 @@ from pipeline import atomic
 from pipeline.config import SlideConfig
 
 
+SALIENCY = {"torch": "Grad-CAM (pytorch-grad-cam) at the last convolution, for the malignant output",
+            "onnx": "CAM: the classifier's malignant weights on the last feature map (computed in the ONNX "
+                    "graph; for this pooled linear head it equals Grad-CAM at that layer)"}
+
+
 def slide_rule(cfg: SlideConfig) -> str:
     return f"positive when at least {cfg.min_malignant_cells} cell(s) are called malignant, otherwise negative"
-
-
-def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None) -> np.ndarray:
-    """Calibrated P(malignant) per detected cell; crops are read and scored batch by batch."""
-    from tqdm import tqdm
-
-    from pipeline.inference.slide import read_crops
-
-    scores = []
-    for start in tqdm(range(0, len(cells), cfg.batch_size), desc="score", unit="batch", file=sys.stderr,
-                      disable=None if progress is None else not progress):
-        crops = read_crops(source, cells.iloc[start:start + cfg.batch_size], cfg.crop_margin)
-        scores.append(predictor.malignant_probability(predictor.probabilities(predictor.predict_logits(crops, tta))))
-    return np.concatenate(scores) if scores else np.zeros(0)
 
 
 def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
@@ -44,11 +36,12 @@ def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: fl
     from pipeline.calibration import Band
     from pipeline.inference.loading import load_predictor
     from pipeline.inference.report import heatmap_overlay, png_data_uri, render_html, saliency_maps
-    from pipeline.inference.slide import detect_slide, open_slide, read_crops
+    from pipeline.inference.slide import open_slide, read_crops
+    from pipeline.inference.slide_scoring import score_slide_cells
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    predictor, version = load_predictor(model, tracking_uri, cfg.batch_size)
+    predictor, version = load_predictor(model, tracking_uri, cfg.batch_size, threads=cfg.inference_threads)
     calibration = predictor.calibration
     if not calibration:
         print(f"warning: {model} has no calibration; using threshold 0.5", file=sys.stderr)
@@ -63,14 +56,11 @@ def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: fl
     with source:
         log(f"score-slide: {slide}: {source.dimensions[0]}x{source.dimensions[1]} px, {source.mpp:.4f} µm/px "
             f"(from {source.mpp_source})")
-        t = time.perf_counter()
-        cells = detect_slide(source, cfg)
-        seconds["detect cells"] = time.perf_counter() - t
-        log(f"score-slide: {len(cells)} cells detected in {seconds['detect cells']:.1f}s")
-
-        t = time.perf_counter()
-        scores = score_cells(predictor, source, cells, cfg, use_tta)
-        seconds["crop + inference"] = time.perf_counter() - t
+        cells, scores, steps = score_slide_cells(predictor, source, cfg, use_tta)
+        inference_s = steps.pop("inference")
+        seconds.update(steps)
+        log(f"score-slide: {len(cells)} cells detected and scored in {sum(steps.values()):.1f}s "
+            f"({predictor.backend}; {inference_s:.1f}s in the model)")
         calls = band.call(scores) if len(scores) else np.array([], dtype=str)
 
         n_top = cfg.gallery if top is None else top
@@ -114,6 +104,10 @@ def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: fl
         "model": {"uri": model, "version": version, "registered_model": meta_mlflow.get("registered_model"),
                   "arch": predictor.meta.get("arch")},
         "seconds": seconds,
+        "inference": {"backend": predictor.backend, "seconds_in_model": inference_s,
+                      "cells_per_second": n / inference_s if n and inference_s > 0 else None,
+                      "pipelined": cfg.pipelined, "detect_workers": cfg.detect_workers},
+        "saliency": SALIENCY[predictor.backend],
     }
     gallery = [{"rank": r + 1, "cell_id": int(row.cell_id), "x": int(row.x), "y": int(row.y),
                 "diameter_um": float(row.diameter_um), "p_malignant": float(scores[i]), "call": str(calls[i]),

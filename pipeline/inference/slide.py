@@ -481,6 +481,66 @@ def _empty_cells() -> pd.DataFrame:
     return df.astype({"diameter_um": "float64", "area_um2": "float64"})
 
 
+@dataclass(frozen=True)
+class DetectionPlan:
+    """What every tile's detection shares: the tiles, one slide-wide threshold, the level."""
+
+    tiles: list[_Tile]
+    threshold: float
+    level: int
+    downsample: float
+    level_mpp: float
+
+
+def plan_detection(source: SlideSource, cfg: SlideConfig, level: int | None = None) -> DetectionPlan:
+    """Foreground tiles and the darkness threshold, from a thumbnail of the whole slide."""
+    thumb, thumb_ds = source.thumbnail(cfg.mask_max_px)
+    # One threshold for the whole slide keeps the segmentation of a cell in the overlap
+    # of two tiles identical in both, so the core rule counts it exactly once.
+    threshold = _threshold(_darkness(thumb))
+    mask = foreground_mask(thumb)
+    overlap = math.ceil(cfg.max_cell_um / source.mpp)
+    tiles = _foreground_tiles(mask, thumb_ds, source.dimensions, cfg.tile_px, overlap)
+    level = detection_level(source, cfg) if level is None else int(level)
+    ds = source.level_downsamples[level]
+    return DetectionPlan(tiles, threshold, level, ds, source.mpp * ds)
+
+
+def read_tile(source: SlideSource, plan: DetectionPlan, tile_no: int) -> np.ndarray:
+    """The detection-level pixels of one tile (core + overlap)."""
+    rx, ry, rw, rh = plan.tiles[tile_no].region
+    ds = plan.downsample
+    return source.read_region(rx, ry, max(1, math.ceil(rw / ds)), max(1, math.ceil(rh / ds)), level=plan.level)
+
+
+def detect_tile(source: SlideSource, plan: DetectionPlan, tile_no: int, cfg: SlideConfig,
+                pixels: np.ndarray | None = None) -> pd.DataFrame | None:
+    """Cells whose centroid lies in one tile's core (level-0 coordinates), or None."""
+    if pixels is None:
+        pixels = read_tile(source, plan, tile_no)
+    return _tile_cells(pixels, plan.tiles[tile_no], tile_no, plan.downsample, plan.level_mpp, cfg,
+                       plan.threshold, source.dimensions)
+
+
+def finish_cells(parts: list[pd.DataFrame | None], source: SlideSource, cfg: SlideConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-tile cells -> the slide's cell table, and for each of its rows the position of that
+    cell in the concatenated parts (so values computed per tile can follow the cells).
+
+    Border duplicates are dropped; cell_id is 0..n-1 sorted by y then x."""
+    parts = [p for p in parts if p is not None and len(p)]
+    if not parts:
+        return _empty_cells(), np.zeros(0, np.int64)
+    cells = pd.concat(parts, ignore_index=True)
+    cells["_row"] = np.arange(len(cells), dtype=np.int64)
+    cells = _drop_border_duplicates(cells, radius=cfg.min_cell_um / 2 / source.mpp)
+    width, height = source.dimensions
+    cells["x"] = cells["x"].round().astype(np.int64).clip(0, width - 1)
+    cells["y"] = cells["y"].round().astype(np.int64).clip(0, height - 1)
+    cells = cells.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
+    cells.insert(0, "cell_id", np.arange(len(cells), dtype=np.int64))
+    return cells[list(CELL_COLUMNS)], cells["_row"].to_numpy()
+
+
 def detect_slide(source: SlideSource, cfg: SlideConfig, progress: bool | None = None,
                  level: int | None = None) -> pd.DataFrame:
     """Detect every cell on a slide. Columns: cell_id (0..n-1, sorted by y then x), x, y
@@ -490,50 +550,24 @@ def detect_slide(source: SlideSource, cfg: SlideConfig, progress: bool | None = 
     always level 0."""
     from tqdm import tqdm
 
-    thumb, thumb_ds = source.thumbnail(cfg.mask_max_px)
-    dark = _darkness(thumb)
-    # One threshold for the whole slide keeps the segmentation of a cell in the overlap
-    # of two tiles identical in both, so the core rule counts it exactly once.
-    threshold = _threshold(dark)
-    mask = foreground_mask(thumb)
-    overlap = math.ceil(cfg.max_cell_um / source.mpp)
-    tiles = _foreground_tiles(mask, thumb_ds, source.dimensions, cfg.tile_px, overlap)
-    level = detection_level(source, cfg) if level is None else int(level)
-    ds = source.level_downsamples[level]
-    level_mpp = source.mpp * ds
-
-    def read(tile: _Tile) -> np.ndarray:
-        rx, ry, rw, rh = tile.region
-        return source.read_region(rx, ry, max(1, math.ceil(rw / ds)), max(1, math.ceil(rh / ds)), level=level)
-
+    plan = plan_detection(source, cfg, level)
+    tiles = plan.tiles
     parts = []
     bar = tqdm(total=len(tiles), desc=f"cells {source.path.name}", unit="tile", file=sys.stderr,
                disable=None if progress is None else not progress)
     # Decode the next tile in a thread (OpenSlide releases the GIL) while this one is segmented.
     with bar, ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, tiles[0]) if tiles else None
-        for tile_no, tile in enumerate(tiles):
+        pending = pool.submit(read_tile, source, plan, 0) if tiles else None
+        for tile_no in range(len(tiles)):
             pixels = pending.result()
-            pending = pool.submit(read, tiles[tile_no + 1]) if tile_no + 1 < len(tiles) else None
-            parts.append(_tile_cells(pixels, tile, tile_no, ds, level_mpp, cfg, threshold))
+            pending = pool.submit(read_tile, source, plan, tile_no + 1) if tile_no + 1 < len(tiles) else None
+            parts.append(detect_tile(source, plan, tile_no, cfg, pixels))
             bar.update()
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return _empty_cells()
-    cells = pd.concat(parts, ignore_index=True)
-    cells = _drop_border_duplicates(cells, radius=cfg.min_cell_um / 2 / source.mpp)
-    width, height = source.dimensions
-    cells["x1"] = cells["x1"].clip(upper=width)
-    cells["y1"] = cells["y1"].clip(upper=height)
-    cells["x"] = cells["x"].round().astype(np.int64).clip(0, width - 1)
-    cells["y"] = cells["y"].round().astype(np.int64).clip(0, height - 1)
-    cells = cells.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
-    cells.insert(0, "cell_id", np.arange(len(cells), dtype=np.int64))
-    return cells[list(CELL_COLUMNS)]
+    return finish_cells(parts, source, cfg)[0]
 
 
 def _tile_cells(pixels: np.ndarray, tile: _Tile, tile_no: int, ds: float, level_mpp: float,
-                cfg: SlideConfig, threshold: float) -> pd.DataFrame | None:
+                cfg: SlideConfig, threshold: float, dimensions: tuple[int, int]) -> pd.DataFrame | None:
     """Cells of one tile whose centroid lies in its core, in level-0 coordinates."""
     rx, ry = tile.region[:2]
     found = _segment(pixels, level_mpp, cfg, threshold)
@@ -547,12 +581,14 @@ def _tile_cells(pixels: np.ndarray, tile: _Tile, tile_no: int, ds: float, level_
     if not inside.any():
         return None
     area_um2 = found["area_px"][inside] * level_mpp * level_mpp
+    width, height = dimensions
     return pd.DataFrame({
         "x": x[inside], "y": y[inside],
         "x0": rx + np.floor(found["x0"][inside] * ds).astype(np.int64),
         "y0": ry + np.floor(found["y0"][inside] * ds).astype(np.int64),
-        "x1": rx + np.ceil(found["x1"][inside] * ds).astype(np.int64),
-        "y1": ry + np.ceil(found["y1"][inside] * ds).astype(np.int64),
+        # Clipped here, not at the end, so a tile's crops are final as soon as it is detected.
+        "x1": np.minimum(rx + np.ceil(found["x1"][inside] * ds).astype(np.int64), width),
+        "y1": np.minimum(ry + np.ceil(found["y1"][inside] * ds).astype(np.int64), height),
         "diameter_um": np.sqrt(4 * area_um2 / math.pi),
         "area_um2": area_um2,
         "_tile": tile_no,
@@ -565,7 +601,7 @@ def _drop_border_duplicates(cells: pd.DataFrame, radius: float) -> pd.DataFrame:
     from scipy.spatial import cKDTree
 
     if cells["_tile"].nunique() < 2:
-        return cells.drop(columns="_tile")
+        return cells.drop(columns="_tile").reset_index(drop=True)
     pairs = cKDTree(cells[["x", "y"]].to_numpy()).query_pairs(radius, output_type="ndarray")
     if len(pairs):
         tiles = cells["_tile"].to_numpy()
@@ -602,3 +638,21 @@ def iter_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float) -> It
 def read_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float) -> list[np.ndarray]:
     """RGB crops for every cell in cells_df, in order."""
     return list(iter_crops(source, cells_df, margin))
+
+
+def tile_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float, size: int) -> np.ndarray:
+    """Model-input crops (n, size, size, 3) uint8 for cells of one tile, cut from ONE level-0
+    read of their joint bounding box: the same pixels as `read_crops`, far fewer reads."""
+    from pipeline.data.transforms import base_resize
+
+    boxes = [crop_box(row._asdict(), margin, source.dimensions)
+             for row in cells_df[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+    if not boxes:
+        return np.zeros((0, size, size, 3), np.uint8)
+    bx0, by0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    bx1, by1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    region = source.read_region(bx0, by0, bx1 - bx0, by1 - by0)
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    for i, (x, y, w, h) in enumerate(boxes):
+        out[i] = base_resize(region[y - by0:y - by0 + h, x - bx0:x - bx0 + w], size)
+    return out

@@ -1,0 +1,262 @@
+"""Export stage: the calibrated torch model -> an ONNX model folder that needs no torch to run.
+
+The folder holds `model.onnx` (dynamic batch axis; outputs `logits` and `cam`, the class
+activation maps behind the report's saliency) and `metadata.json`: preprocessing, labels,
+calibration (temperature, threshold, indeterminate band), the source MLflow model version and
+the sha256 of the ONNX file, checked on every load. Before anything is written, ONNX Runtime's
+probabilities must match torch's within `export.tolerance` on real images; otherwise the stage
+fails. The folder is then logged to MLflow as a pyfunc over ONNX Runtime, registered, and
+takes over the source version's aliases, so `models:/cytology-classifier@champion` resolves to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import atomic
+from pipeline.config import ExportConfig, Params
+from pipeline.inference.predictor import (ONNX_FILE, ONNX_META_FILE, WEIGHTS_FILE, OnnxPredictor, TorchPredictor,
+                                          file_sha256, read_metadata)
+
+INPUT_NAME = "input"
+OUTPUTS = ("logits", "cam")
+# The served ONNX model's own needs: no torch, timm or albumentations.
+ONNX_REQUIREMENTS = ("onnxruntime", "mlflow", "numpy", "pandas", "pillow", "opencv-python-headless")
+PREPROCESSING = {
+    "color": "RGB, uint8",
+    "resize": "long side to image_size, bicubic (OpenCV INTER_CUBIC); aspect kept",
+    "pad": "centred to image_size x image_size, edge pixels replicated",
+    "scale": "x / 255",
+    "normalize": "(x - mean) / std, per channel",
+    "layout": "NCHW float32",
+}
+
+
+class ExportError(RuntimeError):
+    """The export could not be made or did not match the torch model."""
+
+
+def _graph(model):
+    """The module to trace: logits, plus class activation maps when the backbone allows them.
+
+    For a global-average-pooled linear head, the CAM (classifier weights applied to the last
+    feature map, ReLU) equals Grad-CAM at that layer, and needs no gradients: ONNX can serve it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class WithCam(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            features = self.net.forward_features(x)
+            logits = self.net.forward_head(features)
+            weight = self.net.get_classifier().weight
+            cam = F.relu(F.conv2d(features, weight[:, :, None, None]))
+            return logits, cam
+
+    has_cam = all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")) \
+        and isinstance(getattr(model, "get_classifier")(), torch.nn.Linear)
+    return (WithCam(model) if has_cam else model).eval(), has_cam
+
+
+def export_onnx(model, path: Path, image_size: int, opset: int) -> list[str]:
+    """Trace `model` to ONNX at `path` with a dynamic batch axis; returns the output names."""
+    import warnings
+
+    import torch
+
+    graph, has_cam = _graph(model)
+    outputs = list(OUTPUTS if has_cam else OUTPUTS[:1])
+    dummy = torch.zeros(2, 3, image_size, image_size)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is the one that needs no onnxscript; its deprecation notice is noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, dummy, str(path), input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+                          opset_version=opset, dynamo=False)
+    return outputs
+
+
+def compare(torch_predictor, onnx_predictor, images: list[np.ndarray]) -> float:
+    """Max |P_onnx - P_torch| over the images' calibrated class probabilities (single view)."""
+    p_torch = torch_predictor.predict_proba(images, tta=False)
+    p_onnx = onnx_predictor.predict_proba(images, tta=False)
+    return float(np.abs(p_onnx - p_torch).max())
+
+
+def build_metadata(source_meta: dict, outputs: list[str], opset: int, onnx_sha: str, max_diff: float,
+                   n_images: int, cfg: ExportConfig) -> dict:
+    calibration = source_meta.get("calibration") or {}
+    meta = {k: v for k, v in source_meta.items() if k not in ("sha256", "mlflow", "registered_version")}
+    source_mlflow = source_meta.get("mlflow") or {}
+    band = None
+    if calibration:
+        half = calibration["band_width"] / 2
+        band = [calibration["threshold"] - half, calibration["threshold"] + half]
+    meta.update({
+        "format": "onnx",
+        "onnx_file": ONNX_FILE,
+        "opset": opset,
+        "input_name": INPUT_NAME,
+        "outputs": outputs,
+        "preprocessing": {**PREPROCESSING, "image_size": source_meta["image_size"], "mean": source_meta["mean"],
+                          "std": source_meta["std"]},
+        "temperature": calibration.get("temperature"),
+        "threshold": calibration.get("threshold"),
+        "indeterminate_band": band,
+        "source": {"registered_model": source_mlflow.get("registered_model"),
+                   "version": source_mlflow.get("version"), "run_id": source_mlflow.get("run_id"),
+                   "model_uri": source_mlflow.get("model_uri"),
+                   "weights_sha256": (source_meta.get("sha256") or {}).get(WEIGHTS_FILE)},
+        "sha256": {ONNX_FILE: onnx_sha},
+        "validation": {"images": n_images, "max_abs_diff": max_diff, "tolerance": cfg.tolerance},
+    })
+    return meta
+
+
+def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: ExportConfig,
+                 model=None) -> dict:
+    """Export the torch model folder `model_dir` to `out_dir`, validated on `images`.
+
+    `model` overrides the network that is traced (tests pass a different one to prove that
+    validation catches a mismatch). Nothing is written unless validation passes; the folder
+    then appears whole. Returns the metadata."""
+    if not images:
+        raise ExportError("no validation images: export needs real images to compare ONNX Runtime with torch")
+    torch_predictor = TorchPredictor(model_dir)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        onnx_path = staging / ONNX_FILE
+        net = torch_predictor.model if model is None else model
+        outputs = export_onnx(net, onnx_path, torch_predictor.meta["image_size"], cfg.opset)
+        sha = file_sha256(onnx_path)
+        # metadata.json first without the check result, so OnnxPredictor can verify the file as any load does.
+        meta = build_metadata(torch_predictor.meta, outputs, cfg.opset, sha, float("nan"), len(images), cfg)
+        (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        max_diff = compare(torch_predictor, OnnxPredictor(staging), images)
+        if not max_diff <= cfg.tolerance:
+            raise ExportError(f"{model_dir}: ONNX Runtime does not match torch on {len(images)} images: "
+                              f"max |dP| = {max_diff:.3g} > tolerance {cfg.tolerance:g}; nothing exported")
+        meta["validation"]["max_abs_diff"] = max_diff
+        (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(staging, 0o755)
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an old folder in two renames, never leaving half of one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def validation_images(params: Params, split_csv: Path, n: int) -> tuple[list[np.ndarray], list[str]]:
+    """The first `n` readable test images, then val if test has fewer (real data, fixed order)."""
+    from pipeline.data.images import ImageError, load_rgb
+    from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    root = source_root(params.data.source)
+    ordered = [p for part in ("test", "val", "train") for p in split.loc[split["split"] == part, "path"]]
+    images, paths = [], []
+    for rel in ordered:
+        if len(images) >= n:
+            break
+        try:
+            images.append(np.asarray(load_rgb(root / rel)))
+            paths.append(rel)
+        except ImageError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+    return images, paths
+
+
+def register(params: Params, out_dir: Path, source_meta: dict, input_example) -> dict:
+    """Log the exported folder as an ONNX-backed pyfunc, register it, and move the source
+    version's aliases (candidate, and champion when it held it) to the new version."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    tracking.setup(params.mlflow)
+    name = params.mlflow.registered_model
+    source = source_meta.get("mlflow") or {}
+    source_version = str(source.get("version") or "")
+    reopen = source.get("run_id") if tracking._run_exists(source.get("run_id")) else None
+    run = tracking.Run(params.mlflow, run_name=None if reopen else "export", run_id=reopen)
+    try:
+        meta = read_metadata(out_dir)
+        model_uri, version = run.log_model(
+            out_dir, input_example, name="onnx_model", alias=params.mlflow.alias,
+            model_metadata={"format": "onnx", "source_version": source_version,
+                            "calibration": meta.get("calibration")},
+            requirements=ONNX_REQUIREMENTS)
+        client = MlflowClient()
+        tags = {"format": "onnx", "source_version": source_version, "onnx.sha256": meta["sha256"][ONNX_FILE],
+                "validation.max_abs_diff": str(meta["validation"]["max_abs_diff"])}
+        if source_version:
+            for key, value in client.get_model_version(name, source_version).tags.items():
+                if key.startswith(("calibration.", "promotion.")):
+                    tags[key] = value
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        moved = [params.mlflow.alias]
+        champion = params.promotion.alias
+        try:
+            holder = str(client.get_model_version_by_alias(name, champion).version)
+        except Exception:  # noqa: BLE001 - no champion yet
+            holder = None
+        if source_version and holder == source_version:
+            client.set_registered_model_alias(name, champion, version)
+            moved.append(champion)
+        run.set_tags({"export.model_version": version, "export.source_version": source_version})
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+    return {"model_uri": model_uri, "version": version, "source_version": source_version, "aliases": moved,
+            "run_id": run.run_id}
+
+
+def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports_dir: Path) -> dict:
+    """The stage: export + validate, register in MLflow, record the registered version on disk."""
+    import time
+
+    from pipeline.inference.mlflow_pyfunc import input_example
+
+    cfg = params.export
+    images, _ = validation_images(params, split_csv, cfg.validation_images)
+    t = time.perf_counter()
+    meta = export_model(Path(model_dir), Path(out_dir), images, cfg)
+    seconds = time.perf_counter() - t
+    source_meta = read_metadata(model_dir)
+    logged = register(params, Path(out_dir), source_meta, input_example(params.data.source, split_csv))
+    meta["registered_version"] = logged["version"]
+    meta["registered_model"] = params.mlflow.registered_model
+    atomic.write_json(Path(out_dir) / ONNX_META_FILE, meta)
+    metrics = {"validation_images": len(images), "max_abs_diff": meta["validation"]["max_abs_diff"],
+               "tolerance": cfg.tolerance, "onnx_mb": round((Path(out_dir) / ONNX_FILE).stat().st_size / 2**20, 2),
+               "export_seconds": round(seconds, 1), "model_version": logged["version"],
+               "source_version": logged["source_version"], "aliases": logged["aliases"]}
+    atomic.write_json(Path(reports_dir) / "metrics.json", metrics)
+    print(f"export: {out_dir}/{ONNX_FILE} matches torch on {len(images)} images (max |dP| "
+          f"{metrics['max_abs_diff']:.2e} <= {cfg.tolerance:g}); registered {params.mlflow.registered_model} "
+          f"v{logged['version']} (from v{logged['source_version']}) @{' @'.join(logged['aliases'])}")
+    return {**metrics, "mlflow": logged}
