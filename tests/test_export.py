@@ -1,0 +1,292 @@
+"""Export stage and the ONNX Runtime path: validation, integrity, registry, every inference
+command, and REST serving with `mlflow models serve` (on a tiny trained project)."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import ExportConfig
+from pipeline.inference.predictor import ModelDirError, OnnxPredictor, TorchPredictor, open_predictor
+from tests.conftest import ROOT, tree_digest
+from tests.tiny_project import tiny_project
+
+HERLEV = ROOT.parent / "shared" / "data" / "herlev"
+MODEL = "models:/cytology-classifier@champion"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from pipeline import export
+
+    # Minimums of 0 so that the tiny model gets @champion, which the export then takes over.
+    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0) as (root, out, params):
+        result = export.run(params, root / "models/calibrated", root / "data/split/split.csv",
+                            root / "models/exported", root / "reports/export")
+        yield {"root": root, "evaluate": out, "export": result, "params": params}
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def exported(project) -> Path:
+    return project["root"] / "models/exported"
+
+
+def herlev_images(n: int) -> list[Path]:
+    """n real images, taken from the class folders in turn."""
+    per_class = [sorted(c.glob("*.jpg")) for c in sorted(p for p in HERLEV.iterdir() if p.is_dir())]
+    return [per_class[i % len(per_class)][i // len(per_class)] for i in range(n)]
+
+
+def test_export_folder_metadata_and_validation(project, exported):
+    import onnx
+
+    meta = json.loads((exported / "metadata.json").read_text())
+    calibrated = json.loads((project["root"] / "models/calibrated/model.json").read_text())
+    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", "model.onnx"]
+    assert meta["labels"] == calibrated["labels"] and meta["image_size"] == calibrated["image_size"]
+    assert meta["preprocessing"]["mean"] == calibrated["mean"] and "bicubic" in meta["preprocessing"]["resize"]
+    cal = calibrated["calibration"]
+    assert meta["temperature"] == cal["temperature"] and meta["threshold"] == cal["threshold"]
+    assert meta["indeterminate_band"] == pytest.approx([cal["threshold"] - cal["band_width"] / 2,
+                                                        cal["threshold"] + cal["band_width"] / 2])
+    assert meta["source"]["version"] == calibrated["mlflow"]["version"] == project["export"]["source_version"]
+    assert meta["registered_version"] == project["export"]["model_version"] != meta["source"]["version"]
+    import hashlib
+    assert meta["sha256"]["model.onnx"] == hashlib.sha256((exported / "model.onnx").read_bytes()).hexdigest()
+    assert meta["validation"]["images"] == project["params"].export.validation_images
+    assert meta["validation"]["max_abs_diff"] <= 1e-4
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.name for o in graph.output] == ["logits", "cam"]
+    metrics = json.loads((project["root"] / "reports/export/metrics.json").read_text())
+    assert metrics["max_abs_diff"] == meta["validation"]["max_abs_diff"]
+
+
+def test_onnx_matches_torch_for_any_batch_and_tta(project, exported):
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in herlev_images(7)]
+    torch_p = TorchPredictor(project["root"] / "models/calibrated", batch_size=3)
+    onnx_p = OnnxPredictor(exported, batch_size=5)
+    for tta in (False, True):
+        np.testing.assert_allclose(onnx_p.predict_proba(images, tta=tta), torch_p.predict_proba(images, tta=tta),
+                                   atol=1e-4)
+    single = np.concatenate([onnx_p.predict_proba([im], tta=False) for im in images])
+    np.testing.assert_allclose(single, onnx_p.predict_proba(images, tta=False), atol=1e-6)
+
+
+def test_validation_fails_on_a_mismatched_model(project, tmp_path):
+    import torch
+
+    from pipeline.export import ExportError, export_model, validation_images
+
+    model_dir = project["root"] / "models/calibrated"
+    images, _ = validation_images(project["params"], project["root"] / "data/split/split.csv", 8)
+    wrong = TorchPredictor(model_dir).model
+    with torch.no_grad():
+        wrong.get_classifier().bias += torch.tensor([0.5, -0.5])
+    out = tmp_path / "exported"
+    with pytest.raises(ExportError, match=r"does not match torch on 8 images"):
+        export_model(model_dir, out, images, ExportConfig(), model=wrong)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no partial folder left
+
+
+def test_tampered_onnx_is_refused(exported, tmp_path, capsys):
+    from pipeline.cli import main
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(exported, bad)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=r"model\.onnx: sha256 does not match metadata\.json"):
+        OnnxPredictor(bad)
+    code = main(["predict", str(herlev_images(1)[0]), "--model", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "sha256 does not match" in err[0] and "Traceback" not in err[0]
+
+
+def test_registry_champion_is_the_onnx_export_and_runs_without_torch(project):
+    from mlflow import MlflowClient
+
+    root = project["root"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("cytology-classifier", "champion")
+    assert str(champion.version) == project["export"]["model_version"]
+    assert champion.tags["format"] == "onnx" and champion.tags["source_version"] == project["export"]["source_version"]
+    files = [str(p) for p in herlev_images(3)]
+    code = f"""
+import sys, json
+sys.modules['torch'] = None  # any import of torch now fails
+import mlflow, pandas as pd
+from pipeline.inference.mlflow_pyfunc import encode_image_file
+mlflow.set_tracking_uri({f'sqlite:///{root / "mlflow.db"}'!r})
+model = mlflow.pyfunc.load_model({MODEL!r})
+out = model.predict(pd.DataFrame({{'image': [encode_image_file(f) for f in {files!r}]}}))
+print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].tolist()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    from PIL import Image
+
+    onnx_p = OnnxPredictor(root / "models/exported")
+    want = onnx_p.malignant_probability(onnx_p.predict_proba([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    np.testing.assert_allclose(got["p"], want, atol=1e-6)
+    assert got["v"] == [project["export"]["model_version"]] * 3
+
+
+def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
+    from pipeline.evaluate import evaluate_folder
+    from pipeline.inference.files import predict_paths
+    from pipeline.inference.loading import load_predictor
+
+    root = project["root"]
+    predictor, version = load_predictor(MODEL, f"sqlite:///{root / 'mlflow.db'}")
+    assert predictor.backend == "onnx" and version == project["export"]["model_version"]
+    files = herlev_images(4)
+    out_onnx, out_torch = tmp_path / "onnx.csv", tmp_path / "torch.csv"
+    assert predict_paths([str(f) for f in files], str(exported), str(out_onnx), None, None) == 0
+    assert predict_paths([str(f) for f in files], str(root / "models/calibrated"), str(out_torch), None, None) == 0
+    a, b = pd.read_csv(out_onnx), pd.read_csv(out_torch)
+    np.testing.assert_allclose(a["p_malignant"], b["p_malignant"], atol=1e-4)
+    assert (a["model_version"].astype(str) == project["export"]["model_version"]).all()
+
+    data = tmp_path / "labelled"
+    for f in files:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / f.parent.name / f.name)
+    report = evaluate_folder(str(exported), data, ROOT / "configs/labels/herlev_binary.yaml", tmp_path / "ev",
+                             project["params"].evaluate)
+    scored = pd.read_csv(tmp_path / "ev/predictions.csv").set_index("path")["p_malignant"]
+    assert report["n_scored"] == 4
+    for f, p in zip(files, a["p_malignant"]):
+        assert scored[f"{f.parent.name}/{f.name}"] == pytest.approx(p, abs=1e-6)
+
+
+def test_score_slide_with_onnx_has_cam_saliency(project, exported, tmp_path):
+    from PIL import Image
+
+    from pipeline.inference.score_slide import score_slide
+
+    field = np.full((700, 900, 3), 235, np.uint8)
+    for i, f in enumerate(herlev_images(3)):
+        cell = np.asarray(Image.open(f).convert("RGB").resize((120, 120)))
+        field[100 + 150 * i:220 + 150 * i, 100 + 220 * i:220 + 220 * i] = cell
+    Image.fromarray(field).save(tmp_path / "field.png")
+    summary = score_slide(str(tmp_path / "field.png"), str(exported), tmp_path / "out", project["params"].slide,
+                          mpp=0.5, log=lambda *_: None)
+    assert summary["inference"]["backend"] == "onnx" and summary["saliency"].startswith("CAM")
+    assert summary["n_cells"] >= 1 and summary["model"]["version"] == project["export"]["model_version"]
+    html = (tmp_path / "out/report.html").read_text()
+    shown = min(summary["n_cells"], project["params"].slide.gallery)
+    assert "CAM: the classifier" in html and html.count("data:image/png;base64,") == 1 + 2 * shown
+
+
+# --------------------------------------------------------------------------- REST serving
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, payload) -> tuple[int, dict]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _frame(values: list[str]) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
+
+
+@pytest.fixture
+def server(project):
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project['root'] / 'mlflow.db'}"}
+    log = open(project["root"] / f"serve-{port}.log", "wb")
+    proc = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", MODEL, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=project["root"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail("mlflow models serve did not start:\n"
+                                + (project["root"] / f"serve-{port}.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode is not None
+
+
+def test_rest_server_matches_predict_and_rejects_bad_payloads(project, server, tmp_path):
+    from pipeline.inference.files import predict_paths
+    from pipeline.inference.mlflow_pyfunc import encode_image_file
+
+    files = herlev_images(8)
+    before = tree_digest(HERLEV)
+    status, body = _post(server, _frame([encode_image_file(f) for f in files]))
+    assert status == 200, body
+    served = pd.DataFrame(body["predictions"])
+    out = tmp_path / "predict.json"
+    assert predict_paths([str(f) for f in files], MODEL, str(out), None,
+                         f"sqlite:///{project['root'] / 'mlflow.db'}") == 0
+    rows = json.loads(out.read_text())["predictions"]
+    np.testing.assert_allclose(served["p_malignant"], [r["p_malignant"] for r in rows], atol=1e-5)
+    assert list(served["call"]) == [r["call"] for r in rows]
+    assert list(served["model_version"]) == [r["model_version"] for r in rows] == \
+        [project["export"]["model_version"]] * 8
+
+    bad = {
+        "not base64": (_frame(["!!!not base64!!!"]), "not valid base64"),
+        "not an image": (_frame([base64.b64encode(b"plain text, no pixels").decode()]), "not an image"),
+        "empty value": (_frame([""]), "empty"),
+        "no rows": (_frame([]), "no rows"),
+        "empty body": (b"", "JSON"),
+    }
+    for what, (payload, message) in bad.items():
+        status, body = _post(server, payload)
+        assert 400 <= status < 500, (what, status, body)
+        assert message in body.get("message", ""), (what, body)
+    status, body = _post(server, _frame([encode_image_file(files[0])]))  # still serving
+    assert status == 200 and body["predictions"][0]["p_malignant"] == pytest.approx(rows[0]["p_malignant"], abs=1e-5)
+    assert tree_digest(HERLEV) == before
