@@ -267,10 +267,13 @@ class ExportConfig:
     opset: int = 17
     validation_images: int = 64  # real images on which ONNX Runtime must match torch
     tolerance: float = 1e-4  # max |P_onnx - P_torch| allowed
+    quantize: bool = True  # also write an int8 model (ONNX Runtime static QDQ) and serve it if it qualifies
+    calibration_images: int = 128  # train images that set the int8 activation ranges
+    max_auc_drop: float = 0.005  # int8 is served only if its test AUC is at most this much below fp32's
 
     def __post_init__(self):
-        if self.validation_images < 1:
-            raise ConfigError(f"export.validation_images: must be >= 1, got {self.validation_images}")
+        if self.validation_images < 1 or self.calibration_images < 1:
+            raise ConfigError("export.validation_images and export.calibration_images: must be >= 1")
         if not self.tolerance > 0:
             raise ConfigError(f"export.tolerance: must be > 0, got {self.tolerance}")
 

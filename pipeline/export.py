@@ -3,9 +3,11 @@
 The folder holds `model.onnx` (dynamic batch axis; outputs `logits` and `cam`, the class
 activation maps behind the report's saliency) and `metadata.json`: preprocessing, labels,
 calibration (temperature, threshold, indeterminate band), the source MLflow model version and
-the sha256 of the ONNX file, checked on every load. Before anything is written, ONNX Runtime's
+the sha256 of every ONNX file, checked on every load. Before anything is written, ONNX Runtime's
 probabilities must match torch's within `export.tolerance` on real images; otherwise the stage
-fails. The folder is then logged to MLflow as a pyfunc over ONNX Runtime, registered, and
+fails. With `export.quantize`, an int8 copy (`model.int8.onnx`, ONNX Runtime static QDQ
+quantization calibrated on train images) is made too; it is served (`onnx_file` in the
+metadata) only if its test AUC is within `export.max_auc_drop` of the float model's. The folder is then logged to MLflow as a pyfunc over ONNX Runtime, registered, and
 takes over the source version's aliases, so `models:/cytology-classifier@champion` resolves to it.
 """
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.config import ExportConfig, Params
-from pipeline.inference.predictor import (ONNX_FILE, ONNX_META_FILE, WEIGHTS_FILE, OnnxPredictor, TorchPredictor,
-                                          file_sha256, read_metadata)
+from pipeline.inference.predictor import (INT8_FILE, ONNX_FILE, ONNX_META_FILE, WEIGHTS_FILE, OnnxPredictor,
+                                          TorchPredictor, file_sha256, read_metadata)
 
 INPUT_NAME = "input"
 OUTPUTS = ("logits", "cam")
@@ -68,13 +70,44 @@ def _graph(model):
     return (WithCam(model) if has_cam else model).eval(), has_cam
 
 
+def static_same_padding(model, image_size: int):
+    """A copy of `model` whose TF-style 'same' convolutions pad by fixed amounts for this input
+    size. timm computes that padding from the input's shape at run time; traced with a dynamic
+    batch axis it becomes shape arithmetic that ONNX Runtime cannot fold, which cost about a
+    quarter of the throughput here. Same arithmetic, so outputs are identical."""
+    import copy
+
+    import torch
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    model = copy.deepcopy(model).eval()
+    sizes: dict[str, list[int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, inp, name=name: sizes.__setitem__(name, list(inp[0].shape[-2:])))
+             for name, m in model.named_modules() if isinstance(m, Conv2dSame)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    for name, size in sizes.items():
+        same = model.get_submodule(name)
+        conv = torch.nn.Conv2d(same.in_channels, same.out_channels, same.kernel_size, same.stride, 0,
+                               same.dilation, same.groups, bias=same.bias is not None)
+        conv.load_state_dict(same.state_dict())
+        pad = pad_same_arg(size, list(same.kernel_size), list(same.stride), list(same.dilation))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                torch.nn.Sequential(torch.nn.ZeroPad2d(pad), conv))
+    return model
+
+
 def export_onnx(model, path: Path, image_size: int, opset: int) -> list[str]:
     """Trace `model` to ONNX at `path` with a dynamic batch axis; returns the output names."""
     import warnings
 
     import torch
 
-    graph, has_cam = _graph(model)
+    graph, has_cam = _graph(static_same_padding(model, image_size))
     outputs = list(OUTPUTS if has_cam else OUTPUTS[:1])
     dummy = torch.zeros(2, 3, image_size, image_size)
     with warnings.catch_warnings():
@@ -123,13 +156,74 @@ def build_metadata(source_meta: dict, outputs: list[str], opset: int, onnx_sha: 
     return meta
 
 
+class _Batches:
+    """An onnxruntime CalibrationDataReader over preprocessed image batches."""
+
+    def __init__(self, predictor, images: list[np.ndarray], batch: int = 16):
+        self._batches = (predictor.preprocess_array(images[i:i + batch]) for i in range(0, len(images), batch))
+        self._input = predictor.meta.get("input_name", INPUT_NAME)
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {self._input: batch}
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, predictor, images: list[np.ndarray]) -> None:
+    """Static int8 quantization (QDQ, per-channel weights) with activation ranges from `images`."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Batches, CalibrationDataReader):
+        pass
+
+    logging.getLogger("root").setLevel(logging.ERROR)  # ORT's quantizer logs advice at WARNING
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre))
+        quantize_static(str(pre), str(out_path), Reader(predictor, images), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def _auc(predictor, images: list[np.ndarray], y: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    p = predictor.malignant_probability(predictor.predict_proba(images, tta=False))
+    return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
+
+
+def int8_decision(staging: Path, test_images: list[np.ndarray], test_y: np.ndarray, cfg: ExportConfig) -> dict:
+    """Compare the int8 model with the float one on the test split: AUC, |dP|, call agreement."""
+    from pipeline.calibration import Band
+
+    fp32, int8 = OnnxPredictor(staging, file=ONNX_FILE), OnnxPredictor(staging, file=INT8_FILE)
+    auc_fp32, auc_int8 = _auc(fp32, test_images, test_y), _auc(int8, test_images, test_y)
+    p32 = fp32.malignant_probability(fp32.predict_proba(test_images, tta=False))
+    p8 = int8.malignant_probability(int8.predict_proba(test_images, tta=False))
+    cal = fp32.calibration
+    agree = None
+    if cal:
+        band = Band(cal["threshold"], cal["band_width"])
+        agree = float((band.call(p32) == band.call(p8)).mean())
+    drop = auc_fp32 - auc_int8
+    ok = bool(np.isfinite(drop) and drop <= cfg.max_auc_drop)
+    return {"test_images": len(test_images), "test_auc_fp32": auc_fp32, "test_auc_int8": auc_int8,
+            "auc_drop": drop, "max_auc_drop": cfg.max_auc_drop, "max_abs_diff_vs_fp32": float(np.abs(p8 - p32).max()),
+            "call_agreement": agree, "served": ok,
+            "reason": (f"int8 served: test AUC drop {drop:.4f} <= {cfg.max_auc_drop}" if ok else
+                       f"float served: int8 test AUC drop {drop:.4f} > {cfg.max_auc_drop}")}
+
+
 def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: ExportConfig,
-                 model=None) -> dict:
+                 model=None, calibration_images: list[np.ndarray] | None = None,
+                 test_set: tuple[list[np.ndarray], np.ndarray] | None = None) -> dict:
     """Export the torch model folder `model_dir` to `out_dir`, validated on `images`.
 
     `model` overrides the network that is traced (tests pass a different one to prove that
-    validation catches a mismatch). Nothing is written unless validation passes; the folder
-    then appears whole. Returns the metadata."""
+    validation catches a mismatch). With `cfg.quantize`, `calibration_images` set the int8
+    ranges and `test_set` (images, 0/1 labels) decides whether int8 is served. Nothing is
+    written unless validation passes; the folder then appears whole. Returns the metadata."""
     if not images:
         raise ExportError("no validation images: export needs real images to compare ONNX Runtime with torch")
     torch_predictor = TorchPredictor(model_dir)
@@ -149,6 +243,18 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
             raise ExportError(f"{model_dir}: ONNX Runtime does not match torch on {len(images)} images: "
                               f"max |dP| = {max_diff:.3g} > tolerance {cfg.tolerance:g}; nothing exported")
         meta["validation"]["max_abs_diff"] = max_diff
+        meta["quantization"] = None
+        if cfg.quantize:
+            if not calibration_images or not test_set:
+                raise ExportError("export.quantize needs calibration images and a labelled test set")
+            quantize_int8(onnx_path, staging / INT8_FILE, torch_predictor, calibration_images)
+            meta["sha256"][INT8_FILE] = file_sha256(staging / INT8_FILE)
+            (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            decision = int8_decision(staging, *test_set, cfg)
+            meta["quantization"] = {"method": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
+                                    "file": INT8_FILE, "calibration_images": len(calibration_images), **decision}
+            if decision["served"]:
+                meta["onnx_file"] = INT8_FILE
         (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(staging, 0o755)
         _replace_dir(staging, out_dir)
@@ -168,24 +274,32 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def validation_images(params: Params, split_csv: Path, n: int) -> tuple[list[np.ndarray], list[str]]:
-    """The first `n` readable test images, then val if test has fewer (real data, fixed order)."""
+def split_images(params: Params, split_csv: Path, parts: tuple[str, ...], n: int | None = None,
+                 ) -> tuple[list[np.ndarray], list[str]]:
+    """Up to `n` readable images of the given split parts, in that order (real data, fixed order),
+    and their labels."""
     from pipeline.data.images import ImageError, load_rgb
     from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
 
     split = read_table(split_csv, SPLIT_COLUMNS)
     root = source_root(params.data.source)
-    ordered = [p for part in ("test", "val", "train") for p in split.loc[split["split"] == part, "path"]]
-    images, paths = [], []
-    for rel in ordered:
-        if len(images) >= n:
+    ordered = [(p, lab) for part in parts
+               for p, lab in split.loc[split["split"] == part, ["path", "label"]].itertuples(index=False)]
+    images, labels = [], []
+    for rel, label in ordered:
+        if n is not None and len(images) >= n:
             break
         try:
             images.append(np.asarray(load_rgb(root / rel)))
-            paths.append(rel)
+            labels.append(label)
         except ImageError as exc:
             print(f"skipped: {exc}", file=sys.stderr)
-    return images, paths
+    return images, labels
+
+
+def validation_images(params: Params, split_csv: Path, n: int) -> tuple[list[np.ndarray], list[str]]:
+    """The first `n` readable test images, then val and train if test has fewer."""
+    return split_images(params, split_csv, ("test", "val", "train"), n)
 
 
 def register(params: Params, out_dir: Path, source_meta: dict, input_example) -> dict:
@@ -209,7 +323,8 @@ def register(params: Params, out_dir: Path, source_meta: dict, input_example) ->
                             "calibration": meta.get("calibration")},
             requirements=ONNX_REQUIREMENTS)
         client = MlflowClient()
-        tags = {"format": "onnx", "source_version": source_version, "onnx.sha256": meta["sha256"][ONNX_FILE],
+        tags = {"format": "onnx", "onnx.file": meta.get("onnx_file", ONNX_FILE),
+                "source_version": source_version, "onnx.sha256": meta["sha256"][meta.get("onnx_file", ONNX_FILE)],
                 "validation.max_abs_diff": str(meta["validation"]["max_abs_diff"])}
         if source_version:
             for key, value in client.get_model_version(name, source_version).tags.items():
@@ -243,8 +358,16 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports
 
     cfg = params.export
     images, _ = validation_images(params, split_csv, cfg.validation_images)
+    calibration, test_set = None, None
+    if cfg.quantize:
+        calibration, _ = split_images(params, split_csv, ("train",), cfg.calibration_images)
+        test_images, test_labels = split_images(params, split_csv, ("test",))
+        positive = read_metadata(model_dir).get("calibration", {}).get("positive_labels") or \
+            params.evaluate.positive_labels
+        test_set = (test_images, np.array([label in positive for label in test_labels], dtype=int))
     t = time.perf_counter()
-    meta = export_model(Path(model_dir), Path(out_dir), images, cfg)
+    meta = export_model(Path(model_dir), Path(out_dir), images, cfg, calibration_images=calibration,
+                        test_set=test_set)
     seconds = time.perf_counter() - t
     source_meta = read_metadata(model_dir)
     logged = register(params, Path(out_dir), source_meta, input_example(params.data.source, split_csv))
@@ -253,9 +376,15 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports
     atomic.write_json(Path(out_dir) / ONNX_META_FILE, meta)
     metrics = {"validation_images": len(images), "max_abs_diff": meta["validation"]["max_abs_diff"],
                "tolerance": cfg.tolerance, "onnx_mb": round((Path(out_dir) / ONNX_FILE).stat().st_size / 2**20, 2),
+               "served_file": meta.get("onnx_file"),
+               **{f"int8_{k}": v for k, v in (meta.get("quantization") or {}).items()
+                  if k in ("test_auc_fp32", "test_auc_int8", "auc_drop", "max_abs_diff_vs_fp32", "call_agreement")},
                "export_seconds": round(seconds, 1), "model_version": logged["version"],
                "source_version": logged["source_version"], "aliases": logged["aliases"]}
     atomic.write_json(Path(reports_dir) / "metrics.json", metrics)
+    if meta.get("quantization"):
+        q = meta["quantization"]
+        print(f"export: int8 test AUC {q['test_auc_int8']:.4f} vs float {q['test_auc_fp32']:.4f}; {q['reason']}")
     print(f"export: {out_dir}/{ONNX_FILE} matches torch on {len(images)} images (max |dP| "
           f"{metrics['max_abs_diff']:.2e} <= {cfg.tolerance:g}); registered {params.mlflow.registered_model} "
           f"v{logged['version']} (from v{logged['source_version']}) @{' @'.join(logged['aliases'])}")

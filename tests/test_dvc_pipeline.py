@@ -1,4 +1,4 @@
-"""`dvc repro` runs ingest -> split in a scratch copy of the repo, and `dvc status` tracks the source."""
+"""`dvc repro` runs the stages (ingest -> ... -> export) in a scratch copy of the repo, and `dvc status` tracks the source."""
 from __future__ import annotations
 
 import json
@@ -78,12 +78,15 @@ def test_dvc_train_stage_and_experiment_on_the_tiny_config(tmp_path, herlev_dir)
     assert metrics["epochs_run"] == 2 and 0 <= metrics["val_auc"] <= 1
     assert (repo / "models/train/model.pt").is_file()
     version = lambda d: json.loads((repo / d / "model.json").read_text())["mlflow"]["version"]  # noqa: E731
+    exported = lambda: json.loads((repo / "models/exported/metadata.json").read_text())  # noqa: E731
     assert (version("models/train"), version("models/calibrated")) == ("1", "2")
+    assert exported()["registered_version"] == "3" and exported()["source"]["version"] == "2"
     shown = _run(["dvc", "metrics", "show"], repo, env)
-    assert "val_auc" in shown and "roc_auc" in shown and "auc_mean" in shown
+    assert "val_auc" in shown and "roc_auc" in shown and "auc_mean" in shown and "max_abs_diff" in shown
     assert (repo / "reports/cv/folds.csv").is_file()
 
     _run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], repo, env)
     shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
     assert "0.0005" in shown
-    assert (version("models/train"), version("models/calibrated")) == ("3", "4")
+    assert (version("models/train"), version("models/calibrated")) == ("4", "5")
+    assert exported()["registered_version"] == "6"

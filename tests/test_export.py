@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ExportConfig
-from pipeline.inference.predictor import ModelDirError, OnnxPredictor, TorchPredictor, open_predictor
+from pipeline.inference.predictor import INT8_FILE, ONNX_FILE, ModelDirError, OnnxPredictor, TorchPredictor
 from tests.conftest import ROOT, tree_digest
 from tests.tiny_project import tiny_project
 
@@ -60,7 +60,10 @@ def test_export_folder_metadata_and_validation(project, exported):
 
     meta = json.loads((exported / "metadata.json").read_text())
     calibrated = json.loads((project["root"] / "models/calibrated/model.json").read_text())
-    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", "model.onnx"]
+    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", INT8_FILE, ONNX_FILE]
+    assert meta["onnx_file"] == INT8_FILE and meta["quantization"]["served"]  # tiny.yaml: max_auc_drop 1
+    q = meta["quantization"]
+    assert 0 <= q["test_auc_int8"] <= 1 and q["auc_drop"] == pytest.approx(q["test_auc_fp32"] - q["test_auc_int8"])
     assert meta["labels"] == calibrated["labels"] and meta["image_size"] == calibrated["image_size"]
     assert meta["preprocessing"]["mean"] == calibrated["mean"] and "bicubic" in meta["preprocessing"]["resize"]
     cal = calibrated["calibration"]
@@ -70,7 +73,8 @@ def test_export_folder_metadata_and_validation(project, exported):
     assert meta["source"]["version"] == calibrated["mlflow"]["version"] == project["export"]["source_version"]
     assert meta["registered_version"] == project["export"]["model_version"] != meta["source"]["version"]
     import hashlib
-    assert meta["sha256"]["model.onnx"] == hashlib.sha256((exported / "model.onnx").read_bytes()).hexdigest()
+    for name in (ONNX_FILE, INT8_FILE):
+        assert meta["sha256"][name] == hashlib.sha256((exported / name).read_bytes()).hexdigest()
     assert meta["validation"]["images"] == project["params"].export.validation_images
     assert meta["validation"]["max_abs_diff"] <= 1e-4
     graph = onnx.load(str(exported / "model.onnx")).graph
@@ -85,7 +89,7 @@ def test_onnx_matches_torch_for_any_batch_and_tta(project, exported):
 
     images = [np.asarray(Image.open(p).convert("RGB")) for p in herlev_images(7)]
     torch_p = TorchPredictor(project["root"] / "models/calibrated", batch_size=3)
-    onnx_p = OnnxPredictor(exported, batch_size=5)
+    onnx_p = OnnxPredictor(exported, batch_size=5, file=ONNX_FILE)
     for tta in (False, True):
         np.testing.assert_allclose(onnx_p.predict_proba(images, tta=tta), torch_p.predict_proba(images, tta=tta),
                                    atol=1e-4)
@@ -109,16 +113,29 @@ def test_validation_fails_on_a_mismatched_model(project, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no partial folder left
 
 
+def test_int8_is_not_served_when_it_loses_auc(project, exported, tmp_path):
+    from pipeline.export import int8_decision, split_images
+
+    images, labels = split_images(project["params"], project["root"] / "data/split/split.csv", ("test",))
+    y = np.array([label == "malignant" for label in labels], dtype=int)
+    strict = int8_decision(exported, images, y, ExportConfig(max_auc_drop=-1.0))  # no model can pass
+    assert not strict["served"] and strict["reason"].startswith("float served")
+    lenient = int8_decision(exported, images, y, ExportConfig(max_auc_drop=1.0))
+    assert lenient["served"] and lenient["test_auc_int8"] == strict["test_auc_int8"]
+    assert 0 <= lenient["call_agreement"] <= 1 and lenient["max_abs_diff_vs_fp32"] < 0.5
+
+
 def test_tampered_onnx_is_refused(exported, tmp_path, capsys):
     from pipeline.cli import main
 
     bad = tmp_path / "tampered"
     shutil.copytree(exported, bad)
-    data = bytearray((bad / "model.onnx").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (bad / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(ModelDirError, match=r"model\.onnx: sha256 does not match metadata\.json"):
-        OnnxPredictor(bad)
+    for name in (INT8_FILE, ONNX_FILE):
+        data = bytearray((bad / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bad / name).write_bytes(bytes(data))
+        with pytest.raises(ModelDirError, match=rf"{name}: sha256 does not match metadata\.json"):
+            OnnxPredictor(bad, file=name)
     code = main(["predict", str(herlev_images(1)[0]), "--model", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "sha256 does not match" in err[0] and "Traceback" not in err[0]
@@ -162,12 +179,16 @@ def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
     root = project["root"]
     predictor, version = load_predictor(MODEL, f"sqlite:///{root / 'mlflow.db'}")
     assert predictor.backend == "onnx" and version == project["export"]["model_version"]
+    assert predictor.onnx_file == INT8_FILE and predictor.precision == "int8"
     files = herlev_images(4)
-    out_onnx, out_torch = tmp_path / "onnx.csv", tmp_path / "torch.csv"
+    out_onnx = tmp_path / "onnx.csv"
     assert predict_paths([str(f) for f in files], str(exported), str(out_onnx), None, None) == 0
-    assert predict_paths([str(f) for f in files], str(root / "models/calibrated"), str(out_torch), None, None) == 0
-    a, b = pd.read_csv(out_onnx), pd.read_csv(out_torch)
-    np.testing.assert_allclose(a["p_malignant"], b["p_malignant"], atol=1e-4)
+    a = pd.read_csv(out_onnx)
+    from PIL import Image
+
+    want = predictor.malignant_probability(predictor.predict_proba([np.asarray(Image.open(f).convert("RGB"))
+                                                                    for f in files]))
+    np.testing.assert_allclose(a["p_malignant"], want, atol=1e-6)
     assert (a["model_version"].astype(str) == project["export"]["model_version"]).all()
 
     data = tmp_path / "labelled"

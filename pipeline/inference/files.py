@@ -1,7 +1,8 @@
 """`cytopipe predict`: score image files and folders with a model, one row per file.
 
 Images are read and scored a batch at a time, so memory does not grow with the number
-of files; unreadable files become error rows instead of stopping the run.
+of files; the next batch is read and decoded in a thread while the model scores this one.
+Unreadable files become error rows instead of stopping the run.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -146,29 +148,43 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
 
     entries = _expand(paths)
     rows: list[dict] = []
-    with tqdm(total=len(entries), desc="predict", unit="img", disable=None, file=sys.stderr, leave=False) as bar:
-        for chunk in _batches(entries, batch_size):
-            chunk_rows, images, slots = [], [], []
-            for path, reason in chunk:
-                if reason is None:
-                    image, reason = _read(path)
-                    if image is not None:
-                        slots.append(len(chunk_rows))
-                        images.append(image)
-                if reason is not None:
-                    tqdm.write(f"skipped: {path}: {reason}", file=sys.stderr)
-                chunk_rows.append({"path": str(path), "p_malignant": None, "call": "",
-                                   "model_version": model_version, "error": reason or ""})
-                bar.update(1)
-            if images:
-                logits = predictor.predict_logits(images, tta=use_tta)
+
+    def prepare(chunk):
+        """Read, decode and preprocess one batch (in a worker thread, overlapping inference)."""
+        chunk_rows, images, slots, skipped = [], [], [], []
+        for path, reason in chunk:
+            if reason is None:
+                image, reason = _read(path)
+                if image is not None:
+                    slots.append(len(chunk_rows))
+                    images.append(image)
+            if reason is not None:
+                skipped.append(f"skipped: {path}: {reason}")
+            chunk_rows.append({"path": str(path), "p_malignant": None, "call": "",
+                               "model_version": model_version, "error": reason or ""})
+        batch = predictor.preprocess_array(images) if images else None
+        return chunk_rows, batch, slots, skipped
+
+    chunks = list(_batches(entries, batch_size))
+    with tqdm(total=len(entries), desc="predict", unit="img", disable=None, file=sys.stderr, leave=False) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as pool:
+        # One batch read ahead: decoding overlaps the model, and memory holds two batches at most.
+        pending = pool.submit(prepare, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            chunk_rows, batch, slots, skipped = pending.result()
+            pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+            for line in skipped:
+                tqdm.write(line, file=sys.stderr)
+            if batch is not None:
+                logits = predictor.array_logits(batch, tta=use_tta)
                 p = predictor.malignant_probability(predictor.probabilities(logits))
                 for slot, value, call in zip(slots, p, band.call(p)):
                     value = _finite(float(value))
                     chunk_rows[slot].update(p_malignant=value, call=str(call) if value is not None else "",
                                             error="" if value is not None else "model returned a non-finite score")
-            del images  # release this batch's pixels before reading the next
+            del batch  # release this batch's pixels before the next
             rows.extend(chunk_rows)
+            bar.update(len(chunk_rows))
 
     scored = [r for r in rows if not r["error"]]
     n_err = len(rows) - len(scored)

@@ -17,6 +17,7 @@ from pipeline.data.transforms import base_resize, normalize
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 ONNX_META_FILE = "metadata.json"
 
 
@@ -169,13 +170,17 @@ class OnnxPredictor(Predictor):
 
     backend = "onnx"
 
-    def __init__(self, model_dir: Path | str, batch_size: int = 32, threads: int = 0):
+    def __init__(self, model_dir: Path | str, batch_size: int = 32, threads: int = 0, file: str | None = None):
+        """`file`: the ONNX file to run (default: the one metadata.json serves, `onnx_file`)."""
         model_dir = Path(model_dir)
         super().__init__(model_dir, read_metadata(model_dir), batch_size)
-        path = self.model_dir / ONNX_FILE
-        if not path.is_file():
-            raise ModelDirError(f"{self.model_dir}: {ONNX_FILE} missing")
-        verify_sha256(path, self.meta.get("sha256", {}).get(ONNX_FILE) or "missing", ONNX_META_FILE)
+        self.onnx_file = file or self.meta.get("onnx_file") or ONNX_FILE
+        path = self.model_dir / self.onnx_file
+        if Path(self.onnx_file).name != self.onnx_file or not path.is_file():
+            raise ModelDirError(f"{self.model_dir}: {self.onnx_file} missing")
+        # A file the metadata does not list is refused like a changed one.
+        verify_sha256(path, self.meta.get("sha256", {}).get(self.onnx_file) or "missing", ONNX_META_FILE)
+        self.precision = "int8" if self.onnx_file == INT8_FILE else "fp32"
         self.session = onnx_session(path, threads)
         self.input_name = self.meta.get("input_name", "input")
 
