@@ -12,8 +12,9 @@ Rows:
 - the ratios predict/bare and slide-inference/bare.
 Targets: both ratios >= 0.8, the whole CSF slide <= 90 s, peak RSS < 4 GiB.
 
---sweep also scores the slide with each split of the 2 cores between detection threads and
-ONNX Runtime threads, to choose slide.detect_workers and slide.inference_threads.
+--sweep also scores the slide with the other schedules and splits of the 2 cores between
+detection threads and ONNX Runtime threads, to choose slide.schedule, slide.detect_workers and
+slide.inference_threads.
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def main() -> None:
     from pipeline.config import load_params
 
     slide_cfg = load_params(args.params).slide
+    cfg_threads = slide_cfg.inference_threads or os.cpu_count()
     print(f"machine: {os.cpu_count()} cores; model {args.model}", flush=True)
     bare_predict = bare_onnx(args.model, args.batch, 1024)
     bare_slide = bare_onnx(args.model, slide_cfg.batch_size, 1024) if slide_cfg.batch_size != args.batch else bare_predict
@@ -130,21 +132,28 @@ def main() -> None:
         steps = ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items())
         rows.append(("slide steps (s)", steps))
         if args.sweep:
-            for workers, threads, pipelined in ((1, 0, True), (1, 1, True), (2, 0, True), (2, 1, True), (1, 0, False)):
+            for schedule, workers, crop, threads in (("overlapped", 1, 1, 2), ("overlapped", 1, 1, 1),
+                                                     ("phased", 1, 1, 2), ("phased", 2, 0, 2), ("sequential", 1, 1, 2)):
                 r = score_slide_child(args.model, args.slide, args.params,
-                                      {"detect_workers": workers, "inference_threads": threads,
-                                       "pipelined": pipelined})
-                sweep.append((workers, threads or os.cpu_count(), pipelined, r["wall_seconds"],
-                              r["inference"]["cells_per_second"], r["peak_rss_gib"]))
+                                      {"schedule": schedule, "detect_workers": workers, "crop_workers": crop,
+                                       "inference_threads": threads})
+                sweep.append((schedule, workers, crop if schedule == "phased" else "-", threads,
+                              r["inference"]["batch_size"], r["wall_seconds"], r["inference"]["cells_per_second"],
+                              r["peak_rss_gib"]))
+                print(f"sweep: {sweep[-1]}", file=sys.stderr, flush=True)
     width = max(len(k) for k, _ in rows)
     print(f"\n{'measure':<{width}}  value")
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     if sweep:
-        print("\ncore split on the slide (detect threads x ONNX Runtime threads):")
-        print(f"{'detect':>6} {'ort':>4} {'pipelined':>9} {'wall s':>7} {'model cells/s':>14} {'RSS GiB':>8}")
-        for workers, threads, pipelined, wall, rate, rss in sweep:
-            print(f"{workers:>6} {threads:>4} {str(pipelined):>9} {wall:>7.1f} {rate:>14.1f} {rss:>8.2f}")
+        print("\ncore split on the slide (detect threads, crop threads, ONNX Runtime threads):")
+        info = s["inference"]
+        sweep.insert(0, (f"{info['schedule']} (default)", info["detect_workers"], info["crop_workers"], cfg_threads,
+                         info["batch_size"], s["wall_seconds"], info["cells_per_second"], s["peak_rss_gib"]))
+        print(f"{'schedule':<20} {'detect':>6} {'crop':>4} {'ort':>4} {'batch':>5} {'wall s':>7} {'model cells/s':>14} "
+              f"{'RSS GiB':>8}")
+        for schedule, workers, crop, threads, batch, wall, rate, rss in sweep:
+            print(f"{schedule:<20} {workers:>6} {crop:>4} {threads:>4} {batch:>5} {wall:>7.1f} {rate:>14.1f} {rss:>8.2f}")
 
 
 if __name__ == "__main__":

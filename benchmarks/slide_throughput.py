@@ -45,7 +45,7 @@ def main() -> None:
         print(f"{step:<40}{s:>9.1f}")
     print(f"{'wall (incl. imports)':<40}{wall:>9.1f}")
     info = summary["inference"]
-    print(f"backend {info['backend']}, pipelined={info['pipelined']}, detect workers {info['detect_workers']}; "
+    print(f"backend {info['backend']}, schedule {info['schedule']}, detect workers {info['detect_workers']}; "
           f"{info['seconds_in_model']:.1f}s in the model = {info['cells_per_second'] or 0:.1f} cells/s")
     print(f"peak RSS: {peak_gib:.2f} GiB (target < 4)")
 

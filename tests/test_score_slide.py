@@ -58,7 +58,9 @@ def test_cells_are_found_scored_and_summarised(scored):
     assert summary["slide_call"] in ("positive", "negative") and "at least" in summary["rule"]
     top = np.sort(cells["score"].to_numpy())[::-1][:summary["top_k"]].mean()
     assert summary["top_k_mean"] == pytest.approx(top, abs=1e-5)
-    assert {"detect cells", "crop + inference", "saliency", "report", "total"} <= set(summary["seconds"])
+    assert {"plan tiles", "detect cells", "crop + inference", "saliency", "report", "total"} <= set(summary["seconds"])
+    assert summary["inference"]["backend"] == "torch" and summary["inference"]["schedule"] == "phased"
+    assert summary["inference"]["cells_per_second"] > 0 and summary["saliency"].startswith("Grad-CAM")
     assert json.loads((out / "summary.json").read_text())["n_cells"] == len(cells)
     assert Image.open(out / "heatmap.png").size[0] > 0
 

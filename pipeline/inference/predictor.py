@@ -201,6 +201,9 @@ def onnx_session(path: Path, threads: int = 0):
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No busy-waiting between runs: slide scoring shares the cores with detection threads, and
+    # spinning cost nothing in bare throughput here (measured 186.7 vs 188.3 cells/s).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types for corrupt graphs

@@ -107,7 +107,9 @@ def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: fl
         "inference": {"backend": predictor.backend, "precision": getattr(predictor, "precision", "fp32"),
                       "seconds_in_model": inference_s,
                       "cells_per_second": n / inference_s if n and inference_s > 0 else None,
-                      "pipelined": cfg.pipelined, "detect_workers": cfg.detect_workers},
+                      "schedule": cfg.schedule, "detect_workers": cfg.detect_workers,
+                      "crop_workers": cfg.crop_workers,
+                      "batch_size": cfg.batch_size},
         "saliency": SALIENCY[predictor.backend],
     }
     gallery = [{"rank": r + 1, "cell_id": int(row.cell_id), "x": int(row.x), "y": int(row.y),

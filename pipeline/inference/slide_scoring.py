@@ -1,11 +1,18 @@
-"""Detect and score every cell of a slide: one step after the other, or pipelined.
+"""Detect and score every cell of a slide, by one of three schedules (`slide.schedule`):
 
-Pipelined: `detect_workers` threads each take a tile, read it (OpenSlide and OpenCV release
-the GIL), detect its cells and cut their model-input crops from one level-0 read; the main
-thread batches those crops into the model (ONNX Runtime also runs without the GIL). At most
-`queue_tiles` tiles are in flight, so memory stays flat however big the slide. Tiles are
-consumed in order and the final table is built by the same `finish_cells` as the sequential
-path, so both give the same cells and scores.
+- `overlapped`: `detect_workers` threads each take a tile, read it, detect its cells and cut
+  their crops from one level-0 read, while the main thread feeds the crops to the model.
+- `phased`: the same threads first detect every tile (reading overlaps detection); then crops
+  are cut tile by tile and scored, by `crop_workers` threads reading ahead of the model or
+  (0) in the model's own thread between batches. On a 2-core machine, anything running beside
+  a 2-thread model stalls it (its threads meet at barriers), so the measured best keeps the
+  model alone on the cores (benchmarks/inference_throughput.py --sweep).
+- `sequential`: detect everything, then read and score crops one batch at a time.
+
+In every schedule at most `queue_tiles` tiles are in flight, so memory stays flat however big
+the slide; the model runs in batches of `batch_size` in the calling thread (OpenSlide, OpenCV
+and ONNX Runtime release the GIL). Tiles are consumed in order and the final table comes from
+the same `finish_cells`, so all schedules give the same cells and scores.
 """
 from __future__ import annotations
 
@@ -13,11 +20,81 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import SlideConfig
+
+SCHEDULES = ("phased", "overlapped", "sequential")
+
+
+class _Batcher:
+    """Collects model-input crops and scores them in fixed-size batches, timing the model."""
+
+    def __init__(self, predictor, batch_size: int, tta: bool):
+        self.predictor, self.batch_size, self.tta = predictor, batch_size, tta
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.scores: list[np.ndarray] = []
+        self.busy = 0.0
+
+    def _run(self, batch: np.ndarray) -> None:
+        p = self.predictor
+        t = time.perf_counter()
+        logits = p.array_logits(p.normalize_batch(batch), self.tta)
+        self.scores.append(p.malignant_probability(p.probabilities(logits)))
+        self.busy += time.perf_counter() - t
+
+    def add(self, crops: np.ndarray | None) -> None:
+        if crops is None or not len(crops):
+            return
+        self.pending.append(crops)
+        self.n_pending += len(crops)
+        if self.n_pending >= self.batch_size:
+            self._drain(final=False)
+
+    def _drain(self, final: bool) -> None:
+        if not self.pending:
+            return
+        crops = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        full = len(crops) if final else len(crops) // self.batch_size * self.batch_size
+        for start in range(0, full, self.batch_size):
+            self._run(crops[start:start + self.batch_size])
+        self.pending = [crops[full:]] if full < len(crops) else []
+        self.n_pending = len(crops) - full
+
+    def finish(self) -> np.ndarray:
+        self._drain(final=True)
+        return np.concatenate(self.scores) if self.scores else np.zeros(0)
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """fn(item) for each item, run by `pool` with at most `ahead` in flight, yielded in order."""
+    items = iter(items)
+    in_flight: deque = deque()
+    try:
+        for item in items:
+            in_flight.append(pool.submit(fn, item))
+            if len(in_flight) >= ahead:
+                break
+        while in_flight:
+            done = in_flight.popleft()
+            for item in items:  # refill first, so the workers never wait on the consumer
+                in_flight.append(pool.submit(fn, item))
+                break
+            yield done.result()
+    finally:
+        for future in in_flight:
+            future.cancel()
+
+
+def _bar(total: int, desc: str, progress: bool | None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tile", file=sys.stderr,
+                disable=None if progress is None else not progress)
 
 
 def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None) -> np.ndarray:
@@ -45,92 +122,81 @@ def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: b
     t = time.perf_counter()
     scores = score_cells(predictor, source, cells, cfg, tta, progress)
     seconds["crop + inference"] = time.perf_counter() - t
-    seconds["inference"] = seconds["crop + inference"]
+    seconds["inference"] = seconds["crop + inference"]  # reading crops is inside this loop
     return cells, scores, seconds
 
 
-def _tile_job(source, plan, tile_no: int, cfg: SlideConfig, size: int):
-    from pipeline.inference.slide import detect_tile, tile_crops
-
-    part = detect_tile(source, plan, tile_no, cfg)
-    if part is None:
-        return None, None
-    return part, tile_crops(source, part, cfg.crop_margin, size)
-
-
-def score_pipelined(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """Overlap reading, detection and cropping (worker threads) with inference (this thread).
-
-    Returns (cells, scores, seconds); seconds["inference"] is the time spent in the model."""
-    from tqdm import tqdm
-
-    from pipeline.inference.slide import finish_cells, plan_detection
+def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
+    """Reading + detection + cropping of each tile in worker threads, overlapping inference."""
+    from pipeline.inference.slide import detect_tile, finish_cells, plan_detection, tile_crops
 
     seconds = {}
     t0 = time.perf_counter()
     plan = plan_detection(source, cfg)
     seconds["plan tiles"] = time.perf_counter() - t0
     size = predictor.meta["image_size"]
+
+    def job(tile_no: int):
+        part = detect_tile(source, plan, tile_no, cfg)
+        return part, (tile_crops(source, part, cfg.crop_margin, size) if part is not None else None)
+
+    batcher = _Batcher(predictor, cfg.batch_size, tta)
     parts: list[pd.DataFrame | None] = []
-    scores: list[np.ndarray] = []
-    pending: list[np.ndarray] = []
-    n_pending = 0
-    busy = 0.0
-
-    def run(batch: np.ndarray) -> None:
-        nonlocal busy
-        t = time.perf_counter()
-        logits = predictor.array_logits(predictor.normalize_batch(batch), tta)
-        scores.append(predictor.malignant_probability(predictor.probabilities(logits)))
-        busy += time.perf_counter() - t
-
-    def drain(final: bool) -> None:
-        nonlocal pending, n_pending
-        if not pending or (n_pending < cfg.batch_size and not final):
-            return
-        crops = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        full = len(crops) if final else len(crops) // cfg.batch_size * cfg.batch_size
-        for start in range(0, full, cfg.batch_size):
-            run(crops[start:start + cfg.batch_size])
-        pending = [crops[full:]] if full < len(crops) else []
-        n_pending = len(crops) - full
-
-    tiles = range(len(plan.tiles))
-    bar = tqdm(total=len(plan.tiles), desc=f"score {source.path.name}", unit="tile", file=sys.stderr,
-               disable=None if progress is None else not progress)
-    with bar, ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
-        in_flight: deque = deque()
-        next_tile = iter(tiles)
-        for tile_no in next_tile:
-            in_flight.append(pool.submit(_tile_job, source, plan, tile_no, cfg, size))
-            if len(in_flight) >= cfg.queue_tiles:
-                break
-        try:
-            while in_flight:
-                part, crops = in_flight.popleft().result()
-                for tile_no in next_tile:  # refill before scoring, so the workers never idle
-                    in_flight.append(pool.submit(_tile_job, source, plan, tile_no, cfg, size))
-                    break
-                parts.append(part)
-                if crops is not None and len(crops):
-                    pending.append(crops)
-                    n_pending += len(crops)
-                    drain(final=False)
-                bar.update()
-            drain(final=True)
-        except BaseException:
-            for future in in_flight:
-                future.cancel()
-            raise
-    all_scores = np.concatenate(scores) if scores else np.zeros(0)
+    with _bar(len(plan.tiles), f"score {source.path.name}", progress) as bar, \
+            ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
+        for part, crops in _in_order(pool, job, range(len(plan.tiles)), cfg.queue_tiles):
+            parts.append(part)
+            batcher.add(crops)
+            bar.update()
+        scores = batcher.finish()
     cells, rows = finish_cells(parts, source, cfg)
-    seconds["detect + crop + inference (pipelined)"] = time.perf_counter() - t0
-    seconds["inference"] = busy
-    return cells, all_scores[rows], seconds
+    seconds["detect + crop + inference (overlapped)"] = time.perf_counter() - t0 - seconds["plan tiles"]
+    seconds["inference"] = batcher.busy
+    return cells, scores[rows], seconds
+
+
+def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
+    """Detect every tile (worker threads; reading overlaps detection), then crop in a thread
+    while the model scores (cropping overlaps inference)."""
+    from pipeline.inference.slide import detect_tile, finish_cells, plan_detection, tile_crops
+
+    seconds = {}
+    t0 = time.perf_counter()
+    plan = plan_detection(source, cfg)
+    seconds["plan tiles"] = time.perf_counter() - t0
+    size = predictor.meta["image_size"]
+    t = time.perf_counter()
+    with _bar(len(plan.tiles), f"cells {source.path.name}", progress) as bar, \
+            ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
+        parts = []
+        for part in _in_order(pool, lambda i: detect_tile(source, plan, i, cfg), range(len(plan.tiles)),
+                              cfg.queue_tiles):
+            parts.append(part)
+            bar.update()
+    seconds["detect cells"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    batcher = _Batcher(predictor, cfg.batch_size, tta)
+    with_cells = [p for p in parts if p is not None]
+
+    def crop(part):
+        return tile_crops(source, part, cfg.crop_margin, size)
+
+    with _bar(len(with_cells), "score", progress) as bar, \
+            ThreadPoolExecutor(max_workers=max(1, cfg.crop_workers), thread_name_prefix="crop") as pool:
+        # crop_workers 0: cut crops between model batches, so nothing preempts the model's threads.
+        stream = _in_order(pool, crop, with_cells, cfg.queue_tiles) if cfg.crop_workers else map(crop, with_cells)
+        for crops in stream:
+            batcher.add(crops)
+            bar.update()
+        scores = batcher.finish()
+    seconds["crop + inference"] = time.perf_counter() - t
+    cells, rows = finish_cells(parts, source, cfg)
+    seconds["inference"] = batcher.busy
+    return cells, scores[rows], seconds
 
 
 def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """(cells, scores, seconds) by the configured path: pipelined unless slide.pipelined is false."""
-    if cfg.pipelined:
-        return score_pipelined(predictor, source, cfg, tta, progress)
-    return score_sequential(predictor, source, cfg, tta, progress)
+    """(cells, scores, seconds) by `cfg.schedule`; seconds["inference"] is the time in the model."""
+    run = {"phased": score_phased, "overlapped": score_overlapped, "sequential": score_sequential}[cfg.schedule]
+    return run(predictor, source, cfg, tta, progress)
