@@ -20,7 +20,7 @@ print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
 """
 
 
-COMMANDS = ("ingest", "split", "train", "evaluate", "cv", "predict", "score-slide")
+COMMANDS = ("ingest", "split", "train", "evaluate", "cv", "export", "predict", "score-slide")
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
@@ -66,3 +66,11 @@ def test_ingest_then_split_from_the_cli(tmp_path, binary_map):
 def test_split_with_missing_manifest(tmp_path):
     proc = _cytopipe("split", "--params", str(ROOT / "params.yaml"), "--manifest", "none.csv", cwd=tmp_path)
     assert proc.returncode == 1 and "none.csv: file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_with_missing_inputs_is_one_line(tmp_path):
+    proc = _cytopipe("export", "--params", str(ROOT / "params.yaml"), "--model", "no-model", "--split", "none.csv",
+                     cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "none.csv" in proc.stderr
+    assert not (tmp_path / "models").exists()
