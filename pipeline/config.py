@@ -234,6 +234,9 @@ class CvConfig:
     epochs: int = 6  # fixed: no early stopping on the held-out fold
 
 
+SCHEDULES = ("phased", "overlapped", "sequential")  # pipeline/inference/slide_scoring.py
+
+
 @dataclass(frozen=True)
 class SlideConfig:
     """Whole-slide scoring: foreground mask, cell detection, crop recipe, slide-level rule."""
@@ -257,8 +260,8 @@ class SlideConfig:
         for name in ("detect_workers", "queue_tiles", "batch_size", "tile_px"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"slide.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.schedule not in ("phased", "overlapped", "sequential"):
-            raise ConfigError(f"slide.schedule: must be phased, overlapped or sequential, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"slide.schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.crop_workers < 0:
             raise ConfigError(f"slide.crop_workers: must be >= 0, got {self.crop_workers}")
         if self.inference_threads < 0:
@@ -335,7 +338,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     """Load and validate params.yaml."""
     raw = read_yaml(path)
     where = str(path)
-    unknown = set(raw) - {"data", "split", "model", "train", "mlflow", "evaluate", "promotion", "cv", "slide", "export"}
+    unknown = set(raw) - {"data", "split", *_SECTIONS}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s): {', '.join(sorted(unknown))}")
     data = _section(raw, "data", {"source", "label_map", "group", "min_side", "max_pixels"}, where)

@@ -7,8 +7,9 @@ the sha256 of every ONNX file, checked on every load. Before anything is written
 probabilities must match torch's within `export.tolerance` on real images; otherwise the stage
 fails. With `export.quantize`, an int8 copy (`model.int8.onnx`, ONNX Runtime static QDQ
 quantization calibrated on train images) is made too; it is served (`onnx_file` in the
-metadata) only if its test AUC is within `export.max_auc_drop` of the float model's. The folder is then logged to MLflow as a pyfunc over ONNX Runtime, registered, and
-takes over the source version's aliases, so `models:/cytology-classifier@champion` resolves to it.
+metadata) only if its test AUC is within `export.max_auc_drop` of the float model's. The folder
+is then logged to MLflow as a pyfunc over ONNX Runtime, registered, and takes over the source
+version's aliases, so `models:/cytology-classifier@champion` resolves to it.
 """
 from __future__ import annotations
 
@@ -131,10 +132,6 @@ def build_metadata(source_meta: dict, outputs: list[str], opset: int, onnx_sha: 
     calibration = source_meta.get("calibration") or {}
     meta = {k: v for k, v in source_meta.items() if k not in ("sha256", "mlflow", "registered_version")}
     source_mlflow = source_meta.get("mlflow") or {}
-    band = None
-    if calibration:
-        half = calibration["band_width"] / 2
-        band = [calibration["threshold"] - half, calibration["threshold"] + half]
     meta.update({
         "format": "onnx",
         "onnx_file": ONNX_FILE,
@@ -145,7 +142,7 @@ def build_metadata(source_meta: dict, outputs: list[str], opset: int, onnx_sha: 
                           "std": source_meta["std"]},
         "temperature": calibration.get("temperature"),
         "threshold": calibration.get("threshold"),
-        "indeterminate_band": band,
+        "indeterminate_band": calibration.get("band"),
         "source": {"registered_model": source_mlflow.get("registered_model"),
                    "version": source_mlflow.get("version"), "run_id": source_mlflow.get("run_id"),
                    "model_uri": source_mlflow.get("model_uri"),
@@ -186,10 +183,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, predictor, images: list[np.nd
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def _auc(predictor, images: list[np.ndarray], y: np.ndarray) -> float:
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
-    p = predictor.malignant_probability(predictor.predict_proba(images, tta=False))
     return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
 
 
@@ -198,9 +194,9 @@ def int8_decision(staging: Path, test_images: list[np.ndarray], test_y: np.ndarr
     from pipeline.calibration import Band
 
     fp32, int8 = OnnxPredictor(staging, file=ONNX_FILE), OnnxPredictor(staging, file=INT8_FILE)
-    auc_fp32, auc_int8 = _auc(fp32, test_images, test_y), _auc(int8, test_images, test_y)
     p32 = fp32.malignant_probability(fp32.predict_proba(test_images, tta=False))
     p8 = int8.malignant_probability(int8.predict_proba(test_images, tta=False))
+    auc_fp32, auc_int8 = _auc(test_y, p32), _auc(test_y, p8)
     cal = fp32.calibration
     agree = None
     if cal:
@@ -235,9 +231,12 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
         net = torch_predictor.model if model is None else model
         outputs = export_onnx(net, onnx_path, torch_predictor.meta["image_size"], cfg.opset)
         sha = file_sha256(onnx_path)
-        # metadata.json first without the check result, so OnnxPredictor can verify the file as any load does.
         meta = build_metadata(torch_predictor.meta, outputs, cfg.opset, sha, float("nan"), len(images), cfg)
-        (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+        def write_meta():  # each ONNX file is listed before OnnxPredictor loads it, as any load checks
+            (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+        write_meta()
         max_diff = compare(torch_predictor, OnnxPredictor(staging), images)
         if not max_diff <= cfg.tolerance:
             raise ExportError(f"{model_dir}: ONNX Runtime does not match torch on {len(images)} images: "
@@ -249,13 +248,13 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
                 raise ExportError("export.quantize needs calibration images and a labelled test set")
             quantize_int8(onnx_path, staging / INT8_FILE, torch_predictor, calibration_images)
             meta["sha256"][INT8_FILE] = file_sha256(staging / INT8_FILE)
-            (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            write_meta()
             decision = int8_decision(staging, *test_set, cfg)
             meta["quantization"] = {"method": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
                                     "file": INT8_FILE, "calibration_images": len(calibration_images), **decision}
             if decision["served"]:
                 meta["onnx_file"] = INT8_FILE
-        (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta()
         os.chmod(staging, 0o755)
         _replace_dir(staging, out_dir)
     finally:
@@ -309,13 +308,10 @@ def register(params: Params, out_dir: Path, source_meta: dict, input_example) ->
 
     from pipeline import tracking
 
-    tracking.setup(params.mlflow)
     name = params.mlflow.registered_model
     source = source_meta.get("mlflow") or {}
     source_version = str(source.get("version") or "")
-    reopen = source.get("run_id") if tracking._run_exists(source.get("run_id")) else None
-    run = tracking.Run(params.mlflow, run_name=None if reopen else "export", run_id=reopen)
-    try:
+    with tracking.attached_run(params.mlflow, source.get("run_id"), "export") as run:
         meta = read_metadata(out_dir)
         model_uri, version = run.log_model(
             out_dir, input_example, name="onnx_model", alias=params.mlflow.alias,
@@ -342,10 +338,6 @@ def register(params: Params, out_dir: Path, source_meta: dict, input_example) ->
             client.set_registered_model_alias(name, champion, version)
             moved.append(champion)
         run.set_tags({"export.model_version": version, "export.source_version": source_version})
-    except BaseException:
-        run.end("FAILED")
-        raise
-    run.end("FINISHED")
     return {"model_uri": model_uri, "version": version, "source_version": source_version, "aliases": moved,
             "run_id": run.run_id}
 
@@ -358,18 +350,17 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports
 
     cfg = params.export
     images, _ = validation_images(params, split_csv, cfg.validation_images)
+    source_meta = read_metadata(model_dir)
     calibration, test_set = None, None
     if cfg.quantize:
         calibration, _ = split_images(params, split_csv, ("train",), cfg.calibration_images)
         test_images, test_labels = split_images(params, split_csv, ("test",))
-        positive = read_metadata(model_dir).get("calibration", {}).get("positive_labels") or \
-            params.evaluate.positive_labels
+        positive = (source_meta.get("calibration") or {}).get("positive_labels") or params.evaluate.positive_labels
         test_set = (test_images, np.array([label in positive for label in test_labels], dtype=int))
     t = time.perf_counter()
     meta = export_model(Path(model_dir), Path(out_dir), images, cfg, calibration_images=calibration,
                         test_set=test_set)
     seconds = time.perf_counter() - t
-    source_meta = read_metadata(model_dir)
     logged = register(params, Path(out_dir), source_meta, input_example(params.data.source, split_csv))
     meta["registered_version"] = logged["version"]
     meta["registered_model"] = params.mlflow.registered_model

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.config import MlflowConfig
 
@@ -187,7 +189,7 @@ class Run:
         expected = next_version(client, registered)
         # The registry numbers versions past deleted ones, which no search shows: on a miss,
         # drop the version just made and log again under the number now known.
-        for attempt in range(3):
+        for _ in range(3):
             info = self._log_staged(model_dir, expected, name, model_metadata, input_example, requirements)
             version = str(info.registered_model_version)
             if version == expected:
@@ -251,6 +253,21 @@ def _run_exists(run_id: str | None) -> bool:
         return False
 
 
+@contextmanager
+def attached_run(config: MlflowConfig, run_id: str | None, fallback_name: str) -> Iterator[Run]:
+    """Reopen `run_id` (the training run) when this store has it, else start a run named
+    `fallback_name`; it ends FINISHED, or FAILED if the block raises."""
+    setup(config)
+    reopen = run_id if _run_exists(run_id) else None
+    run = Run(config, run_name=None if reopen else fallback_name, run_id=reopen)
+    try:
+        yield run
+    except BaseException:
+        run.end("FAILED")
+        raise
+    run.end("FINISHED")
+
+
 def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Path, input_example,
                    metrics: dict[str, float], artifacts: list[Path], calibration: dict,
                    promote: bool, reason: str, champion_alias: str) -> dict:
@@ -258,10 +275,7 @@ def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Pa
     (calibration in its metadata) as `candidate`, and give it `champion_alias` if `promote`."""
     import math
 
-    setup(config)
-    reopen = train_run_id if _run_exists(train_run_id) else None
-    run = Run(config, run_name=None if reopen else "evaluate", run_id=reopen)
-    try:
+    with attached_run(config, train_run_id, "evaluate") as run:
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
         for path in artifacts:
             run.log_artifact(path, "evaluation")
@@ -277,8 +291,4 @@ def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Pa
                       "promotion.model_version": version})
         if promote:
             client.set_registered_model_alias(name, champion_alias, version)
-    except BaseException:
-        run.end("FAILED")
-        raise
-    run.end("FINISHED")
     return {"run_id": run.run_id, "model_uri": model_uri, "version": version, "promoted": promote}

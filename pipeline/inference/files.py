@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.concurrency import in_order
 from pipeline.data.images import IMAGE_SUFFIXES, ImageError, load_rgb
 from pipeline.inference.loading import DEFAULT_MODEL  # noqa: F401  (re-exported for callers)
 
@@ -165,14 +166,10 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
         batch = predictor.preprocess_array(images) if images else None
         return chunk_rows, batch, slots, skipped
 
-    chunks = list(_batches(entries, batch_size))
     with tqdm(total=len(entries), desc="predict", unit="img", disable=None, file=sys.stderr, leave=False) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as pool:
         # One batch read ahead: decoding overlaps the model, and memory holds two batches at most.
-        pending = pool.submit(prepare, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
-            chunk_rows, batch, slots, skipped = pending.result()
-            pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+        for chunk_rows, batch, slots, skipped in in_order(pool, prepare, _batches(entries, batch_size), ahead=1):
             for line in skipped:
                 tqdm.write(line, file=sys.stderr)
             if batch is not None:

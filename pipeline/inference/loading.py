@@ -85,5 +85,4 @@ def load_predictor(model: str, tracking_uri: str | None = None, batch_size: int 
         predictor = open_predictor(resolve_model_dir(uri, tracking_uri), batch_size=batch_size, threads=threads)
     except ModelDirError as exc:
         raise ModelDirError(model_error_message(model, exc)) from None
-    version = registered or predictor.meta.get("registered_version") or (predictor.meta.get("mlflow") or {}).get("version")
-    return predictor, str(version) if version not in (None, "") else UNREGISTERED
+    return predictor, registered or predictor.registered_version or UNREGISTERED

@@ -66,13 +66,6 @@ def decode_rows(model_input: pd.DataFrame) -> list[np.ndarray]:
     return images
 
 
-def model_version(predictor) -> str:
-    """The registered version the model knows for itself (exported models record it exactly)."""
-    meta = predictor.meta
-    version = meta.get("registered_version") or (meta.get("mlflow") or {}).get("version")
-    return str(version) if version not in (None, "") else "unregistered"
-
-
 def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
     """Score a DataFrame of base64 images with a loaded predictor."""
     probs = predictor.predict_proba(decode_rows(model_input))
@@ -83,7 +76,9 @@ def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
 
         out["p_malignant"] = predictor.malignant_probability(probs)
         out["call"] = Band(calibration["threshold"], calibration["band_width"]).call(out["p_malignant"].to_numpy())
-    out["model_version"] = model_version(predictor)
+    from pipeline.inference.loading import UNREGISTERED
+
+    out["model_version"] = predictor.registered_version or UNREGISTERED
     return out
 
 

@@ -85,6 +85,13 @@ class Predictor:
         return normalize(crops, self.meta["mean"], self.meta["std"])
 
     @property
+    def registered_version(self) -> str | None:
+        """The registry version this copy was logged as (exported and newly logged models record
+        it exactly); else the version its training registration noted; None if unregistered."""
+        version = self.meta.get("registered_version") or (self.meta.get("mlflow") or {}).get("version")
+        return str(version) if version not in (None, "") else None
+
+    @property
     def calibration(self) -> dict:
         """Temperature, threshold, band... written by the evaluate stage (empty before it)."""
         return self.meta.get("calibration") or {}

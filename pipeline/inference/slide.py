@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from pipeline.concurrency import in_order
 from pipeline.config import SlideConfig
 from pipeline.data.images import ImageError, load_rgb
 
@@ -557,10 +558,8 @@ def detect_slide(source: SlideSource, cfg: SlideConfig, progress: bool | None = 
                disable=None if progress is None else not progress)
     # Decode the next tile in a thread (OpenSlide releases the GIL) while this one is segmented.
     with bar, ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_tile, source, plan, 0) if tiles else None
-        for tile_no in range(len(tiles)):
-            pixels = pending.result()
-            pending = pool.submit(read_tile, source, plan, tile_no + 1) if tile_no + 1 < len(tiles) else None
+        reads = in_order(pool, lambda i: read_tile(source, plan, i), range(len(tiles)), ahead=1)
+        for tile_no, pixels in enumerate(reads):
             parts.append(detect_tile(source, plan, tile_no, cfg, pixels))
             bar.update()
     return finish_cells(parts, source, cfg)[0]
@@ -628,10 +627,15 @@ def crop_box(row, margin: float, dimensions: tuple[int, int]) -> tuple[int, int,
     return x, y, min(side, width - x), min(side, height - y)
 
 
+def crop_boxes(cells_df: pd.DataFrame, margin: float, dimensions: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """`crop_box` for every cell of cells_df, in order."""
+    return [crop_box(row._asdict(), margin, dimensions)
+            for row in cells_df[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+
+
 def iter_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float) -> Iterator[np.ndarray]:
     """RGB crops one at a time, in cells_df order (constant memory for big slides)."""
-    for row in cells_df[["x0", "y0", "x1", "y1"]].itertuples(index=False):
-        x, y, w, h = crop_box(row._asdict(), margin, source.dimensions)
+    for x, y, w, h in crop_boxes(cells_df, margin, source.dimensions):
         yield source.read_region(x, y, w, h)
 
 
@@ -645,8 +649,7 @@ def tile_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float, size:
     read of their joint bounding box: the same pixels as `read_crops`, far fewer reads."""
     from pipeline.data.transforms import base_resize
 
-    boxes = [crop_box(row._asdict(), margin, source.dimensions)
-             for row in cells_df[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+    boxes = crop_boxes(cells_df, margin, source.dimensions)
     if not boxes:
         return np.zeros((0, size, size, 3), np.uint8)
     bx0, by0 = min(b[0] for b in boxes), min(b[1] for b in boxes)

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
+from pipeline.concurrency import in_order
 from pipeline.config import SlideConfig
-
-SCHEDULES = ("phased", "overlapped", "sequential")
-
 
 class _Batcher:
     """Collects model-input crops and scores them in fixed-size batches, timing the model."""
@@ -68,26 +64,6 @@ class _Batcher:
     def finish(self) -> np.ndarray:
         self._drain(final=True)
         return np.concatenate(self.scores) if self.scores else np.zeros(0)
-
-
-def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
-    """fn(item) for each item, run by `pool` with at most `ahead` in flight, yielded in order."""
-    items = iter(items)
-    in_flight: deque = deque()
-    try:
-        for item in items:
-            in_flight.append(pool.submit(fn, item))
-            if len(in_flight) >= ahead:
-                break
-        while in_flight:
-            done = in_flight.popleft()
-            for item in items:  # refill first, so the workers never wait on the consumer
-                in_flight.append(pool.submit(fn, item))
-                break
-            yield done.result()
-    finally:
-        for future in in_flight:
-            future.cancel()
 
 
 def _bar(total: int, desc: str, progress: bool | None):
@@ -144,7 +120,7 @@ def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: b
     parts: list[pd.DataFrame | None] = []
     with _bar(len(plan.tiles), f"score {source.path.name}", progress) as bar, \
             ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
-        for part, crops in _in_order(pool, job, range(len(plan.tiles)), cfg.queue_tiles):
+        for part, crops in in_order(pool, job, range(len(plan.tiles)), cfg.queue_tiles):
             parts.append(part)
             batcher.add(crops)
             bar.update()
@@ -169,7 +145,7 @@ def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool 
     with _bar(len(plan.tiles), f"cells {source.path.name}", progress) as bar, \
             ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
         parts = []
-        for part in _in_order(pool, lambda i: detect_tile(source, plan, i, cfg), range(len(plan.tiles)),
+        for part in in_order(pool, lambda i: detect_tile(source, plan, i, cfg), range(len(plan.tiles)),
                               cfg.queue_tiles):
             parts.append(part)
             bar.update()
@@ -185,7 +161,7 @@ def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool 
     with _bar(len(with_cells), "score", progress) as bar, \
             ThreadPoolExecutor(max_workers=max(1, cfg.crop_workers), thread_name_prefix="crop") as pool:
         # crop_workers 0: cut crops between model batches, so nothing preempts the model's threads.
-        stream = _in_order(pool, crop, with_cells, cfg.queue_tiles) if cfg.crop_workers else map(crop, with_cells)
+        stream = in_order(pool, crop, with_cells, cfg.queue_tiles) if cfg.crop_workers else map(crop, with_cells)
         for crops in stream:
             batcher.add(crops)
             bar.update()
