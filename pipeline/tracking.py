@@ -33,6 +33,25 @@ def _artifact_root(uri: str) -> str | None:
     return None  # a server decides
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a sqlite store across processes: two processes creating or
+    migrating the same new database (or the same experiment) at once make one of them fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def setup(config: MlflowConfig) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
     import mlflow
@@ -40,14 +59,15 @@ def setup(config: MlflowConfig) -> str:
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    experiment = mlflow.get_experiment_by_name(config.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = _artifact_root(uri)
-    if location:
-        root = Path(location[len("file://"):])
-        location = (root / config.experiment).as_uri()
-    return mlflow.create_experiment(config.experiment, artifact_location=location)
+    with _store_lock(uri):
+        experiment = mlflow.get_experiment_by_name(config.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = _artifact_root(uri)
+        if location:
+            root = Path(location[len("file://"):])
+            location = (root / config.experiment).as_uri()
+        return mlflow.create_experiment(config.experiment, artifact_location=location)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -221,14 +241,19 @@ class TrainingTracker:
     def run_id(self) -> str | None:
         return self.run.run_id if self.run else None
 
-    def start(self, params: dict, split_sha: str, config_hash: str, state: dict | None) -> None:
+    def start(self, params: dict, split_sha: str, config_hash: str, state: dict | None,
+              stale_run_id: str | None = None) -> None:
+        """Open the run. `stale_run_id`: the run that last wrote the checkpoint folder; if it is
+        still RUNNING, its process died (the folder lock proves it) and it is marked KILLED."""
         self.run = Run(self.config, run_name=self.run_name, nested=self.nested)
         self.run.log_params(params)
         tags = provenance_tags(self.inputs)
         tags["config_hash"] = config_hash
         previous = (state or {}).get("mlflow_run_id")
+        stale = [r for r in (stale_run_id, previous) if r and r != self.run_id]
+        if stale:
+            mark_stale_runs(self.run.experiment_id, list(dict.fromkeys(stale)))
         if previous:
-            mark_stale_runs(self.run.experiment_id, [previous])
             tags["resumed_from_run"] = previous
             tags["resumed_from_epoch"] = str(state["epoch"])
         self.run.set_tags(tags)

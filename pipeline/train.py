@@ -5,6 +5,7 @@ Randomness is keyed by (seed, epoch): a resumed run reproduces an uninterrupted 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,8 +22,7 @@ from pipeline import atomic
 from pipeline.config import LabelMap, Params
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
 
-CHECKPOINT = "last.pt"
-BEST = "best.pt"
+BEST = "best.pt"  # the best epoch's weights, also logged to MLflow
 
 
 class TrainingError(RuntimeError):
@@ -44,10 +44,13 @@ class FitResult:
 
 # ---------------------------------------------------------------- helpers
 
-def config_hash(params: Params, split_sha: str) -> str:
-    """What makes two runs the same run (threads/workers/device change speed, not results)."""
+def config_hash(params: Params, split_sha: str, world_size: int = 1) -> str:
+    """What makes two runs the same run (threads/workers/device change speed, not results;
+    the number of processes changes the batches each BatchNorm sees)."""
     train = {k: v for k, v in asdict(params.train).items() if k not in ("num_threads", "num_workers", "device")}
     payload = {"model": asdict(params.model), "train": train, "label_map": params.data.label_map, "split": split_sha}
+    if world_size > 1:
+        payload["world_size"] = world_size
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -125,14 +128,15 @@ def _device(name: str):
 
 # ---------------------------------------------------------------- loops
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last: bool, desc: str):
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last: bool, desc: str,
+                    progress: bool = True):
     """One pass over `loader`; returns (mean loss, images/s). Raises TrainingError on a non-finite loss."""
     import torch
     from tqdm import tqdm
 
     model.train()
     total, seen, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", disable=None, file=sys.stderr, leave=False)
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None if progress else True, file=sys.stderr, leave=False)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device), y.to(device)
         if channels_last:
@@ -172,49 +176,96 @@ def evaluate(model, loader, criterion, device, channels_last: bool):
 
 # ---------------------------------------------------------------- fit
 
-def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, resume: str = "auto",
-        tracker=None, log=print) -> FitResult:
-    """Train, checkpoint every epoch, keep the best model (by val AUC) in `model_dir`.
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
-    resume: "auto" continues an unfinished run of the same config if its checkpoint exists,
+
+def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> tuple[dict | None, dict]:
+    """(state to resume from or None, the folder's manifest). Rank 0 resets a folder it starts afresh."""
+    from pipeline import checkpoints
+
+    manifest = checkpoints.read_manifest(checkpoint_dir)
+    state = None
+    if resume != "never" and manifest["checkpoints"] and not manifest["finished"]:
+        try:
+            loaded = checkpoints.load_latest(checkpoint_dir, warn=warn)
+        except checkpoints.CheckpointError as exc:
+            raise TrainingError(str(exc)) from None
+        state = loaded[0] if loaded else None
+        if state is not None and state.get("config_hash") != chash:
+            if resume == "require":
+                raise TrainingError(f"{checkpoint_dir}: cannot resume, the checkpoint was made with a different config")
+            state = None
+    if resume == "require" and state is None:
+        why = "training there finished" if manifest["finished"] else "no checkpoint to resume from"
+        raise TrainingError(f"{checkpoint_dir}: {why}")
+    dist.barrier()  # every rank has read before rank 0 changes anything
+    if dist.is_main:
+        checkpoints.remove_stale_temp_files(checkpoint_dir)
+        if state is None:
+            for old in checkpoint_dir.glob("epoch-*.pt"):
+                old.unlink(missing_ok=True)
+            checkpoints.update_manifest(checkpoint_dir, checkpoints=[], finished=False)
+    return state, manifest
+
+
+def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, resume: str = "auto",
+        tracker=None, log=print, warn=_warn) -> FitResult:
+    """Train, checkpoint every epoch (the last two are kept), keep the best model (by val AUC).
+
+    resume: "auto" continues an unfinished run of the same config if a checkpoint exists,
     "require" insists on one, "never" starts afresh. `tracker` (optional) gets params,
     per-epoch metrics and artifacts (see pipeline.tracking.Run).
+    Under torchrun every rank trains (DistributedDataParallel); rank 0 alone writes.
     """
     import torch
-    from torch.utils.data import DataLoader, WeightedRandomSampler
 
+    from pipeline.checkpoints import FolderLock
+    from pipeline.distributed import Context
+
+    device = _device(params.train.device)
+    dist = Context.from_env(cuda=device.type == "cuda")
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_main:
+        tracker, log, warn = None, (lambda *_: None), (lambda *_: None)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(checkpoint_dir) if dist.is_main else contextlib.nullcontext()
+    with lock:
+        result = _fit(params, split_csv, Path(model_dir), checkpoint_dir, resume, tracker, log, warn, device, dist)
+    dist.close()
+    return result
+
+
+def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, warn, device, dist) -> FitResult:
+    import torch
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    from pipeline import checkpoints
     from pipeline.data.dataset import CellDataset
+    from pipeline.distributed import state_digest
     from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, file_sha256
     from pipeline.models.backbones import build_model, preprocessing
 
     cfg, mcfg = params.train, params.model
-    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    if dist.enabled and cfg.balance == "sampler":
+        raise TrainingError("train.balance: sampler is not supported with several processes; use class_weights")
+    if cfg.batch_size % dist.world_size:
+        raise TrainingError(f"train.batch_size {cfg.batch_size} must divide by the {dist.world_size} processes "
+                            "(it is the global batch)")
+    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
     torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed)
-    device = _device(cfg.device)
 
     label_map = LabelMap.load(params.data.label_map)
     labels = label_map.labels
     split = read_table(split_csv, SPLIT_COLUMNS)
     split_sha = file_sha256(Path(split_csv))
-    chash = config_hash(params, split_sha)
-    checkpoint_dir = Path(checkpoint_dir)
-    ckpt_path = checkpoint_dir / CHECKPOINT
-
-    # ---- resume?
-    state = None
-    if resume != "never" and ckpt_path.is_file():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise TrainingError(f"{ckpt_path}: unreadable checkpoint ({type(exc).__name__}); delete it to start afresh") from None
-        if state.get("config_hash") != chash or state.get("finished"):
-            if resume == "require":
-                why = "finished" if state.get("finished") else "made with a different config"
-                raise TrainingError(f"{ckpt_path}: cannot resume, the checkpoint was {why}")
-            state = None
-    if resume == "require" and state is None:
-        raise TrainingError(f"{ckpt_path}: no checkpoint to resume from")
+    chash = config_hash(params, split_sha, dist.world_size)
+    state, manifest = _resume_state(checkpoint_dir, chash, resume, dist, warn)
 
     root = source_root(params.data.source)
     train_rows = _cap(split[split["split"] == "train"], cfg.max_images, cfg.seed)
@@ -242,32 +293,40 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # norms and biases
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    drop_last = len(train_ds) > cfg.batch_size  # a batch of one breaks BatchNorm
-    steps_per_epoch = len(train_ds) // cfg.batch_size if drop_last else 1
+    rank_batch = cfg.batch_size // dist.world_size
+    rank_images = len(train_ds) // dist.world_size
+    drop_last = rank_images > rank_batch  # a batch of one breaks BatchNorm
+    steps_per_epoch = rank_images // rank_batch if drop_last else 1
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total_steps))
 
     history: list[dict] = []
     best_auc, best_epoch, bad_epochs, start_epoch, resumed_from = -1.0, 0, 0, 1, None
+    best_state = None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = list(state["history"])
         best_auc, best_epoch, bad_epochs = state["best_val_auc"], state["best_epoch"], state["bad_epochs"]
+        best_state = state["best_model"]
         start_epoch = resumed_from = state["epoch"] + 1
-        log(f"resuming from {ckpt_path} after epoch {state['epoch']} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
+        log(f"resuming from {checkpoint_dir} after epoch {state['epoch']} "
+            f"(best val AUC {best_auc:.4f} at epoch {best_epoch})")
+    net = model
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     config_dict = params.to_dict()
     if tracker is not None:
-        tracker.start(config_dict, split_sha, chash, state)
+        tracker.start(config_dict, split_sha, chash, state, stale_run_id=manifest["mlflow_run_id"])
+        checkpoints.update_manifest(checkpoint_dir, mlflow_run_id=tracker.run_id)
         for row in history:  # the resumed run carries the whole curve
             tracker.log_epoch(row)
 
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
     stopped_early = False
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     for epoch in range(start_epoch, cfg.epochs + 1):
         if bad_epochs >= cfg.patience:
             stopped_early = True
@@ -275,7 +334,11 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc., independent of where we resumed
         train_ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        if cfg.balance == "sampler":
+        if dist.enabled:
+            sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train_ds, rank_batch, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers)
+        elif cfg.balance == "sampler":
             weights = torch.tensor([1.0 / counts[t] for t in train_ds.targets], dtype=torch.double)
             sampler = WeightedRandomSampler(weights, len(train_ds), replacement=True, generator=gen)
             loader = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers)
@@ -284,39 +347,54 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
                                 num_workers=cfg.num_workers)
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, speed = train_one_epoch(model, loader, criterion, optimizer, scheduler, device,
-                                            cfg.channels_last, f"epoch {epoch}/{cfg.epochs}")
-        val_loss, probs, targets = evaluate(model, val_loader, eval_criterion, device, cfg.channels_last)
-        val = classification_metrics(probs, targets, labels, params.evaluate.positive_labels)
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val["auc"],
-               "val_balanced_accuracy": val["balanced_accuracy"], "lr": lr, "images_per_s": speed,
+        train_loss, speed = train_one_epoch(net, loader, criterion, optimizer, scheduler, device,
+                                            cfg.channels_last, f"epoch {epoch}/{cfg.epochs}", progress=dist.is_main)
+        dist.sync_buffers(model)  # BatchNorm statistics: rank 0's, so every rank holds the same model
+        if dist.is_main:
+            val_loss, probs, targets = evaluate(model, val_loader, eval_criterion, device, cfg.channels_last)
+            val = classification_metrics(probs, targets, labels, params.evaluate.positive_labels)
+            numbers = [train_loss, val_loss, val["auc"], val["balanced_accuracy"]]
+        else:
+            numbers = [0.0] * 4
+        train_loss, val_loss, val_auc, val_bacc = dist.broadcast_floats(numbers)  # one early-stopping decision
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
+               "val_balanced_accuracy": val_bacc, "lr": lr, "images_per_s": speed * dist.world_size,
                "seconds": time.perf_counter() - t0}
         history.append(row)
-        improved = val["auc"] > best_auc
+        improved = val_auc > best_auc
         if improved:
-            best_auc, best_epoch, bad_epochs = val["auc"], epoch, 0
-            with atomic.atomic_path(checkpoint_dir / BEST) as tmp:
-                torch.save(model.state_dict(), tmp)
+            best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        with atomic.atomic_path(ckpt_path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config_dict,
-                        "config_hash": chash, "rng": rng_states(), "history": history,
-                        "best_val_auc": best_auc, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                        "finished": False, "mlflow_run_id": getattr(tracker, "run_id", None)}, tmp)
+        if dist.is_main:
+            checkpoints.save(checkpoint_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config_dict,
+                "config_hash": chash, "rng": rng_states(), "history": history,
+                "best_val_auc": best_auc, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                "best_model": best_state, "world_size": dist.world_size,
+                "mlflow_run_id": getattr(tracker, "run_id", None)}, epoch)
         if tracker is not None:
             tracker.log_epoch(row)
         log(f"epoch {epoch:>2}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-            f"val_auc {val['auc']:.4f}  val_bacc {val['balanced_accuracy']:.4f}  lr {lr:.2e}  "
-            f"{speed:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if improved else ""))
+            f"val_auc {val_auc:.4f}  val_bacc {val_bacc:.4f}  lr {lr:.2e}  "
+            f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if improved else ""))
+
+    digests = dist.gather_digests(state_digest(model.state_dict()))
+    result = FitResult(history, best_epoch, best_auc, len(history), stopped_early, resumed_from, model_dir,
+                       checkpoint_dir)
+    if not dist.is_main:
+        return result
+    if len(set(digests)) > 1:
+        raise TrainingError(f"the {dist.world_size} processes ended with different weights: {digests}")
 
     # ---- the model dir: best weights + everything inference needs
-    model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    best_weights = torch.load(checkpoint_dir / BEST, map_location="cpu", weights_only=True)
+    with atomic.atomic_path(checkpoint_dir / BEST) as tmp:
+        torch.save(best_state, tmp)
     with atomic.atomic_path(model_dir / WEIGHTS_FILE) as tmp:
-        torch.save(best_weights, tmp)
+        torch.save(best_state, tmp)
     best_row = next(r for r in history if r["epoch"] == best_epoch)
     meta = {"arch": mcfg.arch, "labels": list(labels), "positive_label": labels[1] if len(labels) == 2 else None,
             "image_size": mcfg.image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic",
@@ -324,14 +402,12 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
             "label_map": label_map.path, "label_map_classes": label_map.classes,
             "best_epoch": best_epoch, "val_metrics": {k: best_row[k] for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
             "config_hash": chash, "split_sha256": split_sha,
+            "training": {"world_size": dist.world_size, "backend": dist.backend,
+                         "final_weights_sha256_by_rank": digests},
             "sha256": {WEIGHTS_FILE: file_sha256(model_dir / WEIGHTS_FILE)}}
     atomic.write_json(model_dir / META_FILE, meta)
-
-    final = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    final["finished"] = True
-    with atomic.atomic_path(ckpt_path) as tmp:
-        torch.save(final, tmp)
-    return FitResult(history, best_epoch, best_auc, len(history), stopped_early, resumed_from, model_dir, checkpoint_dir)
+    checkpoints.update_manifest(checkpoint_dir, finished=True)
+    return result
 
 
 # ---------------------------------------------------------------- the stage
@@ -374,10 +450,14 @@ def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, ch
     """The stage: fit with MLflow tracking, write reports, log and register the model."""
     import yaml
 
+    from pipeline.distributed import Context
     from pipeline.inference.mlflow_pyfunc import input_example
     from pipeline.inference.predictor import META_FILE, read_metadata
     from pipeline.tracking import TrainingTracker
 
+    if not Context.env_is_main():  # another rank of a torchrun job: train only, rank 0 reports
+        result = fit(params, split_csv, model_dir, checkpoint_dir, resume)
+        return result, {}
     tracker = TrainingTracker(params.mlflow, {"manifest": Path(manifest_csv), "split": Path(split_csv)})
     start = time.perf_counter()
     try:

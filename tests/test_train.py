@@ -11,8 +11,9 @@ from pipeline.config import LabelMap, load_params
 from pipeline.data.ingest import ingest, write_outputs
 from pipeline.data.split import split_frame
 from pipeline.models.backbones import WeightsError, build_model
-from pipeline.train import CHECKPOINT, TrainingError, fit, lr_lambda
-from tests.conftest import ROOT
+from pipeline import checkpoints
+from pipeline.train import TrainingError, fit, lr_lambda
+from tests.conftest import ROOT, tree_digest
 
 
 def make_split(tmp: Path, herlev_dir: Path, label_map: str = "configs/labels/herlev_binary.yaml"):
@@ -57,7 +58,7 @@ class StopAfter:
     def __init__(self, n):
         self.n = n
 
-    def start(self, *args):
+    def start(self, *args, **kwargs):
         pass
 
     def log_epoch(self, row):
@@ -73,9 +74,14 @@ def test_loss_decreases_and_outputs_exist(tiny, tmp_path):
     assert losses[-1] < losses[0], losses
     assert result.epochs_run == 3 and 0 <= result.best_val_auc <= 1
     assert (tmp_path / "model" / "model.pt").is_file() and (tmp_path / "model" / "model.json").is_file()
-    ckpt = torch.load(tmp_path / "ck" / CHECKPOINT, weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "config", "rng"} <= set(ckpt)
-    assert ckpt["epoch"] == 3 and ckpt["finished"] is True
+    ckpt, entry = checkpoints.load_latest(tmp_path / "ck")
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "rng", "best_model"} <= set(ckpt)
+    assert ckpt["epoch"] == entry.epoch == 3
+    manifest = checkpoints.read_manifest(tmp_path / "ck")
+    assert manifest["finished"] is True
+    # the last two epochs are kept, each with its sha256
+    assert [e.epoch for e in manifest["checkpoints"]] == [3, 2]
+    assert sorted(p.name for p in (tmp_path / "ck").glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt"]
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(tiny, tmp_path):
@@ -87,7 +93,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         fit(params, split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(1), **quiet)
-    assert torch.load(tmp_path / "ck" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert checkpoints.load_latest(tmp_path / "ck")[0]["epoch"] == 1
     resumed = fit(params, split_csv, tmp_path / "m", tmp_path / "ck", resume="require", **quiet)
     assert resumed.resumed_from_epoch == 2
     assert _stable(resumed.history) == _stable(full.history)
@@ -103,11 +109,75 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, mo
     params, split_csv, _ = tiny
     with pytest.raises(KeyboardInterrupt):
         fit(params, split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(1), log=lambda *_: None)
-    good = (tmp_path / "ck" / CHECKPOINT).read_bytes()
+    good = _checkpoint_files(tmp_path / "ck")
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", lambda self, x, y: (x.sum() * float("nan")))
     with pytest.raises(TrainingError, match="non-finite loss"):
         fit(params, split_csv, tmp_path / "m", tmp_path / "ck", log=lambda *_: None)
-    assert (tmp_path / "ck" / CHECKPOINT).read_bytes() == good
+    assert _checkpoint_files(tmp_path / "ck") == good  # the epoch-1 checkpoint is untouched
+    assert checkpoints.load_latest(tmp_path / "ck")[0]["epoch"] == 1
+
+
+def _checkpoint_files(folder):
+    return {k: v for k, v in tree_digest(folder).items() if k.startswith("epoch-")}
+
+
+def _corrupt_by_flipping(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_by_truncating(path):
+    """Truncated, with the manifest updated to match: only loading can tell."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    manifest = checkpoints.read_manifest(path.parent)
+    manifest["checkpoints"] = [checkpoints.Entry(e.file, e.epoch, checkpoints._sha256(path)) if e.file == path.name
+                               else e for e in manifest["checkpoints"]]
+    checkpoints._write_manifest(path.parent, manifest)
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_by_flipping, _corrupt_by_truncating])
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny, tmp_path, corrupt):
+    params, split_csv, _ = tiny
+    params = _with_train(params, epochs=3)
+    quiet = dict(log=lambda *_: None)
+    full = fit(params, split_csv, tmp_path / "m_full", tmp_path / "ck_full", **quiet)
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(2), **quiet)
+    corrupt(tmp_path / "ck" / "epoch-0002.pt")
+    messages = []
+    resumed = fit(params, split_csv, tmp_path / "m", tmp_path / "ck", resume="require", warn=messages.append,
+                  **quiet)
+    warning = messages[0]
+    assert "epoch-0002.pt" in warning and "using the previous checkpoint epoch-0001.pt" in warning
+    assert resumed.resumed_from_epoch == 2
+    assert _stable(resumed.history) == _stable(full.history)
+    assert torch.equal(torch.load(tmp_path / "m" / "model.pt", weights_only=True)["classifier.weight"],
+                       torch.load(tmp_path / "m_full" / "model.pt", weights_only=True)["classifier.weight"])
+
+
+def test_no_usable_checkpoint_is_a_clear_error(tiny, tmp_path):
+    params, split_csv, _ = tiny
+    with pytest.raises(KeyboardInterrupt):
+        fit(_with_train(params, epochs=3), split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(2),
+            log=lambda *_: None)
+    for path in (tmp_path / "ck").glob("epoch-*.pt"):
+        _corrupt_by_flipping(path)
+    with pytest.raises(TrainingError, match="no usable checkpoint.*--fresh"):
+        fit(_with_train(params, epochs=3), split_csv, tmp_path / "m", tmp_path / "ck", log=lambda *_: None)
+
+
+def test_one_checkpoint_folder_serves_one_training_and_stale_temp_files_go(tiny, tmp_path):
+    params, split_csv, _ = tiny
+    (tmp_path / "ck").mkdir()
+    stale = tmp_path / "ck" / ".epoch-0001.pt.x1y2.tmp"  # what a SIGKILL during a save leaves
+    stale.write_bytes(b"half a checkpoint")
+    with checkpoints.FolderLock(tmp_path / "ck"):
+        with pytest.raises(checkpoints.CheckpointError, match="another training is using"):
+            fit(params, split_csv, tmp_path / "m", tmp_path / "ck", log=lambda *_: None)
+    assert stale.exists()
+    fit(_with_train(params, epochs=1), split_csv, tmp_path / "m", tmp_path / "ck", log=lambda *_: None)
+    assert not stale.exists()
 
 
 def test_seven_class_task_trains_by_switching_the_label_map(tmp_path, herlev_dir):
