@@ -5,6 +5,7 @@ the file and the key.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,8 +18,31 @@ EXCLUDE = "exclude"
 SPLITS = ("train", "val", "test")
 
 
+# What str.splitlines() breaks on: a key or value holding one must not break the message.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported as one line."""
+
+    def __init__(self, message: object = ""):
+        # Line breaks inside names taken from the file are shown escaped, as repr() would.
+        super().__init__(str(message).translate(_LINE_BREAKS))
+
+
+def _shown(value: object, text: bool = False) -> str:
+    """repr() (str() if `text`) for a message, short, and safe for ints too long to print
+    (YAML reads 0xfff... of any length; str() of an int over 4300 digits raises)."""
+    try:
+        shown = str(value) if text else repr(value)
+    except ValueError:
+        shown = f"<int of {value.bit_length()} bits>"
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _names(keys) -> str:
+    """Keys for a message: YAML keys may be ints, bools, null... as well as strings."""
+    return ", ".join(sorted({_shown(k, text=True) for k in keys}))
 
 
 def read_yaml(path: Path | str) -> dict[str, Any]:
@@ -29,9 +53,15 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
+    except ValueError as exc:  # PyYAML's int(): a decimal integer over 4300 digits
         raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
     if data is None:
         return {}
@@ -46,7 +76,7 @@ def _section(raw: dict, key: str, allowed: set[str], where: str) -> dict:
         raise ConfigError(f"{where}: '{key}' must be a mapping")
     unknown = set(value) - allowed
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) in '{key}': {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown key(s) in '{key}': {_names(unknown)}")
     return value
 
 
@@ -63,7 +93,7 @@ class LabelMap:
         raw = read_yaml(path)
         unknown = set(raw) - {"labels", "classes"}
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{path}: unknown key(s): {_names(unknown)}")
         labels = raw.get("labels")
         classes = raw.get("classes")
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
@@ -76,11 +106,15 @@ class LabelMap:
             raise ConfigError(f"{path}: 'classes' must map source class names to labels")
         allowed = set(labels) | {EXCLUDE}
         for name, label in classes.items():
-            if label not in allowed:
+            if not isinstance(label, str) or label not in allowed:
                 raise ConfigError(
-                    f"{path}: class '{name}' maps to '{label}', which is not one of {sorted(allowed)}"
+                    f"{path}: class '{_shown(name, text=True)}' maps to '{_shown(label, text=True)}', "
+                    f"which is not one of {sorted(allowed)}"
                 )
-        return cls(tuple(labels), {str(k): str(v) for k, v in classes.items()}, str(path))
+        names = {str(k): v for k, v in classes.items()}
+        if len(names) != len(classes):
+            raise ConfigError(f"{path}: 'classes' names the same class twice (e.g. 1 and '1')")
+        return cls(tuple(labels), names, str(path))
 
     def label_of(self, original_class: str) -> str:
         try:
@@ -106,6 +140,9 @@ class GroupRule:
     def __post_init__(self):
         if (self.regex is None) == (self.column is None):
             raise ConfigError("data.group: set exactly one of 'regex' or 'column'")
+        for name in ("regex", "column"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"data.group.{name}: expected a string, got {_shown(getattr(self, name))}")
         if self.regex is not None:
             try:
                 compiled = re.compile(self.regex)
@@ -138,8 +175,10 @@ class SplitConfig:
     def __post_init__(self):
         if set(self.fractions) != set(SPLITS):
             raise ConfigError(f"split.fractions: need exactly {', '.join(SPLITS)}; got {', '.join(self.fractions)}")
-        if any(not isinstance(v, (int, float)) or v <= 0 for v in self.fractions.values()):
-            raise ConfigError("split.fractions: every fraction must be a number > 0")
+        # `not 0 < v <= 1` also rejects NaN (which would pass the sum test) and ints too big for a float.
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1
+               for v in self.fractions.values()):
+            raise ConfigError("split.fractions: every fraction must be a number in (0, 1]")
         total = sum(self.fractions.values())
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(f"split.fractions: must sum to 1 (they sum to {total:g})")
@@ -187,7 +226,7 @@ class TrainConfig:
             raise ConfigError(f"train.balance: '{self.balance}' is not one of {', '.join(BALANCE)}")
         if self.augment not in PRESETS:
             raise ConfigError(f"train.augment: '{self.augment}' is not one of {', '.join(PRESETS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:  # NaN lr too
             raise ConfigError("train: epochs, batch_size and lr must be positive")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("train.label_smoothing: must be in [0, 1)")
@@ -266,6 +305,8 @@ class SlideConfig:
             raise ConfigError(f"slide.crop_workers: must be >= 0, got {self.crop_workers}")
         if self.inference_threads < 0:
             raise ConfigError(f"slide.inference_threads: must be >= 0 (0: every core), got {self.inference_threads}")
+        if not 0 <= self.crop_margin < math.inf:  # a negative margin cuts into the cell; NaN breaks crop_box
+            raise ConfigError(f"slide.crop_margin: must be a finite number >= 0, got {self.crop_margin}")
 
 
 @dataclass(frozen=True)
@@ -286,6 +327,13 @@ class ExportConfig:
             raise ConfigError(f"export.tolerance: must be > 0, got {self.tolerance}")
 
 
+def _in_range(value: Any, where: str):
+    """Ints fit in 64 bits: YAML reads integers of any length (float() of one overflows)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise ConfigError(f"{where}: {_shown(value)} is out of range (64-bit integers)")
+    return value
+
+
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "str | None": (str, type(None)),
           "list": (list,)}
 
@@ -299,7 +347,8 @@ def _from_section(cls, section: dict, where: str):
         value = section[f.name]
         allowed = _TYPES[f.type]
         if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-            raise ConfigError(f"{where}.{f.name}: expected {f.type}, got {value!r}")
+            raise ConfigError(f"{where}.{f.name}: expected {f.type}, got {_shown(value)}")
+        _in_range(value, f"{where}.{f.name}")
         kwargs[f.name] = float(value) if f.type == "float" else value
     return cls(**kwargs)
 
@@ -330,8 +379,8 @@ _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "mlflow": MlflowConfig,
 
 def _typed(value: Any, kind: type, where: str):
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
-    return value
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {_shown(value)}")
+    return _in_range(value, where)
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
@@ -340,7 +389,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     where = str(path)
     unknown = set(raw) - {"data", "split", *_SECTIONS}
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown section(s): {_names(unknown)}")
     data = _section(raw, "data", {"source", "label_map", "group", "min_side", "max_pixels"}, where)
     group = _section(data, "group", {"regex", "column"}, f"{where}: data")
     split = _section(raw, "split", {"seed", "fractions", "folds"}, where)
