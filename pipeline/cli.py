@@ -22,7 +22,7 @@ Stages (also run by `dvc repro`, parameters from params.yaml):
 
 For pathologists:
   predict      score image files or folders: calibrated probability and call per file
-  score-slide  score a whole slide: cells.csv, summary.json, heat map and report.html
+  score-slide  score whole slides: cells.csv, summary.json, heat map and report.html each
 """
 
 
@@ -68,9 +68,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline import train
     from pipeline.config import load_params
 
+    if args.nproc > 1 or args.nnodes > 1:
+        from pipeline.distributed import launch
+
+        world = args.nproc * args.nnodes
+        batch = load_params(args.params).train.batch_size
+        if batch % world:  # checked here too, so a bad config fails before any process starts
+            raise train.TrainingError(f"train.batch_size {batch} must divide by the {world} processes "
+                                      "(it is the global batch)")
+
+        forward = ["train", "--params", args.params, "--split", args.split, "--manifest", args.manifest,
+                   "--out", args.out, "--checkpoints", args.checkpoints, "--reports", args.reports]
+        forward += ["--resume"] if args.resume else ["--fresh"] if args.fresh else []
+        return launch(forward, args.nproc, args.nnodes, args.rdzv_endpoint)
     params = load_params(args.params)
     resume = "require" if args.resume else "never" if args.fresh else "auto"
     result, metrics = train.run(params, args.split, args.manifest, args.out, args.checkpoints, args.reports, resume)
+    if not metrics:  # a torchrun worker other than rank 0
+        return 0
     print(f"train: best val AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} of {result.epochs_run}"
           + (" (stopped early)" if result.stopped_early else "")
           + f"; model -> {args.out}; MLflow run {metrics['mlflow_run_id']}, "
@@ -129,13 +144,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_score_slide(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pipeline.inference.score_slide import score_slide
+    from pipeline.inference.score_slide import score_slides
 
     params = _params_or_defaults(args.params)
     cfg = params.slide if args.batch_size is None else replace(params.slide, batch_size=args.batch_size)
-    score_slide(args.slide, args.model, Path(args.out), cfg, mpp=args.mpp, top=args.top, tta=args.tta,
-                tracking_uri=_tracking_uri(params))
-    return 0
+    return score_slides(args.slides, args.model, Path(args.out), cfg, mpp=args.mpp, top=args.top, tta=args.tta,
+                        tracking_uri=_tracking_uri(params))
 
 
 def _tracking_uri(params) -> str:
@@ -187,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the checkpoint; fail if there is none")
     mode.add_argument("--fresh", action="store_true", help="ignore any checkpoint and start afresh")
+    dist = p.add_argument_group("distributed (torchrun + DistributedDataParallel; gloo on CPU, nccl on CUDA)")
+    dist.add_argument("--nproc", type=int, default=1, metavar="N",
+                      help="training processes on this node; >1 runs the command under torchrun (default: 1)")
+    dist.add_argument("--nnodes", type=int, default=1, metavar="N",
+                      help="nodes taking part; run the same command on each (default: 1)")
+    dist.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nnodes > 1: where the nodes meet")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -255,14 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("score-slide", help="score a whole slide and write a reviewable report",
+    p = sub.add_parser("score-slide", help="score whole slides and write a reviewable report for each",
                        description="Detect cells on a whole slide (any format OpenSlide reads, or a plain PNG/JPEG "
                                    "field image), score each with the calibrated model, and write cells.csv, "
-                                   "summary.json, heatmap.png and a self-contained report.html into --out.")
+                                   "summary.json, heatmap.png and a self-contained report.html into --out "
+                                   "(with several slides, into --out/<slide file stem>/). A slide that cannot be "
+                                   "read is reported and skipped; the exit status is 1 if any slide failed.")
     _add_params(p)
-    p.add_argument("slide", metavar="SLIDE", help="slide file")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
     p.add_argument("--model", default=default_model, help="MLflow URI or model folder (default: %(default)s)")
-    p.add_argument("--out", default="slide-report", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="slide-report", metavar="DIR",
+                   help="output folder; with several slides, one subfolder per slide (default: %(default)s)")
     p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when the slide's properties lack it")
     p.add_argument("--top", type=int, help="cells in the report gallery (default: slide.gallery in params)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -285,8 +308,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pipeline.inference.slide import SlideError
     from pipeline.models.backbones import WeightsError
     from pipeline.train import TrainingError
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.distributed import LaunchError
 
-    return ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError, \
+    return CheckpointError, LaunchError, ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError, \
         EvaluationError, CvError, SlideError, ExportError
 
 

@@ -49,6 +49,10 @@ def load_images(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
         except ImageError as exc:
             images.append(None)
             errors.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - one odd file must not abort the evaluation
+            images.append(None)
+            first = (str(exc).splitlines() or [""])[0]
+            errors.append(f"{p}: cannot read: {type(exc).__name__}{': ' + first if first else ''}")
     return images, errors
 
 

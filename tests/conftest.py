@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,25 @@ def make_image(path: Path, size=(40, 32), mode="RGB", seed=0, fmt=None) -> Path:
             img = img.convert(mode)
     img.save(path, format=fmt)
     return path
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims width x height (a decompression bomb), without the pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def without_root_file_access(cmd: list[str]) -> list[str]:
+    """`cmd` run so that file permissions apply even to root, who otherwise reads a chmod 000
+    file: the capabilities that bypass them are dropped (root-owned 0700 folders stay usable)."""
+    if os.geteuid() != 0:
+        return cmd
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -194,8 +194,17 @@ def test_nproc_with_an_indivisible_batch_is_one_clear_error(make_project):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--nproc", "2"], cwd=project, env=_env(),
                           text=True, capture_output=True, timeout=300)
     assert proc.returncode == 1
-    assert "train.batch_size 7 must divide by the 2 processes" in proc.stderr
-    assert "cytopipe train: error: distributed training failed (rank 0 exit code 1" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "cytopipe train: error: train.batch_size 7 must divide by the 2 processes (it is the global batch)"]
+
+
+def test_a_failing_worker_fails_the_launch_in_one_line_per_process(make_project):
+    project = make_project("ddp_fail")
+    (project / "data/split/split.csv").write_text("not,a,split\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--nproc", "2"], cwd=project, env=_env(),
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 1
+    assert "cytopipe train: error: distributed training failed (rank " in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

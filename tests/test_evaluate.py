@@ -111,7 +111,8 @@ def test_registry_uri_resolves_to_the_calibrated_model(project):
     from pipeline.calibration import Band
 
     served = mlflow.pyfunc.load_model(out["mlflow"]["model_uri"]).predict(pd.DataFrame({"image": [_b64(root)]}))
-    assert list(served.columns) == ["prob_benign", "prob_malignant", "p_malignant", "call", "model_version"]
+    assert list(served.columns) == ["prob_benign", "prob_malignant", "p_malignant", "call", "model_version", "error"]
+    assert served["error"].tolist() == [""]
     # The logged copy knows the version it was registered as (not the training registration's).
     assert served["model_version"].tolist() == [out["mlflow"]["version"]]
     split = pd.read_csv(root / "data/split/split.csv", dtype=str)

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +16,8 @@ import pytest
 from pipeline.config import ExportConfig
 from pipeline.inference.predictor import INT8_FILE, ONNX_FILE, ModelDirError, OnnxPredictor, TorchPredictor
 from tests.conftest import ROOT, tree_digest
-from tests.tiny_project import tiny_project
+from tests.serving import frame, post, serve
+from tests.tiny_project import exported_tiny_project
 
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
 MODEL = "models:/cytology-classifier@champion"
@@ -30,13 +25,8 @@ MODEL = "models:/cytology-classifier@champion"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from pipeline import export
-
-    # Minimums of 0 so that the tiny model gets @champion, which the export then takes over.
-    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0) as (root, out, params):
-        result = export.run(params, root / "models/calibrated", root / "data/split/split.csv",
-                            root / "models/exported", root / "reports/export")
-        yield {"root": root, "evaluate": out, "export": result, "params": params}
+    with exported_tiny_project(tmp_path_factory) as built:
+        yield built
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +148,8 @@ from pipeline.inference.mlflow_pyfunc import encode_image_file
 mlflow.set_tracking_uri({f'sqlite:///{root / "mlflow.db"}'!r})
 model = mlflow.pyfunc.load_model({MODEL!r})
 out = model.predict(pd.DataFrame({{'image': [encode_image_file(f) for f in {files!r}]}}))
-print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].tolist()}}))
+print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].tolist(), 'e': out['error'].tolist(),
+                  'outputs': model.metadata.get_output_schema().input_names()}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -168,7 +159,9 @@ print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].t
     onnx_p = OnnxPredictor(root / "models/exported")
     want = onnx_p.malignant_probability(onnx_p.predict_proba([np.asarray(Image.open(f).convert("RGB")) for f in files]))
     np.testing.assert_allclose(got["p"], want, atol=1e-6)
-    assert got["v"] == [project["export"]["model_version"]] * 3
+    assert got["v"] == [project["export"]["model_version"]] * 3 and got["e"] == [""] * 3
+    # The logged signature names every output column, the per-row `error` included.
+    assert got["outputs"] == ["prob_benign", "prob_malignant", "p_malignant", "call", "model_version", "error"]
 
 
 def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
@@ -225,67 +218,19 @@ def test_score_slide_with_onnx_has_cam_saliency(project, exported, tmp_path):
 # --------------------------------------------------------------------------- REST serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, payload) -> tuple[int, dict]:
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
-def _frame(values: list[str]) -> dict:
-    return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
-
-
 @pytest.fixture
 def server(project):
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project['root'] / 'mlflow.db'}"}
-    log = open(project["root"] / f"serve-{port}.log", "wb")
-    proc = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", MODEL, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=project["root"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail("mlflow models serve did not start:\n"
-                                + (project["root"] / f"serve-{port}.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with serve(project["root"], MODEL) as port:
         yield port
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-    assert proc.returncode is not None
 
 
-def test_rest_server_matches_predict_and_rejects_bad_payloads(project, server, tmp_path):
+def test_rest_server_matches_predict_and_reports_bad_rows(project, server, tmp_path):
     from pipeline.inference.files import predict_paths
     from pipeline.inference.mlflow_pyfunc import encode_image_file
 
     files = herlev_images(8)
     before = tree_digest(HERLEV)
-    status, body = _post(server, _frame([encode_image_file(f) for f in files]))
+    status, body = post(server, frame([encode_image_file(f) for f in files]))
     assert status == 200, body
     served = pd.DataFrame(body["predictions"])
     out = tmp_path / "predict.json"
@@ -296,18 +241,30 @@ def test_rest_server_matches_predict_and_rejects_bad_payloads(project, server, t
     assert list(served["call"]) == [r["call"] for r in rows]
     assert list(served["model_version"]) == [r["model_version"] for r in rows] == \
         [project["export"]["model_version"]] * 8
+    assert list(served["error"]) == [""] * 8
 
-    bad = {
-        "not base64": (_frame(["!!!not base64!!!"]), "not valid base64"),
-        "not an image": (_frame([base64.b64encode(b"plain text, no pixels").decode()]), "not an image"),
-        "empty value": (_frame([""]), "empty"),
-        "no rows": (_frame([]), "no rows"),
-        "empty body": (b"", "JSON"),
-    }
-    for what, (payload, message) in bad.items():
-        status, body = _post(server, payload)
+    # A bad row is reported in its own `error` and skipped; the good rows around it are scored.
+    bad = {"!!!not base64!!!": "row 1: not valid base64",
+           base64.b64encode(b"plain text, no pixels").decode(): "row 2: not an image",
+           "": "row 3: empty"}
+    good = encode_image_file(files[0])
+    status, body = post(server, frame([good, *bad, good]))
+    assert status == 200, body
+    got = body["predictions"]
+    assert len(got) == 5
+    for r, message in zip(got[1:4], bad.values()):
+        assert r["error"].startswith(message) and "\n" not in r["error"], r
+        assert r["call"] == "error" and r["p_malignant"] is None and r["prob_malignant"] is None
+    for r in (got[0], got[4]):
+        assert r["error"] == "" and r["p_malignant"] == pytest.approx(rows[0]["p_malignant"], abs=1e-5)
+
+    # A request that is malformed as a whole still fails as a whole.
+    whole = {"no rows": (frame([]), "no rows"), "empty body": (b"", "JSON"),
+             "no image column": ({"dataframe_split": {"columns": ["picture"], "data": [[good]]}}, "image")}
+    for what, (payload, message) in whole.items():
+        status, body = post(server, payload)
         assert 400 <= status < 500, (what, status, body)
         assert message in body.get("message", ""), (what, body)
-    status, body = _post(server, _frame([encode_image_file(files[0])]))  # still serving
+    status, body = post(server, frame([good]))  # still serving
     assert status == 200 and body["predictions"][0]["p_malignant"] == pytest.approx(rows[0]["p_malignant"], abs=1e-5)
     assert tree_digest(HERLEV) == before

@@ -1,8 +1,6 @@
 """The one image reader: every bad-file case gets a one-line reason; lossless modes become RGB."""
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.images import ImageError, ImageLimits, load_rgb
-from tests.conftest import make_image
-
-
-def _png_header_only(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims width x height (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-                     + chunk(b"IEND", b""))
-    return path
+from tests.conftest import make_image, png_header_only
 
 
 def _reason(path, **limits) -> str:
@@ -67,16 +55,25 @@ def test_too_small(tmp_path):
 
 
 def test_decompression_bomb_rejected_before_decoding(tmp_path):
-    p = _png_header_only(tmp_path / "bomb.png", 60000, 60000)
+    p = png_header_only(tmp_path / "bomb.png", 60000, 60000)
     assert "decompression-bomb" in _reason(p)
     # Our own limit applies too, below PIL's.
-    p2 = _png_header_only(tmp_path / "big.png", 5000, 5000)
+    p2 = png_header_only(tmp_path / "big.png", 5000, 5000)
     assert "pixel limit" in _reason(p2, max_pixels=1_000_000)
 
 
-def test_cmyk_rejected_as_lossy(tmp_path):
+def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
     p = make_image(tmp_path / "cmyk.jpg", mode="CMYK")
-    assert "CMYK" in _reason(p)
+    img = load_rgb(p)
+    assert Image.open(p).mode == "CMYK" and img.mode == "RGB" and img.size == (40, 32)
+    # PIL's own conversion, so the colours match what any PIL-based viewer shows.
+    assert np.array_equal(np.asarray(img), np.asarray(Image.open(p).convert("RGB")))
+
+
+def test_mode_without_a_conversion_is_rejected(tmp_path):
+    p = tmp_path / "float.tif"
+    Image.fromarray(np.zeros((20, 20), np.float32)).save(p)
+    assert "unsupported colour mode F" in _reason(p)
 
 
 def test_directory_and_broken_symlink(tmp_path):

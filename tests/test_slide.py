@@ -65,7 +65,7 @@ def draw_cells(img: np.ndarray, cells, debris=(), blob=None) -> np.ndarray:
     return img
 
 
-def write_pyramid(path: Path, level0: np.ndarray, mpp: float | None = MPP) -> Path:
+def write_pyramid(path: Path, level0: np.ndarray, mpp: float | None = MPP, compression: str | None = None) -> Path:
     """Tiled pyramidal TIFF, levels as successive IFDs (reduced ones flagged), as
     OpenSlide's generic-tiff reads it; resolution in px/cm gives openslide.mpp-x/y."""
     import tifffile
@@ -74,7 +74,8 @@ def write_pyramid(path: Path, level0: np.ndarray, mpp: float | None = MPP) -> Pa
     with tifffile.TiffWriter(path) as tw:
         level = level0
         while True:
-            tw.write(level, tile=(256, 256), photometric="rgb", subfiletype=0 if level is level0 else 1, **res)
+            tw.write(level, tile=(256, 256), photometric="rgb", subfiletype=0 if level is level0 else 1,
+                     compression=compression, **res)
             if max(level.shape[:2]) <= 512:
                 break
             h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2

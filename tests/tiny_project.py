@@ -65,3 +65,16 @@ def tiny_project(tmp_path_factory, **overrides):
         yield root, out, load_params(root / "params.yaml")
     finally:
         mp.undo()
+
+
+@contextmanager
+def exported_tiny_project(tmp_path_factory):
+    """A tiny project whose calibrated model is exported to ONNX (models/exported) and registered
+    as @champion: yields {"root", "evaluate", "export", "params"}."""
+    from pipeline import export
+
+    # Minimums of 0 so that the tiny model gets @champion, which the export then takes over.
+    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0) as (root, out, params):
+        result = export.run(params, root / "models/calibrated", root / "data/split/split.csv",
+                            root / "models/exported", root / "reports/export")
+        yield {"root": root, "evaluate": out, "export": result, "params": params}

@@ -1,7 +1,9 @@
 """The one place an image file is opened.
 
 Every stage (ingest, training, inference) reads pixels through `load_rgb`, so the
-size guards, mode conversions and error messages cannot drift apart.
+size guards, mode conversions and error messages cannot drift apart. Greyscale, palette,
+alpha (composited on white) and 16-bit images convert to RGB without loss; CMYK (common from
+cameras, scanners and print workflows) is accepted too, with PIL's conversion.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 # Modes that become RGB without losing information (16-bit is scaled to 8-bit, which
 # is the precision every model input has anyway).
 _LOSSLESS_MODES = frozenset({"RGB", "L", "LA", "RGBA", "P", "PA", "1", "I;16", "I;16B", "I;16L", "I;16N", "I"})
+# CMYK is not lossless, but it is a common camera/scanner/print format and PIL's conversion
+# (naive, no ICC profile; Adobe's inverted JPEGs are handled) is close enough for a cell crop:
+# accepted and converted, with the file's own mode kept in ImageInfo (and so in the manifest).
+_CONVERTED_MODES = frozenset({"CMYK"})
 
 
 class ImageError(ValueError):
@@ -54,8 +60,8 @@ def _check_header(img: Image.Image, path: Path, limits: ImageLimits) -> None:
         raise ImageError(path, f"{width}x{height} exceeds the {limits.max_pixels:,}-pixel limit (decompression-bomb guard)")
     if min(width, height) < limits.min_side:
         raise ImageError(path, f"{width}x{height} is below the minimum side of {limits.min_side} px")
-    if img.mode not in _LOSSLESS_MODES:
-        raise ImageError(path, f"unsupported colour mode {img.mode} (no lossless conversion to RGB)")
+    if img.mode not in _LOSSLESS_MODES | _CONVERTED_MODES:
+        raise ImageError(path, f"unsupported colour mode {img.mode} (no conversion to RGB)")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -60,7 +60,14 @@ def _rel(path: Path, root: Path) -> str:
 
 def _walk_class_folder(folder: Path, root: Path, cls: str, rejects: list[dict]) -> list[Candidate]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    n_rejects = len(rejects)
+
+    def unlistable(exc: OSError) -> None:
+        # os.walk would otherwise skip an unreadable folder, and its images, without a word.
+        rejects.append({"path": _rel(Path(exc.filename), root), "original_class": cls,
+                        "reason": f"cannot list folder: {exc.strerror or exc}"})
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable):
         here = Path(dirpath)
         for name in sorted(dirnames):
             if Path(name).suffix.lower() in IMAGE_SUFFIXES:
@@ -72,6 +79,8 @@ def _walk_class_folder(folder: Path, root: Path, cls: str, rejects: list[dict]) 
         for name in sorted(filenames):
             if not name.startswith("."):
                 found.append(Candidate(here / name, _rel(here / name, root), cls))
+    if not found and len(rejects) == n_rejects:
+        rejects.append({"path": _rel(folder, root), "original_class": cls, "reason": "empty class folder (no files)"})
     return found
 
 
@@ -79,7 +88,10 @@ def discover_folder(source: Path, rejects: list[dict]) -> list[Candidate]:
     """Each non-hidden subfolder of `source` is a class; its files (recursively) are candidates."""
     if not source.is_dir():
         raise IngestError(f"{source}: not a folder")
-    classes = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        classes = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise IngestError(f"{source}: cannot list folder: {exc.strerror or exc}") from None
     if not classes:
         raise IngestError(f"{source}: no class subfolders found (expected <source>/<class>/<image>)")
     candidates = []

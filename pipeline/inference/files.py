@@ -62,7 +62,8 @@ def _expand(paths: list[str]) -> list[tuple[Path, str | None]]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            out.extend(_walk(path, {path.resolve()}))
+            # A folder with nothing to score still gets its row, so no PATH goes unreported.
+            out.extend(list(_walk(path, {path.resolve()})) or [(path, "no image files found in this folder")])
         elif path.is_file():
             if _is_image_name(path):
                 out.append((path, None))

@@ -2,13 +2,17 @@
 
 Input: a DataFrame with a column `image` holding base64-encoded image file bytes.
 Output: a DataFrame with one column `prob_<label>` per label (temperature-scaled once the model
-is calibrated), `model_version`, and, for a calibrated model, `p_malignant` and `call` (benign /
-malignant / indeterminate, from the model's own threshold and band).
+is calibrated), `model_version`, `error`, and, for a calibrated model, `p_malignant` and `call`
+(benign / malignant / indeterminate, from the model's own threshold and band).
 
 The same file serves both backends: an exported model (model.onnx + metadata.json) runs on
-ONNX Runtime without torch; a torch model folder on eager torch. A bad row (not base64, not an
-image, empty) fails the request with an MlflowException naming the row, which
-`mlflow models serve` answers with HTTP 400 and keeps serving.
+ONNX Runtime without torch; a torch model folder on eager torch.
+
+A bad row (not base64, not an image, empty, truncated, too small...) does not fail the request:
+its `error` is one line naming the row (numbered from 0) and the reason, its probabilities are
+None (null in JSON) and its `call` is "error"; good rows are scored and have `error` "". Only a
+request that is not a DataFrame with an `image` column and at least one row fails as a whole,
+with an MlflowException that `mlflow models serve` answers with HTTP 400.
 """
 from __future__ import annotations
 
@@ -43,42 +47,63 @@ def _bad_input(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def decode_rows(model_input: pd.DataFrame) -> list[np.ndarray]:
-    """RGB arrays from the `image` column; MlflowException (HTTP 400) naming the first bad row."""
+def _decode_row(i: int, value) -> tuple[np.ndarray | None, str]:
+    """(RGB array, "") for a good row; (None, "row i: reason") for a bad one."""
     from pipeline.data.images import ImageError, decode_rgb
 
+    if not isinstance(value, (str, bytes)) or not value:
+        return None, f"row {i}: empty or not a string; expected base64-encoded image bytes"
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None, f"row {i}: not valid base64"
+    try:
+        return np.asarray(decode_rgb(data, f"row {i}")[0]), ""
+    except ImageError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one odd row must not fail the others
+        first = (str(exc).splitlines() or [""])[0]
+        return None, f"row {i}: cannot decode: {type(exc).__name__}{': ' + first if first else ''}"
+
+
+def decode_rows(model_input: pd.DataFrame) -> tuple[list[np.ndarray | None], list[str]]:
+    """Per row of the `image` column: the RGB array (None if bad) and its error ("" if good).
+
+    A malformed request as a whole raises MlflowException (HTTP 400)."""
     if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
         raise _bad_input(f"input needs a column '{IMAGE_COLUMN}' of base64-encoded image files")
     if len(model_input) == 0:
         raise _bad_input("input has no rows: send at least one base64-encoded image")
-    images = []
-    for i, value in enumerate(model_input[IMAGE_COLUMN]):
-        if not isinstance(value, (str, bytes)) or not value:
-            raise _bad_input(f"row {i}: empty or not a string; expected base64-encoded image bytes")
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise _bad_input(f"row {i}: not valid base64") from None
-        try:
-            images.append(np.asarray(decode_rgb(data, f"row {i}")[0]))
-        except ImageError as exc:
-            raise _bad_input(str(exc)) from None
-    return images
+    decoded = [_decode_row(i, value) for i, value in enumerate(model_input[IMAGE_COLUMN])]
+    return [image for image, _ in decoded], [error for _, error in decoded]
 
 
 def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
-    """Score a DataFrame of base64 images with a loaded predictor."""
-    probs = predictor.predict_proba(decode_rows(model_input))
+    """Score a DataFrame of base64 images with a loaded predictor; bad rows get an `error`."""
+    images, errors = decode_rows(model_input)
+    good = np.array([image is not None for image in images])
+    probs = np.full((len(images), len(predictor.labels)), np.nan)
+    if good.any():
+        probs[good] = predictor.predict_proba([image for image in images if image is not None])
     out = pd.DataFrame(probs, columns=[f"prob_{label}" for label in predictor.labels])
     calibration = predictor.calibration
     if calibration:
         from pipeline.calibration import Band
 
-        out["p_malignant"] = predictor.malignant_probability(probs)
-        out["call"] = Band(calibration["threshold"], calibration["band_width"]).call(out["p_malignant"].to_numpy())
+        p = np.full(len(images), np.nan)
+        p[good] = predictor.malignant_probability(probs[good])
+        out["p_malignant"] = p
+        calls = np.full(len(images), "error", dtype=object)
+        calls[good] = Band(calibration["threshold"], calibration["band_width"]).call(p[good])
+        out["call"] = calls
+    if not good.all():
+        # None, not NaN: the server writes NaN as a bare token that strict JSON parsers reject.
+        for column in out.columns.drop("call", errors="ignore"):
+            out[column] = out[column].astype(object).where(good, None)
     from pipeline.inference.loading import UNREGISTERED
 
     out["model_version"] = predictor.registered_version or UNREGISTERED
+    out["error"] = errors
     return out
 
 

@@ -155,7 +155,12 @@ class TorchPredictor(Predictor):
             raise ModelDirError(f"{self.model_dir}: {WEIGHTS_FILE} missing")
         verify_sha256(weights, self.meta.get("sha256", {}).get(WEIGHTS_FILE), META_FILE)
         self.model = build_model(self.meta["arch"], len(self.meta["labels"]), weights=None)
-        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:  # weights_only: a file that needs arbitrary unpickling is refused, never run
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+            raise ModelDirError(f"{weights}: not a plain weights file for {self.meta['arch']} "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         self.model.eval().to(memory_format=torch.channels_last)
 
     def preprocess(self, image: np.ndarray):

@@ -5,11 +5,16 @@ Steps: foreground mask on a low-resolution level -> cell detection, tile by tile
 crops (bounding box + margin, long side scaled to the model input, padded square) -> batched,
 calibrated inference (detection and cropping overlap inference: `slide_scoring`) -> saliency
 for the gallery (Grad-CAM on torch, CAM from the ONNX graph) -> report.
+
+`score_slides` scores several slides with one loaded model: a slide that cannot be opened or
+read is reported on one line and skipped, and leaves no output (each report is written into a
+hidden staging folder and moved into place only when complete).
 """
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,28 +32,121 @@ def slide_rule(cfg: SlideConfig) -> str:
     return f"positive when at least {cfg.min_malignant_cells} cell(s) are called malignant, otherwise negative"
 
 
-def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
-                top: int | None = None, tta: bool | None = None, tracking_uri: str | None = None,
-                log=print) -> dict:
-    """Score one slide into `out_dir`; returns the summary dict."""
-    import pandas as pd
+PROG = "cytopipe score-slide"
 
-    from pipeline.calibration import Band
+
+@dataclass
+class LoadedModel:
+    uri: str
+    predictor: object
+    version: str
+    calibration: dict
+    load_s: float | None  # in the summary of the first slide scored only: it is paid once
+
+
+def load_model(model: str, cfg: SlideConfig, tracking_uri: str | None = None) -> LoadedModel:
     from pipeline.inference.loading import load_predictor
-    from pipeline.inference.report import heatmap_overlay, png_data_uri, render_html, saliency_maps
-    from pipeline.inference.slide import open_slide, read_crops
-    from pipeline.inference.slide_scoring import score_slide_cells
 
-    seconds: dict[str, float] = {}
     t = time.perf_counter()
     predictor, version = load_predictor(model, tracking_uri, cfg.batch_size, threads=cfg.inference_threads)
     calibration = predictor.calibration
     if not calibration:
         print(f"warning: {model} has no calibration; using threshold 0.5", file=sys.stderr)
         calibration = {"threshold": 0.5, "band_width": 0.0, "temperature": 1.0, "tta": False}
+    return LoadedModel(model, predictor, version, calibration, time.perf_counter() - t)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _one_line(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0].strip()
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def score_slides(slides: list[str], model: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
+                 top: int | None = None, tta: bool | None = None, tracking_uri: str | None = None,
+                 log=print) -> int:
+    """Score each slide with one loaded model: one slide -> `out_dir`, several -> out_dir/<stem>.
+
+    A slide that fails is reported on stderr as one line '<path>: <reason>' and skipped; the
+    others are scored. Returns the exit code: 0 when every slide was scored, 1 when any failed
+    (a failed slide has no report, so the exit code is the only record a script gets), 2 for
+    arguments that cannot work."""
+    from pipeline.inference.slide import SlideError
+
+    out_dir = Path(out_dir)
+    stems = [Path(s).stem for s in slides]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if len(slides) > 1 and twice:
+        print(f"{PROG}: error: several slides would share the report folder {out_dir / twice[0]}; "
+              "score them in separate runs", file=sys.stderr)
+        return 2
+    missing = _missing_dirs(out_dir)
+    loaded = load_model(model, cfg, tracking_uri)
+    failed = 0
+    for slide, stem in zip(slides, stems):
+        try:
+            score_loaded(loaded, slide, out_dir if len(slides) == 1 else out_dir / stem, cfg, mpp, top, tta, log)
+        except SlideError as exc:
+            failed += 1
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - one odd slide must not stop a batch of them
+            failed += 1
+            print(f"{PROG}: error: {slide}: {_one_line(exc)}", file=sys.stderr)
+    for folder in missing:  # folders made for reports that never came (rmdir keeps any with files)
+        try:
+            if folder.exists():
+                folder.rmdir()
+        except OSError:
+            break
+    if len(slides) > 1:
+        log(f"score-slide: {len(slides) - failed} of {len(slides)} slides scored, {failed} failed -> {out_dir}")
+    return 1 if failed else 0
+
+
+def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
+                top: int | None = None, tta: bool | None = None, tracking_uri: str | None = None,
+                log=print) -> dict:
+    """Score one slide into `out_dir`; returns the summary dict (raises SlideError for a bad slide)."""
+    return score_loaded(load_model(model, cfg, tracking_uri), slide, Path(out_dir), cfg, mpp, top, tta, log)
+
+
+def score_loaded(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
+                 top: int | None = None, tta: bool | None = None, log=print) -> dict:
+    """Score one slide with a loaded model into `out_dir`, all files or none; returns the summary."""
+    with atomic.staged_dir(Path(out_dir)) as staging:
+        summary = _score_into(loaded, slide, staging, cfg, mpp, top, tta, log)
+    loaded.load_s = None
+    log(f"score-slide: {summary['n_cells']} cells, {summary['n_malignant']} malignant "
+        f"({summary['fraction_malignant']:.1%}), {summary['n_indeterminate']} indeterminate; slide call: "
+        f"{summary['slide_call']} ({summary['rule']}); {summary['seconds']['total']:.1f}s "
+        f"-> {Path(out_dir) / 'report.html'}")
+    return summary
+
+
+def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig, mpp: float | None,
+                top: int | None, tta: bool | None, log) -> dict:
+    """Detect, score and write the report files into `out_dir` (the staging folder)."""
+    import pandas as pd
+
+    from pipeline.calibration import Band
+    from pipeline.inference.report import heatmap_overlay, png_data_uri, render_html, saliency_maps
+    from pipeline.inference.slide import open_slide, read_crops
+    from pipeline.inference.slide_scoring import score_slide_cells
+
+    model, predictor, version, calibration = loaded.uri, loaded.predictor, loaded.version, loaded.calibration
     band = Band(calibration["threshold"], calibration["band_width"])
     use_tta = calibration.get("tta", False) if tta is None else tta
-    seconds["load model"] = time.perf_counter() - t
+    seconds: dict[str, float] = {}
+    if loaded.load_s is not None:
+        seconds["load model"] = loaded.load_s
 
     t = time.perf_counter()
     source = open_slide(slide, mpp)
@@ -123,9 +221,6 @@ def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: fl
     atomic.write_json(out_dir / "summary.json", summary)
     if n == 0:
         log("score-slide: no cells found; the report says so")
-    log(f"score-slide: {n} cells, {n_mal} malignant ({summary['fraction_malignant']:.1%}), "
-        f"{summary['n_indeterminate']} indeterminate; slide call: {summary['slide_call']} "
-        f"({summary['rule']}); {seconds['total']:.1f}s -> {out_dir / 'report.html'}")
     return summary
 
 
