@@ -47,7 +47,7 @@ def scored(project, slides, tmp_path_factory):
 def test_cells_are_found_scored_and_summarised(scored):
     out, summary = scored
     cells = pd.read_csv(out / "cells.csv")
-    assert list(cells.columns) == ["cell_id", "x", "y", "diameter_um", "area_um2", "score", "call"]
+    assert list(cells.columns) == ["cell_id", "x", "y", "x0", "y0", "x1", "y1", "diameter_um", "area_um2", "score", "call"]
     assert len(cells) == len(CELLS) == summary["n_cells"]
     for cx, cy, r, *_ in CELLS:  # every drawn cell, at the right level-0 place
         d = np.hypot(cells["x"] - cx, cells["y"] - cy)

@@ -174,11 +174,10 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
         heat = heatmap_overlay(thumbnail, downsample, cells, scores, mark=len(order))
     out_dir = Path(out_dir)
     table = pd.DataFrame({
-        "cell_id": cells["cell_id"].to_numpy() if len(cells) else [], "x": cells["x"].to_numpy() if len(cells) else [],
-        "y": cells["y"].to_numpy() if len(cells) else [],
+        **{k: cells[k].to_numpy() if len(cells) else [] for k in ("cell_id", "x", "y", "x0", "y0", "x1", "y1")},
         "diameter_um": cells["diameter_um"].round(2).to_numpy() if len(cells) else [],
         "area_um2": cells["area_um2"].round(1).to_numpy() if len(cells) else [],
-        "score": np.round(scores, 6), "call": calls})
+        "score": np.round(scores, 6), "call": calls})  # x0..y1: the level-0 bounding box (harvest re-cuts it)
     atomic.write_csv(out_dir / "cells.csv", table)
     with atomic.atomic_path(out_dir / "heatmap.png") as tmp:
         from PIL import Image
