@@ -31,7 +31,7 @@ def main() -> None:
 
     from pipeline.config import LabelMap, load_params
     from pipeline.data.dataset import CellDataset
-    from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+    from pipeline.data.manifest import SPLIT_COLUMNS, read_table
     from pipeline.models.backbones import build_model, preprocessing
 
     params = load_params(args.params)
@@ -44,7 +44,7 @@ def main() -> None:
     model = build_model(mcfg.arch, len(labels), mcfg.weights, mcfg.drop_rate)
     mean, std = preprocessing(mcfg, model)
     t0 = time.perf_counter()
-    ds = CellDataset.from_frame(rows, source_root(params.data.source), labels, mcfg.image_size, cfg.augment, mean, std)
+    ds = CellDataset.from_frame(rows, params.data.root, labels, mcfg.image_size, cfg.augment, mean, std)
     cache_s = time.perf_counter() - t0
     model.train().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

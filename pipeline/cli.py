@@ -23,6 +23,7 @@ Stages (also run by `dvc repro`, parameters from params.yaml):
 For pathologists:
   predict      score image files or folders: calibrated probability and call per file
   score-slide  score whole slides: cells.csv, summary.json, heat map and report.html each
+  harvest      cut a slide's reviewed, labelled cells into a training dataset (for ingest)
 """
 
 
@@ -34,18 +35,32 @@ def _add_params(p: argparse.ArgumentParser) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pipeline.config import GroupRule, load_params
+    from pipeline.config import ConfigError, GroupRule, load_params
     from pipeline.data import ingest
     from pipeline.data.images import ImageLimits
 
     data = load_params(args.params).data
+    limits = ImageLimits(data.min_side, data.max_pixels)
+    if args.source or args.label_map or args.group_regex or args.group_column:  # one source, from the flags
+        data = replace(data, sources=())
     if args.source:
         data = replace(data, source=args.source)
     if args.label_map:
         data = replace(data, label_map=args.label_map)
     if args.group_regex or args.group_column:
         data = replace(data, group=GroupRule(regex=args.group_regex, column=args.group_column))
-    ingest.run(data.source, data.label_map, data.group, ImageLimits(data.min_side, data.max_pixels), args.out)
+    sources = data.source_list()
+    if args.only:  # one of data.sources on its own (a per-source DVC stage)
+        by_name = {s.name: s for s in sources}
+        if args.only not in by_name:
+            raise ConfigError(f"{args.params}: --only {args.only}: no such source in data.sources "
+                              f"(has: {', '.join(by_name)})")
+        src = by_name[args.only]
+        ingest.run(src.path, src.label_map, src.group, limits, args.out)
+    elif args.merge or len(sources) > 1:
+        ingest.run_sources(sources, limits, args.out, merge_from=args.merge)
+    else:
+        ingest.run(data.source, data.label_map, data.group, limits, args.out)
     return 0
 
 
@@ -152,6 +167,14 @@ def cmd_score_slide(args: argparse.Namespace) -> int:
                         tracking_uri=_tracking_uri(params))
 
 
+def cmd_harvest(args: argparse.Namespace) -> int:
+    from pipeline import harvest
+
+    margin = _params_or_defaults(args.params).slide.crop_margin  # the crop recipe scoring used
+    harvest.run(args.slide, args.cells, args.labels, args.out, margin, args.slide_id)
+    return 0
+
+
 def _tracking_uri(params) -> str:
     from pipeline.tracking import tracking_uri
 
@@ -173,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--group-regex", help="regex over the file name; its first capture group is the group")
     group.add_argument("--group-column", help="CSV manifest column that holds the group")
+    several = p.add_mutually_exclusive_group()
+    several.add_argument("--only", metavar="NAME", help="ingest only this source of data.sources (its paths and "
+                                                        "groups as in the source itself)")
+    several.add_argument("--merge", metavar="DIR", help="merge DIR/<name>/ (outputs of --only) for every source in "
+                                                        "data.sources instead of reading the images again")
     p.add_argument("--out", default="data/ingest", metavar="DIR", help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_ingest)
 
@@ -292,6 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="8-view test-time augmentation (default: as the model was calibrated)")
     p.add_argument("--batch-size", type=int, help="cells per inference batch (default: slide.batch_size in params)")
     p.set_defaults(func=cmd_score_slide)
+
+    p = sub.add_parser("harvest", help="cut a slide's labelled cells into a class-folder dataset",
+                       description="Cut every cell labelled in the report's export (labels.csv) from SLIDE with the "
+                                   "crop recipe scoring uses (slide.crop_margin), into DIR/<label>/<slide id>-<cell "
+                                   "id>.png, and rewrite DIR/manifest.csv (path,class,group + provenance) for ingest. "
+                                   "Harvest several slides into one DIR; a slide harvested again replaces its cells.")
+    _add_params(p)
+    p.add_argument("slide", metavar="SLIDE", help="the slide that was scored")
+    p.add_argument("--cells", required=True, metavar="CSV", help="score-slide's cells.csv for SLIDE")
+    p.add_argument("--labels", required=True, metavar="CSV", help="the report's Export labels CSV")
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (created, or merged into)")
+    p.add_argument("--slide-id", help="id in file names and the group column (default: SLIDE's file stem)")
+    p.set_defaults(func=cmd_harvest)
     return parser
 
 
@@ -310,9 +351,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pipeline.train import TrainingError
     from pipeline.checkpoints import CheckpointError
     from pipeline.distributed import LaunchError
+    from pipeline.harvest import HarvestError
 
     return CheckpointError, LaunchError, ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError, \
-        EvaluationError, CvError, SlideError, ExportError
+        EvaluationError, CvError, SlideError, ExportError, HarvestError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,13 +157,56 @@ class GroupRule:
         return match.group(1) if match and match.group(1) else None
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # it names a DVC stage, a folder and a group prefix
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One image source with its own label map and group rule; `name` prefixes its groups."""
+
+    name: str
+    path: str
+    label_map: str
+    group: GroupRule = field(default_factory=GroupRule)
+
+
 @dataclass(frozen=True)
 class DataConfig:
+    """`source`, `label_map`, `group`: the only source, or the first of `sources` (whose label map
+    gives the model's labels). `sources`: data.sources, empty in the single-source form."""
+
     source: str = "../shared/data/herlev"
     label_map: str = "configs/labels/herlev_binary.yaml"
     group: GroupRule = field(default_factory=GroupRule)
     min_side: int = 16
     max_pixels: int = 50_000_000
+    sources: tuple[DataSource, ...] = ()
+
+    @property
+    def multi_source(self) -> bool:
+        return len(self.sources) > 1
+
+    def source_list(self) -> tuple[DataSource, ...]:
+        """Every source; one built from source/label_map/group when there is only one."""
+        if self.multi_source:
+            return self.sources
+        name = self.sources[0].name if self.sources else default_source_name(self.source)
+        return (DataSource(name, self.source, self.label_map, self.group),)
+
+    @property
+    def root(self) -> Path:
+        """The folder manifest paths are relative to: the only source's (its folder, or its CSV's
+        folder), or with several sources the working folder (the project), which they are joined to."""
+        from pipeline.data.manifest import source_root
+
+        return Path(".") if self.multi_source else source_root(self.source)
+
+
+def default_source_name(path: str) -> str:
+    """A source's name when params give none: its folder's name (a CSV's folder for a CSV)."""
+    p = Path(path)
+    name = (p.parent if p.suffix.lower() == ".csv" else p).resolve().name
+    return name if SOURCE_NAME.fullmatch(name or "") else "source"
 
 
 @dataclass(frozen=True)
@@ -192,6 +235,9 @@ class ModelConfig:
     weights: str | None = "imagenet"  # imagenet (built in) | null (random init) | path to a state dict
     image_size: int = 224
     drop_rate: float = 0.2
+    # Start from this cytopipe model's weights instead of `weights`: an MLflow URI
+    # (models:/cytology-classifier@champion, models:/NAME/VERSION, runs:/...) or a model folder.
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -294,6 +340,7 @@ class SlideConfig:
     crop_workers: int = 1  # phased: threads cutting crops ahead of the model (0: in its thread, between batches)
     queue_tiles: int = 4  # bound on tiles waiting for inference (memory stays flat)
     inference_threads: int = 0  # ONNX Runtime intra-op threads (0: every core)
+    max_ood_fraction: float = 0.3  # summary warns when more cells than this are out of domain
 
     def __post_init__(self):
         for name in ("detect_workers", "queue_tiles", "batch_size", "tile_px"):
@@ -305,8 +352,33 @@ class SlideConfig:
             raise ConfigError(f"slide.crop_workers: must be >= 0, got {self.crop_workers}")
         if self.inference_threads < 0:
             raise ConfigError(f"slide.inference_threads: must be >= 0 (0: every core), got {self.inference_threads}")
+        if not 0 <= self.max_ood_fraction <= 1:
+            raise ConfigError(f"slide.max_ood_fraction: must be in [0, 1], got {self.max_ood_fraction}")
         if not 0 <= self.crop_margin < math.inf:  # a negative margin cuts into the cell; NaN breaks crop_box
             raise ConfigError(f"slide.crop_margin: must be a finite number >= 0, got {self.crop_margin}")
+
+
+OOD_METHODS = ("mahalanobis", "knn", "energy")  # pipeline/ood.py
+
+
+@dataclass(frozen=True)
+class OodConfig:
+    """The domain-shift guard fitted by the evaluate stage (pipeline/ood.py)."""
+
+    method: str = "mahalanobis"  # chosen by benchmarks/ood_comparison.py (params.yaml has the table)
+    pass_rate: float = 0.95  # fraction of validation cells that pass the threshold
+    shrinkage: float = 0.1  # mahalanobis: covariance shrinkage towards a scaled identity
+    pca_dim: int = 0  # mahalanobis: 0 = full feature space, else the top principal axes
+    k: int = 5  # knn: distance to the k-th nearest train cell
+    normalize: bool = True  # mahalanobis: on L2-normalised features ("Mahalanobis++"; flat images are caught)
+
+    def __post_init__(self):
+        if self.method not in OOD_METHODS:
+            raise ConfigError(f"ood.method: must be one of {', '.join(OOD_METHODS)}, got {self.method!r}")
+        if not 0 < self.pass_rate <= 1 or not 0 <= self.shrinkage <= 1:
+            raise ConfigError("ood: pass_rate must be in (0, 1] and shrinkage in [0, 1]")
+        if self.pca_dim < 0 or self.k < 1:
+            raise ConfigError("ood: pca_dim must be >= 0 and k >= 1")
 
 
 @dataclass(frozen=True)
@@ -365,22 +437,57 @@ class Params:
     cv: CvConfig = field(default_factory=CvConfig)
     slide: SlideConfig = field(default_factory=SlideConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    ood: OodConfig = field(default_factory=OodConfig)
     path: str = ""
 
     def to_dict(self) -> dict:
+        """The params as params.yaml would hold them (loadable again)."""
         out = asdict(self)
         out.pop("path")
+        sources = out["data"].pop("sources")
+        if sources:  # the data.sources form replaces source/label_map/group
+            for key in ("source", "label_map", "group"):
+                out["data"].pop(key)
+            out["data"] = {"sources": {s.pop("name"): s for s in sources}, **out["data"]}
         return out
 
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "mlflow": MlflowConfig, "evaluate": EvaluateConfig,
-             "promotion": PromotionConfig, "cv": CvConfig, "slide": SlideConfig, "export": ExportConfig}
+             "promotion": PromotionConfig, "cv": CvConfig, "slide": SlideConfig, "export": ExportConfig, "ood": OodConfig}
 
 
 def _typed(value: Any, kind: type, where: str):
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {_shown(value)}")
     return _in_range(value, where)
+
+
+def _data_sources(data: dict, where: str) -> list[DataSource]:
+    """data.sources: {name: {path, label_map, group: {regex | column}}}, in the order given."""
+    if "sources" not in data:
+        return []
+    both = sorted({"source", "label_map", "group"} & set(data))
+    if both:
+        raise ConfigError(f"{where}: data.sources replaces data.{', data.'.join(both)}: set one form, not both")
+    raw = data["sources"]
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: data.sources must map each source's name to {{path, label_map, group}}")
+    sources = []
+    for name, spec in raw.items():
+        at = f"{where}: data.sources.{_shown(name, text=True)}"
+        if not isinstance(name, str) or not SOURCE_NAME.fullmatch(name):
+            raise ConfigError(f"{at}: a source name is letters, digits and _ . - (it names a stage and a group prefix)")
+        spec = _section(raw, name, {"path", "label_map", "group"}, f"{where}: data.sources")
+        rule = _section(spec, "group", {"regex", "column"}, at)
+        for key in ("path", "label_map"):
+            if not isinstance(spec.get(key), str) or not spec[key]:
+                raise ConfigError(f"{at}.{key}: expected a path, got {_shown(spec.get(key))}")
+        try:
+            group = GroupRule(regex=rule.get("regex"), column=rule.get("column")) if rule else GroupRule()
+        except ConfigError as exc:
+            raise ConfigError(f"{at}.{str(exc).removeprefix('data.')}") from None
+        sources.append(DataSource(name, spec["path"], spec["label_map"], group))
+    return sources
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
@@ -390,8 +497,9 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     unknown = set(raw) - {"data", "split", *_SECTIONS}
     if unknown:
         raise ConfigError(f"{where}: unknown section(s): {_names(unknown)}")
-    data = _section(raw, "data", {"source", "label_map", "group", "min_side", "max_pixels"}, where)
+    data = _section(raw, "data", {"source", "label_map", "group", "sources", "min_side", "max_pixels"}, where)
     group = _section(data, "group", {"regex", "column"}, f"{where}: data")
+    sources = _data_sources(data, where)
     split = _section(raw, "split", {"seed", "fractions", "folds"}, where)
     sections = {name: _section(raw, name, {f.name for f in fields(cls)}, where)
                 for name, cls in _SECTIONS.items()}
@@ -404,6 +512,10 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
             min_side=_typed(data.get("min_side", defaults_d.min_side), int, f"{where}: data.min_side"),
             max_pixels=_typed(data.get("max_pixels", defaults_d.max_pixels), int, f"{where}: data.max_pixels"),
         )
+        if sources:
+            first = sources[0]
+            data_cfg = replace(data_cfg, source=first.path, label_map=first.label_map, group=first.group,
+                               sources=tuple(sources))
         fractions = split.get("fractions", defaults_s.fractions)
         if not isinstance(fractions, dict):
             raise ConfigError(f"{where}: split.fractions must be a mapping")

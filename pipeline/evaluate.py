@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import atomic
-from pipeline.config import EXCLUDE, EvaluateConfig, LabelMap, Params
+from pipeline.config import EXCLUDE, EvaluateConfig, LabelMap, OodConfig, Params
 from pipeline.data.images import ImageError, load_rgb
-from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 
 GLANDULAR_BENIGN = "normal_columnar"  # Herlev's benign glandular cells: their FPR is reported alone
 
@@ -85,6 +85,20 @@ def calibrate(logits: np.ndarray, label_idx: np.ndarray, y_pos: np.ndarray, pred
             "coverage": band.coverage(p_cal),
         },
     }
+
+
+def fit_guard(train: tuple[np.ndarray, np.ndarray | None], train_idx: np.ndarray,
+              val: tuple[np.ndarray, np.ndarray | None], cfg: OodConfig, log=print) -> dict | None:
+    """The OOD guard: fitted on train (logits, features), thresholded on val. None when the
+    backbone gives no pooled features and the method needs them."""
+    from pipeline import ood
+
+    if cfg.method != "energy" and train[1] is None:
+        log(f"warning: the model gives no pooled features; no {cfg.method} OOD guard is fitted")
+        return None
+    params = ood.fit(train[1], train_idx, cfg.method, k=min(cfg.k, len(train_idx)), shrinkage=cfg.shrinkage,
+                     pca_dim=cfg.pca_dim, normalize=cfg.normalize)
+    return ood.set_threshold(params, ood.score(params, val[1], val[0]), cfg.pass_rate)
 
 
 def measure(y: np.ndarray, p: np.ndarray, groups: list[str], classes: list[str], calibration: dict,
@@ -160,7 +174,7 @@ def _summary_line(name: str, result: dict) -> str:
 def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path,
                    log=print) -> dict:
     """The stage body (no MLflow): calibrate on val, measure test with and without TTA, write files."""
-    from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, TorchPredictor, read_metadata
+    from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, TorchPredictor, file_sha256, read_metadata
 
     cfg = params.evaluate
     predictor = TorchPredictor(model_dir)
@@ -168,9 +182,9 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     if unknown:
         raise EvaluationError(f"evaluate.positive_labels {unknown} are not labels of the model {predictor.labels}")
     split = read_table(split_csv, SPLIT_COLUMNS)
-    root = source_root(params.data.source)
+    root = params.data.root
     parts = {}
-    for name in ("val", "test"):
+    for name in ("train", "val", "test"):  # train: the OOD guard is fitted on its features
         rows = split[split["split"] == name]
         images, errors = load_images([root / p for p in rows["path"]])
         bad = [e for e in errors if e]
@@ -185,18 +199,33 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     val_idx = np.array([predictor.labels.index(x) for x in val_rows["label"]])
     y_val = positive_targets(list(val_rows["label"]), cfg.positive_labels)
     y_test = positive_targets(list(test_rows["label"]), cfg.positive_labels)
+    outputs = {}
     for tta in variants:
         key = "tta" if tta else "no_tta"
         log(f"evaluate: scoring val + test ({'8-view TTA' if tta else 'single view'})")
-        val_logits = predictor.predict_logits(val_images, tta)
+        outputs[key] = {"val": predictor.predict_outputs(val_images, tta),
+                        "test": predictor.predict_outputs(test_images, tta)}
+        val_logits = outputs[key]["val"][0]
         calibrations[key] = calibrate(val_logits, val_idx, y_val, predictor, cfg, tta)
         predictor.meta["calibration"] = calibrations[key]
-        p_test = predictor.malignant_probability(predictor.probabilities(predictor.predict_logits(test_images, tta)))
+        p_test = predictor.malignant_probability(predictor.probabilities(outputs[key]["test"][0]))
         results[key] = measure(y_test, p_test, list(test_rows["group"]), list(test_rows["original_class"]),
                                calibrations[key], cfg, seed=params.split.seed)
         results[key]["p"] = p_test
     shipped = "tta" if cfg.tta else "no_tta"
     calibration, result = calibrations[shipped], results[shipped]
+
+    # ---- OOD guard, on the features of the shipped variant (train fit, val threshold)
+    from pipeline import ood
+
+    train_rows, train_images = parts["train"]
+    log(f"evaluate: fitting the {params.ood.method} OOD guard on {len(train_rows)} train cells")
+    train_idx = np.array([predictor.labels.index(x) for x in train_rows["label"]])
+    guard = fit_guard(predictor.predict_outputs(train_images, cfg.tta), train_idx, outputs[shipped]["val"],
+                      params.ood, log)
+    test_ood = ood.score(guard, outputs[shipped]["test"][1], outputs[shipped]["test"][0]) if guard else \
+        np.full(len(test_rows), np.nan)
+    test_in = ood.in_domain(guard, test_ood)
 
     # ---- calibrated model folder: same weights, metadata + calibration
     out_model_dir = Path(out_model_dir)
@@ -206,6 +235,14 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     meta = read_metadata(model_dir)
     meta["calibration"] = calibration
     meta["test_metrics"] = {k: v["value"] for k, v in result["metrics"].items()}
+    meta.pop("ood", None)
+    (meta.get("sha256") or {}).pop(ood.OOD_FILE, None)
+    if guard is not None:  # the guard travels with the weights, checked like them on every load
+        ood.save(out_model_dir / ood.OOD_FILE, guard)
+        meta.setdefault("sha256", {})[ood.OOD_FILE] = file_sha256(out_model_dir / ood.OOD_FILE)
+        meta["ood"] = {"file": ood.OOD_FILE, **ood.summary(guard), "test_pass_rate": float(test_in.mean())}
+    else:
+        (out_model_dir / ood.OOD_FILE).unlink(missing_ok=True)
     atomic.write_json(out_model_dir / META_FILE, meta)
 
     # ---- reports
@@ -220,6 +257,8 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     metrics["test_without_tta"] = _flat_metrics(results["no_tta"], "")
     metrics["test"]["n"] = result["n"]
     metrics["test"]["n_groups"] = result["n_groups"]
+    if guard is not None:
+        metrics["ood"] = {**ood.summary(guard), "test_pass_rate": float(test_in.mean())}
     atomic.write_json(reports_dir / "metrics.json", metrics)
     atomic.write_json(reports_dir / "by_class.json", result["by_class"])
     import pandas as pd
@@ -227,13 +266,16 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     atomic.write_csv(reports_dir / "test_predictions.csv", pd.DataFrame({
         "path": test_rows["path"].to_numpy(), "group": test_rows["group"].to_numpy(),
         "original_class": test_rows["original_class"].to_numpy(), "label": test_rows["label"].to_numpy(),
-        "p_malignant": result["p"], "call": band.call(result["p"])}))
+        "p_malignant": result["p"], "call": band.call(result["p"]), "ood_score": test_ood, "in_domain": test_in}))
     for key in results:
         log(_summary_line(f"test ({key.replace('_', ' ')})", results[key]))
     log(f"calibration: temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.4f} "
         f"({calibration['threshold_rule']}), band [{band.lower:.4f}, {band.upper:.4f}], "
         f"val sensitivity {calibration['validation']['sensitivity']:.3f}")
-    return {"metrics": metrics, "result": result, "calibration": calibration, "plots": plots,
+    if guard is not None:
+        log(f"ood: {params.ood.method} threshold {float(guard['threshold']):.4g}, val pass rate "
+            f"{float(guard['val_pass_rate']):.3f}, test pass rate {test_in.mean():.3f}")
+    return {"metrics": metrics, "result": result, "calibration": calibration, "plots": plots, "ood": meta.get("ood"),
             "files": [reports_dir / "metrics.json", reports_dir / "by_class.json", reports_dir / "test_predictions.csv"]}
 
 
@@ -260,13 +302,13 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, r
     out = evaluate_split(params, model_dir, split_csv, out_model_dir, reports_dir)
     test_values = {k: v["value"] for k, v in out["result"]["metrics"].items()}
     promote, reason = promotion_decision(test_values, params)
-    example = input_example(params.data.source, split_csv)
+    example = input_example(params.data.root, split_csv)
     train_run = (read_metadata(model_dir).get("mlflow") or {}).get("run_id")
     logged = tracking.log_evaluation(
         params.mlflow, train_run, Path(out_model_dir), example,
         metrics={f"test_{k}": v for k, v in out["metrics"]["test"].items()},
         artifacts=out["plots"] + out["files"], calibration=out["calibration"],
-        promote=promote, reason=reason, champion_alias=params.promotion.alias)
+        promote=promote, reason=reason, champion_alias=params.promotion.alias, ood=out["ood"])
     meta = read_metadata(out_model_dir)
     meta["mlflow"] = {**logged, "registered_model": params.mlflow.registered_model}
     atomic.write_json(Path(out_model_dir) / META_FILE, meta)
@@ -320,8 +362,10 @@ def evaluate_folder(model: str, data_dir: Path, label_map_path: Path, out_dir: P
     if not ok:
         raise EvaluationError(f"{data_dir}: no readable images ({len(rejects)} skipped)")
 
-    logits = predictor.predict_logits([images[i] for i in ok], tta=tta)
-    p = predictor.malignant_probability(predictor.probabilities(logits))
+    from pipeline import ood
+
+    probs, ood_score, in_domain = predictor.predict_scores([images[i] for i in ok], tta=tta)
+    p = predictor.malignant_probability(probs)
     band = Band(calibration["threshold"], calibration["band_width"])
     cases = [candidates[i] for i in ok]
     labels = [label_map.classes[c.original_class] for c in cases]
@@ -333,7 +377,8 @@ def evaluate_folder(model: str, data_dir: Path, label_map_path: Path, out_dir: P
 
     frame = pd.DataFrame({"path": [c.rel for c in cases], "original_class": [c.original_class for c in cases],
                           "label": labels, "group": [group_of(c) for c in cases], "p_malignant": p,
-                          "call": band.call(p)})
+                          "call": ood.guard_calls(band.call(p), in_domain), "ood_score": ood_score,
+                          "in_domain": in_domain})
     out_dir = Path(out_dir)
     atomic.write_csv(out_dir / "predictions.csv", frame)
     atomic.write_csv(out_dir / "rejects.csv", pd.DataFrame(rejects, columns=["path", "original_class", "reason"]))
@@ -341,7 +386,10 @@ def evaluate_folder(model: str, data_dir: Path, label_map_path: Path, out_dir: P
     report: dict = {"model": model, "data": str(data_dir), "n_scored": int(len(frame)), "n_skipped": len(rejects),
                     "n_excluded": int((~included).sum()), "calibration": {k: calibration.get(k) for k in
                                                                          ("temperature", "threshold", "band_width", "tta")},
-                    "by_class": calls_by_class(frame["original_class"].to_numpy(), p, band.threshold, band.lower, band.upper)}
+                    "by_class": calls_by_class(frame["original_class"].to_numpy(), p, band.threshold, band.lower, band.upper),
+                    # Metrics below use every cell's P(malignant); out-of-domain cells are counted here.
+                    "n_out_of_domain": int((~in_domain).sum()), "fraction_out_of_domain": float((~in_domain).mean()),
+                    "ood_method": ood.method_of(predictor.ood) if predictor.ood is not None else None}
     inc = frame[included]
     y = positive_targets(list(inc["label"]), predictor.positive_labels)
     if len(set(y.tolist())) == 2:

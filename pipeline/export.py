@@ -1,7 +1,8 @@
 """Export stage: the calibrated torch model -> an ONNX model folder that needs no torch to run.
 
-The folder holds `model.onnx` (dynamic batch axis; outputs `logits` and `cam`, the class
-activation maps behind the report's saliency) and `metadata.json`: preprocessing, labels,
+The folder holds `model.onnx` (dynamic batch axis; outputs `logits`, `cam`, the class
+activation maps behind the report's saliency, and `features`, the pooled penultimate layer that
+the OOD guard scores), `ood.npz` (the guard, listed with its sha256) and `metadata.json`: preprocessing, labels,
 calibration (temperature, threshold, indeterminate band), the source MLflow model version and
 the sha256 of every ONNX file, checked on every load. Before anything is written, ONNX Runtime's
 probabilities must match torch's within `export.tolerance` on real images; otherwise the stage
@@ -28,7 +29,8 @@ from pipeline.inference.predictor import (INT8_FILE, ONNX_FILE, ONNX_META_FILE, 
                                           TorchPredictor, file_sha256, read_metadata)
 
 INPUT_NAME = "input"
-OUTPUTS = ("logits", "cam")
+OUTPUTS = ("logits", "cam", "features")  # features: the pooled penultimate layer the OOD guard scores
+OOD_RTOL = 1e-3  # max |OOD score (ONNX) - OOD score (torch)|, relative to the guard's threshold
 # The served ONNX model's own needs: no torch, timm or albumentations.
 ONNX_REQUIREMENTS = ("onnxruntime", "mlflow", "numpy", "pandas", "pillow", "opencv-python-headless")
 PREPROCESSING = {
@@ -61,10 +63,11 @@ def _graph(model):
 
         def forward(self, x):
             features = self.net.forward_features(x)
-            logits = self.net.forward_head(features)
+            pooled = self.net.forward_head(features, pre_logits=True)
+            logits = self.net.get_classifier()(pooled)
             weight = self.net.get_classifier().weight
             cam = F.relu(F.conv2d(features, weight[:, :, None, None]))
-            return logits, cam
+            return logits, cam, pooled
 
     has_cam = all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")) \
         and isinstance(getattr(model, "get_classifier")(), torch.nn.Linear)
@@ -125,6 +128,18 @@ def compare(torch_predictor, onnx_predictor, images: list[np.ndarray]) -> float:
     p_torch = torch_predictor.predict_proba(images, tta=False)
     p_onnx = onnx_predictor.predict_proba(images, tta=False)
     return float(np.abs(p_onnx - p_torch).max())
+
+
+def compare_ood(torch_predictor, onnx_predictor, images: list[np.ndarray]) -> dict:
+    """How far ONNX Runtime's OOD scores are from torch's (single view), relative to the threshold."""
+    from pipeline import ood
+
+    _, s_torch, in_torch = torch_predictor.predict_scores(images, tta=False)
+    _, s_onnx, in_onnx = onnx_predictor.predict_scores(images, tta=False)
+    scale = max(abs(float(torch_predictor.ood["threshold"])), 1e-6)
+    return {"method": ood.method_of(torch_predictor.ood), "max_abs_diff": float(np.abs(s_onnx - s_torch).max()),
+            "max_rel_diff": float(np.abs(s_onnx - s_torch).max() / scale), "rtol": OOD_RTOL,
+            "in_domain_agreement": float((in_torch == in_onnx).mean())}
 
 
 def build_metadata(source_meta: dict, outputs: list[str], opset: int, onnx_sha: str, max_diff: float,
@@ -194,8 +209,9 @@ def int8_decision(staging: Path, test_images: list[np.ndarray], test_y: np.ndarr
     from pipeline.calibration import Band
 
     fp32, int8 = OnnxPredictor(staging, file=ONNX_FILE), OnnxPredictor(staging, file=INT8_FILE)
-    p32 = fp32.malignant_probability(fp32.predict_proba(test_images, tta=False))
-    p8 = int8.malignant_probability(int8.predict_proba(test_images, tta=False))
+    probs32, ood32, in32 = fp32.predict_scores(test_images, tta=False)
+    probs8, ood8, in8 = int8.predict_scores(test_images, tta=False)
+    p32, p8 = fp32.malignant_probability(probs32), int8.malignant_probability(probs8)
     auc_fp32, auc_int8 = _auc(test_y, p32), _auc(test_y, p8)
     cal = fp32.calibration
     agree = None
@@ -206,7 +222,7 @@ def int8_decision(staging: Path, test_images: list[np.ndarray], test_y: np.ndarr
     ok = bool(np.isfinite(drop) and drop <= cfg.max_auc_drop)
     return {"test_images": len(test_images), "test_auc_fp32": auc_fp32, "test_auc_int8": auc_int8,
             "auc_drop": drop, "max_auc_drop": cfg.max_auc_drop, "max_abs_diff_vs_fp32": float(np.abs(p8 - p32).max()),
-            "call_agreement": agree, "served": ok,
+            "call_agreement": agree, "served": ok, "ood_in_domain_agreement": float((in32 == in8).mean()),
             "reason": (f"int8 served: test AUC drop {drop:.4f} <= {cfg.max_auc_drop}" if ok else
                        f"float served: int8 test AUC drop {drop:.4f} > {cfg.max_auc_drop}")}
 
@@ -236,12 +252,20 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
         def write_meta():  # each ONNX file is listed before OnnxPredictor loads it, as any load checks
             (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
+        carry_guard(torch_predictor, staging, meta, outputs)
         write_meta()
-        max_diff = compare(torch_predictor, OnnxPredictor(staging), images)
+        onnx_predictor = OnnxPredictor(staging)
+        max_diff = compare(torch_predictor, onnx_predictor, images)
         if not max_diff <= cfg.tolerance:
             raise ExportError(f"{model_dir}: ONNX Runtime does not match torch on {len(images)} images: "
                               f"max |dP| = {max_diff:.3g} > tolerance {cfg.tolerance:g}; nothing exported")
         meta["validation"]["max_abs_diff"] = max_diff
+        if onnx_predictor.ood is not None:
+            meta["validation"]["ood"] = check = compare_ood(torch_predictor, onnx_predictor, images)
+            if not check["max_rel_diff"] <= OOD_RTOL:
+                raise ExportError(f"{model_dir}: ONNX Runtime's OOD scores do not match torch's on {len(images)} "
+                                  f"images: max relative diff {check['max_rel_diff']:.3g} > {OOD_RTOL:g}; "
+                                  "nothing exported")
         meta["quantization"] = None
         if cfg.quantize:
             if not calibration_images or not test_set:
@@ -262,6 +286,26 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
     return meta
 
 
+def carry_guard(torch_predictor, staging: Path, meta: dict, outputs: list[str]) -> None:
+    """Copy the calibrated model's ood.npz (already checked against its sha256 on load) into the
+    export, listed with its sha256; a graph without features cannot feed a feature-based guard."""
+    from pipeline import ood
+
+    meta.pop("ood", None)
+    guard = torch_predictor.ood
+    if guard is None:
+        print(f"warning: {torch_predictor.model_dir} has no OOD guard; the export has none either", file=sys.stderr)
+        return
+    if ood.needs_features(guard) and "features" not in outputs:
+        print(f"warning: the ONNX graph has no features output; its {ood.method_of(guard)} OOD guard is dropped",
+              file=sys.stderr)
+        return
+    name = torch_predictor.meta["ood"].get("file") or ood.OOD_FILE
+    shutil.copyfile(torch_predictor.model_dir / name, staging / name)
+    meta["sha256"][name] = file_sha256(staging / name)
+    meta["ood"] = dict(torch_predictor.meta["ood"])
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`, replacing an old folder in two renames, never leaving half of one."""
     old = None
@@ -278,10 +322,10 @@ def split_images(params: Params, split_csv: Path, parts: tuple[str, ...], n: int
     """Up to `n` readable images of the given split parts, in that order (real data, fixed order),
     and their labels."""
     from pipeline.data.images import ImageError, load_rgb
-    from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+    from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 
     split = read_table(split_csv, SPLIT_COLUMNS)
-    root = source_root(params.data.source)
+    root = params.data.root
     ordered = [(p, lab) for part in parts
                for p, lab in split.loc[split["split"] == part, ["path", "label"]].itertuples(index=False)]
     images, labels = [], []
@@ -316,7 +360,7 @@ def register(params: Params, out_dir: Path, source_meta: dict, input_example) ->
         model_uri, version = run.log_model(
             out_dir, input_example, name="onnx_model", alias=params.mlflow.alias,
             model_metadata={"format": "onnx", "source_version": source_version,
-                            "calibration": meta.get("calibration")},
+                            "calibration": meta.get("calibration"), "ood": meta.get("ood")},
             requirements=ONNX_REQUIREMENTS)
         client = MlflowClient()
         tags = {"format": "onnx", "onnx.file": meta.get("onnx_file", ONNX_FILE),
@@ -324,7 +368,7 @@ def register(params: Params, out_dir: Path, source_meta: dict, input_example) ->
                 "validation.max_abs_diff": str(meta["validation"]["max_abs_diff"])}
         if source_version:
             for key, value in client.get_model_version(name, source_version).tags.items():
-                if key.startswith(("calibration.", "promotion.")):
+                if key.startswith(("calibration.", "promotion.", "ood.")):
                     tags[key] = value
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
@@ -361,7 +405,7 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports
     meta = export_model(Path(model_dir), Path(out_dir), images, cfg, calibration_images=calibration,
                         test_set=test_set)
     seconds = time.perf_counter() - t
-    logged = register(params, Path(out_dir), source_meta, input_example(params.data.source, split_csv))
+    logged = register(params, Path(out_dir), source_meta, input_example(params.data.root, split_csv))
     meta["registered_version"] = logged["version"]
     meta["registered_model"] = params.mlflow.registered_model
     atomic.write_json(Path(out_dir) / ONNX_META_FILE, meta)

@@ -295,7 +295,7 @@ def attached_run(config: MlflowConfig, run_id: str | None, fallback_name: str) -
 
 def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Path, input_example,
                    metrics: dict[str, float], artifacts: list[Path], calibration: dict,
-                   promote: bool, reason: str, champion_alias: str) -> dict:
+                   promote: bool, reason: str, champion_alias: str, ood: dict | None = None) -> dict:
     """Add test metrics and evaluation files to the training run, register the calibrated model
     (calibration in its metadata) as `candidate`, and give it `champion_alias` if `promote`."""
     import math
@@ -304,12 +304,15 @@ def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Pa
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
         for path in artifacts:
             run.log_artifact(path, "evaluation")
-        metadata = {"calibration": calibration}
+        metadata = {"calibration": calibration, **({"ood": ood} if ood else {})}
         model_uri, version = run.log_model(model_dir, input_example, name="calibrated_model", model_metadata=metadata)
         client = run.mlflow.MlflowClient()
         name = config.registered_model
         for key in ("temperature", "threshold", "band_width", "tta", "threshold_rule"):
             client.set_model_version_tag(name, version, f"calibration.{key}", str(calibration[key]))
+        for key in ("method", "threshold", "pass_rate", "feature_dim"):  # the domain-shift guard (ood.npz)
+            if ood:
+                client.set_model_version_tag(name, version, f"ood.{key}", str(ood.get(key)))
         client.set_model_version_tag(name, version, "promotion.decision", "promoted" if promote else "not promoted")
         client.set_model_version_tag(name, version, "promotion.reason", reason)
         run.set_tags({"promotion.decision": "promoted" if promote else "not promoted", "promotion.reason": reason,

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.config import LabelMap, Params
-from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 
 BEST = "best.pt"  # the best epoch's weights, also logged to MLflow
 
@@ -44,13 +44,15 @@ class FitResult:
 
 # ---------------------------------------------------------------- helpers
 
-def config_hash(params: Params, split_sha: str, world_size: int = 1) -> str:
+def config_hash(params: Params, split_sha: str, world_size: int = 1, init_sha: str | None = None) -> str:
     """What makes two runs the same run (threads/workers/device change speed, not results;
     the number of processes changes the batches each BatchNorm sees)."""
     train = {k: v for k, v in asdict(params.train).items() if k not in ("num_threads", "num_workers", "device")}
     payload = {"model": asdict(params.model), "train": train, "label_map": params.data.label_map, "split": split_sha}
     if world_size > 1:
         payload["world_size"] = world_size
+    if init_sha:
+        payload["init_weights_sha256"] = init_sha
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -264,14 +266,22 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
     labels = label_map.labels
     split = read_table(split_csv, SPLIT_COLUMNS)
     split_sha = file_sha256(Path(split_csv))
-    chash = config_hash(params, split_sha, dist.world_size)
-    state, manifest = _resume_state(checkpoint_dir, chash, resume, dist, warn)
-
-    root = source_root(params.data.source)
+    root = params.data.root
     train_rows = _cap(split[split["split"] == "train"], cfg.max_images, cfg.seed)
     val_rows = _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed)
-    model = build_model(mcfg.arch, len(labels), mcfg.weights, mcfg.drop_rate)
-    mean, std = preprocessing(mcfg, model)
+    model = build_model(mcfg.arch, len(labels), None if mcfg.init_from else mcfg.weights, mcfg.drop_rate)
+    init = None
+    if mcfg.init_from:  # fine-tune a registered model (e.g. @champion on a new specimen) instead of ImageNet's
+        from pipeline.models.init_from import init_from_model
+        from pipeline.tracking import tracking_uri
+
+        init = init_from_model(model, mcfg.init_from, mcfg.arch, labels, tracking_uri(params.mlflow), warn)
+        mean, std = tuple(init.pop("mean")), tuple(init.pop("std"))  # what its weights were trained with
+    else:
+        mean, std = preprocessing(mcfg, model)
+    # After init_from is resolved: when @champion moves, the same params are a different run.
+    chash = config_hash(params, split_sha, dist.world_size, init["weights_sha256"] if init else None)
+    state, manifest = _resume_state(checkpoint_dir, chash, resume, dist, warn)
     train_ds = CellDataset.from_frame(train_rows, root, labels, mcfg.image_size, cfg.augment, mean, std,
                                       seed=cfg.seed, desc="cache train")
     val_ds = CellDataset.from_frame(val_rows, root, labels, mcfg.image_size, "eval", mean, std, desc="cache val")
@@ -401,7 +411,7 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
             "resize": "long side to image_size, pad square by repeating the edge",
             "label_map": label_map.path, "label_map_classes": label_map.classes,
             "best_epoch": best_epoch, "val_metrics": {k: best_row[k] for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
-            "config_hash": chash, "split_sha256": split_sha,
+            "config_hash": chash, "split_sha256": split_sha, "init_from": init,
             "training": {"world_size": dist.world_size, "backend": dist.backend,
                          "final_weights_sha256_by_rank": digests},
             "sha256": {WEIGHTS_FILE: file_sha256(model_dir / WEIGHTS_FILE)}}
@@ -470,8 +480,10 @@ def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, ch
         for path, folder in ((config_file, "config"), (split_csv, "data"), (Path(reports_dir) / "curves.png", "plots"),
                              (Path(reports_dir) / "history.csv", "plots"), (Path(checkpoint_dir) / BEST, "checkpoint")):
             r.log_artifact(path, folder)
-        model_uri, version = r.log_model(Path(model_dir), input_example(params.data.source, split_csv))
+        model_uri, version = r.log_model(Path(model_dir), input_example(params.data.root, split_csv))
         meta = read_metadata(model_dir)
+        if meta.get("init_from"):  # which model this one was fine-tuned from
+            r.set_tags({f"init_from.{k}": str(v) for k, v in meta["init_from"].items()})
         meta["mlflow"] = {"run_id": r.run_id, "model_uri": model_uri, "registered_model": params.mlflow.registered_model,
                           "version": version, "alias": params.mlflow.alias}
         atomic.write_json(Path(model_dir) / META_FILE, meta)

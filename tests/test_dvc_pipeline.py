@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 
@@ -90,3 +91,46 @@ def test_dvc_train_stage_and_experiment_on_the_tiny_config(tmp_path, herlev_dir)
     assert "0.0005" in shown
     assert (version("models/train"), version("models/calibrated")) == ("4", "5")
     assert exported()["registered_version"] == "6"
+
+
+def test_dvc_retrain_on_herlev_plus_a_harvest_from_the_registered_model(tmp_path, herlev_dir):
+    """Adapt to a new specimen: a first run registers a model; then a harvested source is added to
+    data.sources and model.init_from points at that model; `dvc repro` retrains from it on both."""
+    from pipeline import harvest
+    from tests.test_harvest import LABELS, write_labels, write_slide
+
+    repo, env = _scratch_repo(tmp_path, herlev_dir)
+    shutil.copy(repo / "configs" / "tiny.yaml", repo / "params.yaml")
+    _run(["dvc", "repro", "train"], repo, env)  # Herlev only: registers v1 @candidate
+
+    slides = tmp_path / "slides"
+    for name, seed in (("slide-a", 1), ("slide-b", 2)):
+        slide, cells = write_slide(slides, name, seed)
+        harvest.run(slide, cells, write_labels(slides / f"{name}-labels.csv", cells), repo / "data/harvest", 0.25)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["sources"]["harvest"] = {"path": "data/harvest/manifest.csv",
+                                            "label_map": "configs/labels/harvest_binary.yaml",
+                                            "group": {"column": "group"}}
+    params["model"]["init_from"] = "models:/cytology-classifier@candidate"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run(["dvc", "status", "--with-deps", "train"], repo, env)
+    assert "ingest-source@harvest" in status
+
+    _run(["dvc", "repro", "train"], repo, env)
+    manifest = pd.read_csv(repo / "data/ingest/manifest.csv", dtype=str)
+    assert manifest.groupby("source").size().to_dict() == {"harvest": 2 * LABELS.count("benign") + 2 * LABELS.count(
+        "malignant"), "herlev": 722}
+    assert set(manifest.loc[manifest["source"] == "harvest", "group"]) == {"harvest:slide-a", "harvest:slide-b"}
+    meta = json.loads((repo / "models/train/model.json").read_text())
+    assert meta["init_from"]["version"] == "1" and meta["init_from"]["head"] == "reused"
+    assert meta["mlflow"]["version"] == "2"
+    assert "Data and pipelines are up to date" in _run(["dvc", "status", "--with-deps", "train"], repo, env)
+
+    # A change in either source is noticed, each by its own stage.
+    slide, cells = write_slide(slides, "slide-c", 3)
+    harvest.run(slide, cells, write_labels(slides / "slide-c-labels.csv", cells), repo / "data/harvest", 0.25)
+    status = _run(["dvc", "status", "--with-deps", "train"], repo, env)
+    assert "ingest-source@harvest" in status and "ingest-source@herlev" not in status
+    next((tmp_path / "shared/data/herlev/normal_columnar").iterdir()).unlink()
+    status = _run(["dvc", "status", "--with-deps", "train"], repo, env)
+    assert "ingest-source@harvest" in status and "ingest-source@herlev" in status

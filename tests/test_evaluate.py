@@ -111,18 +111,23 @@ def test_registry_uri_resolves_to_the_calibrated_model(project):
     from pipeline.calibration import Band
 
     served = mlflow.pyfunc.load_model(out["mlflow"]["model_uri"]).predict(pd.DataFrame({"image": [_b64(root)]}))
-    assert list(served.columns) == ["prob_benign", "prob_malignant", "p_malignant", "call", "model_version", "error"]
+    assert list(served.columns) == ["prob_benign", "prob_malignant", "p_malignant", "call", "in_domain", "ood_score",
+                                    "model_version", "error"]
     assert served["error"].tolist() == [""]
     # The logged copy knows the version it was registered as (not the training registration's).
     assert served["model_version"].tolist() == [out["mlflow"]["version"]]
     split = pd.read_csv(root / "data/split/split.csv", dtype=str)
     from pipeline.data.images import load_rgb
 
-    p_local = local.malignant_probability(local.predict_proba(
-        [np.asarray(load_rgb(Path(params.data.source) / split["path"].iloc[0]))]))
+    from pipeline.ood import guard_calls
+
+    probs, ood_local, in_local = local.predict_scores(
+        [np.asarray(load_rgb(Path(params.data.source) / split["path"].iloc[0]))])
+    p_local = local.malignant_probability(probs)
     np.testing.assert_allclose(served["p_malignant"], p_local, atol=1e-6)
+    np.testing.assert_allclose(served["ood_score"].astype(float), ood_local, rtol=1e-5)
     band = Band(local.calibration["threshold"], local.calibration["band_width"])
-    assert served["call"].tolist() == band.call(p_local).tolist()
+    assert served["call"].tolist() == guard_calls(band.call(p_local), in_local).tolist()
     with pytest.raises(ModelDirError, match="cannot load from MLflow"):
         resolve_model_dir("models:/no-such-model@champion", params.mlflow.tracking_uri)
     with pytest.raises(ModelDirError, match="not a model folder"):

@@ -50,7 +50,7 @@ def test_export_folder_metadata_and_validation(project, exported):
 
     meta = json.loads((exported / "metadata.json").read_text())
     calibrated = json.loads((project["root"] / "models/calibrated/model.json").read_text())
-    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", INT8_FILE, ONNX_FILE]
+    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", INT8_FILE, ONNX_FILE, "ood.npz"]
     assert meta["onnx_file"] == INT8_FILE and meta["quantization"]["served"]  # tiny.yaml: max_auc_drop 1
     q = meta["quantization"]
     assert 0 <= q["test_auc_int8"] <= 1 and q["auc_drop"] == pytest.approx(q["test_auc_fp32"] - q["test_auc_int8"])
@@ -69,7 +69,7 @@ def test_export_folder_metadata_and_validation(project, exported):
     assert meta["validation"]["max_abs_diff"] <= 1e-4
     graph = onnx.load(str(exported / "model.onnx")).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert [o.name for o in graph.output] == ["logits", "cam"]
+    assert [o.name for o in graph.output] == ["logits", "cam", "features"]
     metrics = json.loads((project["root"] / "reports/export/metrics.json").read_text())
     assert metrics["max_abs_diff"] == meta["validation"]["max_abs_diff"]
 
@@ -161,7 +161,8 @@ print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].t
     np.testing.assert_allclose(got["p"], want, atol=1e-6)
     assert got["v"] == [project["export"]["model_version"]] * 3 and got["e"] == [""] * 3
     # The logged signature names every output column, the per-row `error` included.
-    assert got["outputs"] == ["prob_benign", "prob_malignant", "p_malignant", "call", "model_version", "error"]
+    assert got["outputs"] == ["prob_benign", "prob_malignant", "p_malignant", "call", "in_domain", "ood_score",
+                              "model_version", "error"]
 
 
 def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
@@ -239,6 +240,8 @@ def test_rest_server_matches_predict_and_reports_bad_rows(project, server, tmp_p
     rows = json.loads(out.read_text())["predictions"]
     np.testing.assert_allclose(served["p_malignant"], [r["p_malignant"] for r in rows], atol=1e-5)
     assert list(served["call"]) == [r["call"] for r in rows]
+    assert list(served["in_domain"]) == [r["in_domain"] for r in rows]
+    np.testing.assert_allclose(served["ood_score"], [r["ood_score"] for r in rows], rtol=1e-5)
     assert list(served["model_version"]) == [r["model_version"] for r in rows] == \
         [project["export"]["model_version"]] * 8
     assert list(served["error"]) == [""] * 8

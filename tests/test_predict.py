@@ -98,12 +98,14 @@ def test_folder_rows_in_order_with_errors(project, model_dir, meta, cases, tmp_p
     for rel in GOOD:
         row = rows[rel]
         p = float(row["p_malignant"])
-        assert row["error"] == "" and 0.0 <= p <= 1.0
-        assert row["call"] == band.call([p])[0]
+        assert row["error"] == "" and 0.0 <= p <= 1.0 and row["in_domain"] in ("True", "False")
+        # An out-of-domain image is never called benign/malignant (pipeline/ood.py).
+        assert row["call"] == (band.call([p])[0] if row["in_domain"] == "True" else "out of domain")
+        assert float(row["ood_score"]) >= 0
     for rel, reason in BAD.items():
         row = rows[rel]
         assert reason in row["error"] and "\n" not in row["error"], rel
-        assert row["p_malignant"] == "" and row["call"] == ""
+        assert row["p_malignant"] == "" and row["call"] == "" and row["in_domain"] == row["ood_score"] == ""
     assert set(frame["model_version"]) == {str(meta["mlflow"]["version"])}
     err = capsys.readouterr().err
     for rel in BAD:
@@ -111,7 +113,9 @@ def test_folder_rows_in_order_with_errors(project, model_dir, meta, cases, tmp_p
     assert "Traceback" not in err
     n_mal = sum(rows[r]["call"] == "malignant" for r in GOOD)
     n_ind = sum(rows[r]["call"] == "indeterminate" for r in GOOD)
-    assert f"predict: 4 scored, {n_mal} malignant, {n_ind} indeterminate, 5 errors -> {out}" in err
+    n_ood = sum(rows[r]["call"] == "out of domain" for r in GOOD)
+    assert (f"predict: 4 scored, {n_mal} malignant, {n_ind} indeterminate, {n_ood} out of domain, 5 errors -> {out}"
+            in err)
     assert tree_digest(cases) == before
     assert (cases / "e_broken.jpg").is_symlink() and (cases / "f_dir.jpg").is_dir()
 
@@ -125,7 +129,8 @@ def test_csv_and_json_outputs(project, model_dir, meta, cases, tmp_path, capsys)
     frame = pd.read_csv(csv_out)
     assert tuple(frame.columns) == COLUMNS
     doc = json.loads(json_out.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
-    assert set(doc) == {"model", "model_version", "threshold", "band", "tta", "predictions"}
+    assert set(doc) == {"model", "model_version", "threshold", "band", "tta", "ood", "predictions"}
+    assert doc["ood"]["method"] == "mahalanobis" and doc["ood"]["threshold"] == pytest.approx(meta["ood"]["threshold"])
     cal = meta["calibration"]
     assert doc["model"] == str(model_dir) and doc["model_version"] == str(meta["mlflow"]["version"])
     assert doc["threshold"] == pytest.approx(cal["threshold"])

@@ -47,17 +47,22 @@ def scored(project, slides, tmp_path_factory):
 def test_cells_are_found_scored_and_summarised(scored):
     out, summary = scored
     cells = pd.read_csv(out / "cells.csv")
-    assert list(cells.columns) == ["cell_id", "x", "y", "x0", "y0", "x1", "y1", "diameter_um", "area_um2", "score", "call"]
+    assert list(cells.columns) == ["cell_id", "x", "y", "x0", "y0", "x1", "y1", "diameter_um", "area_um2", "score", "call",
+                                   "ood_score", "in_domain"]
     assert len(cells) == len(CELLS) == summary["n_cells"]
     for cx, cy, r, *_ in CELLS:  # every drawn cell, at the right level-0 place
         d = np.hypot(cells["x"] - cx, cells["y"] - cy)
         assert d.min() < 8, (cx, cy)
-    assert cells["score"].between(0, 1).all() and set(cells["call"]) <= {"benign", "malignant", "indeterminate"}
+    inside = cells["in_domain"]
+    assert cells["score"].between(0, 1).all() and set(cells.loc[inside, "call"]) <= {"benign", "malignant", "indeterminate"}
+    assert (cells.loc[~inside, "call"] == "out of domain").all() and summary["n_out_of_domain"] == int((~inside).sum())
     assert summary["mpp"] == pytest.approx(MPP) and summary["mpp_source"] == "slide properties"
     assert summary["n_malignant"] == int((cells["call"] == "malignant").sum())
-    assert summary["slide_call"] in ("positive", "negative") and "at least" in summary["rule"]
+    assert summary["slide_call"].split(" ")[0] in ("positive", "negative") and "at least" in summary["rule"]
     top = np.sort(cells["score"].to_numpy())[::-1][:summary["top_k"]].mean()
     assert summary["top_k_mean"] == pytest.approx(top, abs=1e-5)
+    top_in = np.sort(cells.loc[inside, "score"].to_numpy())[::-1][:summary["top_k"]].mean() if inside.any() else None
+    assert summary["top_k_mean_in_domain"] == (pytest.approx(top_in, abs=1e-5) if inside.any() else None)
     assert {"plan tiles", "detect cells", "crop + inference", "saliency", "report", "total"} <= set(summary["seconds"])
     assert summary["inference"]["backend"] == "torch" and summary["inference"]["schedule"] == "phased"
     assert summary["inference"]["cells_per_second"] > 0 and summary["saliency"].startswith("Grad-CAM")
@@ -95,6 +100,25 @@ def test_report_renders_in_chromium_without_errors(scored):
     assert len(widths) == 16 and all(w > 0 for w in widths), widths
     assert heat > 0
     assert errors == []
+
+
+def test_labels_exported_from_the_report_match_cells_csv(scored):
+    """What `cytopipe harvest` reads back: the exported cell_id, x, y are those of cells.csv."""
+    from tests.test_report_labels import HEADER, chromium, export_csv, open_page
+
+    out, summary = scored
+    cells = pd.read_csv(out / "cells.csv").set_index("cell_id")
+    with chromium() as browser:
+        page = open_page(browser.new_context(accept_downloads=True), (out / "report.html").as_uri())
+        ids = page.eval_on_selector_all(".cell", "cs => cs.map(c => c.dataset.cellId)")
+        page.click(f".cell[data-cell-id='{ids[0]}'] button[data-label='malignant']")
+        page.click(f".cell[data-cell-id='{ids[-1]}'] button[data-label='not_a_cell']")
+        name, rows = export_csv(page)
+        assert page.errors == []
+    assert name == f"{Path(summary['slide']).stem}-labels.csv" and rows[0] == HEADER
+    assert [(r[0], r[3]) for r in rows[1:]] == [(ids[0], "malignant"), (ids[-1], "not_a_cell")]
+    for r in rows[1:]:
+        assert (int(r[1]), int(r[2])) == tuple(cells.loc[int(r[0]), ["x", "y"]]) and r[6] == summary["slide"]
 
 
 def test_blank_slide_reports_no_cells(project, slides, tmp_path):

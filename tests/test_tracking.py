@@ -77,7 +77,9 @@ def test_registered_model_reloads_with_equal_predictions(trained):
     frame = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(p) for p in paths]})
     served = model.predict(frame)
     local = TorchPredictor(tmp / "model").predict_proba([np.asarray(load_rgb(p)) for p in paths])
-    assert list(served.columns) == ["prob_benign", "prob_malignant", "model_version", "error"]
+    # The trained (not yet evaluated) model has no OOD guard: in domain, no score.
+    assert list(served.columns) == ["prob_benign", "prob_malignant", "in_domain", "ood_score", "model_version", "error"]
+    assert served["in_domain"].tolist() == [True] * len(paths) and served["ood_score"].isna().all()
     assert set(served["error"]) == {""}
     assert served["model_version"].tolist() == [metrics["model_version"]] * len(paths)  # its own version
     probs = served[["prob_benign", "prob_malignant"]].to_numpy()

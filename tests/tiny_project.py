@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_tiny_params(project: Path, herlev_dir: Path, **overrides) -> Path:
     raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    raw["data"]["source"] = str(herlev_dir)
-    raw["data"]["label_map"] = str(ROOT / raw["data"]["label_map"])
+    herlev = raw["data"].pop("sources")["herlev"]  # the one-source form, at the real data
+    raw["data"].update(source=str(herlev_dir), label_map=str(ROOT / herlev["label_map"]), group=herlev["group"])
     raw["mlflow"]["tracking_uri"] = f"sqlite:///{project / 'mlflow.db'}"
     for dotted, value in overrides.items():
         section, key = dotted.split("__")

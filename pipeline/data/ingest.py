@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import EXCLUDE, ConfigError, GroupRule, LabelMap
+from pipeline.config import EXCLUDE, ConfigError, DataSource, GroupRule, LabelMap
 from pipeline.data.images import IMAGE_SUFFIXES, ImageError, ImageLimits, decode_rgb, read_bytes, sha256_bytes
 from pipeline.data.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS, source_root
 
@@ -249,21 +249,106 @@ def ingest(
     return result
 
 
-def write_outputs(result: IngestResult, out_dir: Path | str, source: str, label_map: LabelMap) -> dict:
+def write_outputs(result: IngestResult, out_dir: Path | str, source: str, label_map: LabelMap,
+                  root: str | None = None, sources: dict | None = None) -> dict:
     """Write manifest.csv, rejects.csv and summary.json into `out_dir`, atomically."""
     import pandas as pd
 
     from pipeline import atomic
 
     out_dir = Path(out_dir)
+    # Several sources: each row also names its source.
+    extra = (SOURCE_COLUMN,) if any(SOURCE_COLUMN in r for r in result.rows[:1] + result.rejects[:1]) else ()
     if result.rows:  # never leave an empty manifest for the next stage to trip over
-        atomic.write_csv(out_dir / "manifest.csv", pd.DataFrame(result.rows, columns=list(MANIFEST_COLUMNS)))
+        atomic.write_csv(out_dir / "manifest.csv", pd.DataFrame(result.rows, columns=list(MANIFEST_COLUMNS + extra)))
     else:
         (out_dir / "manifest.csv").unlink(missing_ok=True)
-    atomic.write_csv(out_dir / "rejects.csv", pd.DataFrame(result.rejects, columns=list(REJECT_COLUMNS)))
-    summary = {"source": source, "root": source_root(source).as_posix(), "label_map": label_map.path,
-               **result.summary()}
+    atomic.write_csv(out_dir / "rejects.csv", pd.DataFrame(result.rejects, columns=list(REJECT_COLUMNS + extra)))
+    summary = {"source": source, "root": root or source_root(source).as_posix(), "label_map": label_map.path,
+               **({"sources": sources} if sources else {}), **result.summary()}
     atomic.write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- several sources
+
+SOURCE_COLUMN = "source"  # the merged manifest of several sources names each row's source
+
+
+def check_label_maps(sources: tuple[DataSource, ...]) -> LabelMap:
+    """Every source's label map must give the model the same labels in the same order; returns the first."""
+    maps = [LabelMap.load(s.label_map) for s in sources]
+    for s, lm in zip(sources[1:], maps[1:]):
+        if lm.labels != maps[0].labels:
+            raise ConfigError(f"{s.label_map}: labels {list(lm.labels)} differ from {maps[0].path}'s "
+                              f"{list(maps[0].labels)}; every source must give the model the same labels")
+    return maps[0]
+
+
+def merge_sources(parts: list[tuple[DataSource, IngestResult]]) -> IngestResult:
+    """One manifest from per-source results. With several sources, paths are joined to each source's
+    root (so they resolve from the project folder), groups get a '<source>:' prefix so two sources'
+    groups never collide, and a `source` column is added; duplicates are resolved across sources."""
+    if len(parts) == 1:
+        return parts[0][1]
+    rows, rejects = [], []
+    for src, part in parts:
+        root = source_root(src.path)
+        rebase = lambda rel: (root / rel).as_posix()  # noqa: E731  (an absolute rel stays absolute)
+        rows += [{**r, "path": rebase(r["path"]), "group": f"{src.name}:{r['group']}", SOURCE_COLUMN: src.name}
+                 for r in part.rows]
+        rejects += [{**r, "path": rebase(r["path"]), SOURCE_COLUMN: src.name} for r in part.rejects]
+    merged = IngestResult()
+    merged.rows, dup_rejects = resolve_duplicates(rows)
+    merged.rejects = sorted(rejects + dup_rejects, key=lambda r: r["path"])
+    return merged
+
+
+def ingest_source(src: DataSource, limits: ImageLimits = ImageLimits(), progress: bool | None = None) -> IngestResult:
+    """One source on its own: paths relative to it, its own label map and group rule."""
+    return ingest(src.path, LabelMap.load(src.label_map), src.group, limits, progress)
+
+
+def ingest_sources(sources: tuple[DataSource, ...], limits: ImageLimits = ImageLimits(),
+                   progress: bool | None = None) -> IngestResult:
+    """Every source, merged (pure: writes nothing)."""
+    check_label_maps(sources)
+    return merge_sources([(s, ingest_source(s, limits, progress)) for s in sources])
+
+
+def read_source_outputs(src: DataSource, folder: Path | str) -> IngestResult:
+    """A per-source ingest's outputs (`run_source`) back as an IngestResult."""
+    from pipeline.data.manifest import read_table
+
+    folder = Path(folder)
+    rows = read_table(folder / "manifest.csv", MANIFEST_COLUMNS).to_dict("records")
+    rejects = read_table(folder / "rejects.csv", REJECT_COLUMNS).to_dict("records")
+    return IngestResult(rows, rejects)
+
+
+def _report(result: IngestResult, summary: dict, what: str, out_dir: str) -> None:
+    for rej in result.rejects:
+        print(f"rejected: {rej['path']}: {rej['reason']}", file=sys.stderr)
+    if not result.rows:
+        raise IngestError(f"{what}: no usable images ({len(result.rejects)} rejected; see {Path(out_dir) / 'rejects.csv'})")
+    labels = ", ".join(f"{n} {label}" for label, n in summary["labels"].items())
+    print(f"ingest: {summary['n_accepted']} images accepted ({labels}), {summary['n_rejected']} rejected, "
+          f"{summary['n_groups']} groups -> {Path(out_dir) / 'manifest.csv'}")
+
+
+def run_sources(sources: tuple[DataSource, ...], limits: ImageLimits, out_dir: str,
+                merge_from: str | None = None) -> dict:
+    """The stage over several sources: ingest each (or, with `merge_from`, read each one's outputs
+    from merge_from/<name>/, as the per-source DVC stages wrote them), merge, write, report."""
+    label_map = check_label_maps(sources)
+    parts = [(s, read_source_outputs(s, Path(merge_from) / s.name) if merge_from else ingest_source(s, limits))
+             for s in sources]
+    result = merge_sources(parts)
+    summary = write_outputs(result, out_dir, ", ".join(s.path for s in sources), label_map,
+                            root="." if len(sources) > 1 else None, sources={s.name: {"path": s.path, "label_map": s.label_map,
+                                                        "n_accepted": len(p.rows), "n_rejected": len(p.rejects)}
+                                               for s, p in parts})
+    _report(result, summary, " + ".join(s.name for s in sources), out_dir)
     return summary
 
 
@@ -272,11 +357,5 @@ def run(source: str, label_map_path: str, group_rule: GroupRule, limits: ImageLi
     label_map = LabelMap.load(label_map_path)
     result = ingest(source, label_map, group_rule, limits)
     summary = write_outputs(result, out_dir, source, label_map)
-    for rej in result.rejects:
-        print(f"rejected: {rej['path']}: {rej['reason']}", file=sys.stderr)
-    if not result.rows:
-        raise IngestError(f"{source}: no usable images ({len(result.rejects)} rejected; see {Path(out_dir) / 'rejects.csv'})")
-    labels = ", ".join(f"{n} {label}" for label, n in summary["labels"].items())
-    print(f"ingest: {summary['n_accepted']} images accepted ({labels}), {summary['n_rejected']} rejected, "
-          f"{summary['n_groups']} groups -> {Path(out_dir) / 'manifest.csv'}")
+    _report(result, summary, source, out_dir)
     return summary

@@ -20,7 +20,7 @@ from pipeline.concurrency import in_order
 from pipeline.data.images import IMAGE_SUFFIXES, ImageError, load_rgb
 from pipeline.inference.loading import DEFAULT_MODEL  # noqa: F401  (re-exported for callers)
 
-COLUMNS = ("path", "p_malignant", "call", "model_version", "error")
+COLUMNS = ("path", "p_malignant", "call", "in_domain", "ood_score", "model_version", "error")
 OUT_SUFFIXES = (".csv", ".json")
 PROG = "cytopipe predict"
 
@@ -116,6 +116,16 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def ood_method_name(predictor) -> str | None:
+    from pipeline.ood import method_of
+
+    return method_of(predictor.ood) if predictor.ood is not None else None
+
+
+def ood_threshold(predictor) -> float | None:
+    return _finite(float(predictor.ood["threshold"])) if predictor.ood is not None else None
+
+
 def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | None, tracking_uri: str | None,
                   batch_size: int = 32) -> int:
     """Score image files/folders; write CSV (stdout or .csv) or JSON (.json). Returns the exit code."""
@@ -126,6 +136,7 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
     from pipeline.calibration import Band
     from pipeline.inference.loading import load_predictor
     from pipeline.inference.predictor import ModelDirError
+    from pipeline.ood import OUT_OF_DOMAIN, guard_calls
 
     # Argument checks first: they cost nothing, loading a model does.
     out_path = Path(out) if out else None
@@ -162,8 +173,8 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
                     images.append(image)
             if reason is not None:
                 skipped.append(f"skipped: {path}: {reason}")
-            chunk_rows.append({"path": str(path), "p_malignant": None, "call": "",
-                               "model_version": model_version, "error": reason or ""})
+            chunk_rows.append({"path": str(path), "p_malignant": None, "call": "", "in_domain": None,
+                               "ood_score": None, "model_version": model_version, "error": reason or ""})
         batch = predictor.preprocess_array(images) if images else None
         return chunk_rows, batch, slots, skipped
 
@@ -174,11 +185,13 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
             for line in skipped:
                 tqdm.write(line, file=sys.stderr)
             if batch is not None:
-                logits = predictor.array_logits(batch, tta=use_tta)
-                p = predictor.malignant_probability(predictor.probabilities(logits))
-                for slot, value, call in zip(slots, p, band.call(p)):
+                probs, ood_score, in_domain = predictor.array_scores(batch, tta=use_tta)
+                p = predictor.malignant_probability(probs)
+                calls = guard_calls(band.call(p), in_domain)
+                for slot, value, call, score, ok in zip(slots, p, calls, ood_score, in_domain):
                     value = _finite(float(value))
                     chunk_rows[slot].update(p_malignant=value, call=str(call) if value is not None else "",
+                                            in_domain=bool(ok), ood_score=_finite(float(score)),
                                             error="" if value is not None else "model returned a non-finite score")
             del batch  # release this batch's pixels before the next
             rows.extend(chunk_rows)
@@ -197,13 +210,16 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
         atomic.write_csv(out_path, pd.DataFrame(rows, columns=list(COLUMNS)))
     else:
         doc = {"model": model, "model_version": model_version, "threshold": band.threshold,
-               "band": [band.lower, band.upper], "tta": use_tta, "predictions": rows}
+               "band": [band.lower, band.upper], "tta": use_tta,
+               "ood": {"method": ood_method_name(predictor), "threshold": ood_threshold(predictor)},
+               "predictions": rows}
         # NaN is already None; allow_nan=False guards against an invalid JSON file regardless.
         atomic.write_text(out_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
     n_mal = sum(r["call"] == "malignant" for r in scored)
     n_ind = sum(r["call"] == "indeterminate" for r in scored)
+    n_ood = sum(r["call"] == OUT_OF_DOMAIN for r in scored)
     target = f" -> {out_path}" if out_path is not None else ""
-    print(f"predict: {len(scored)} scored, {n_mal} malignant, {n_ind} indeterminate, {n_err} errors{target}",
-          file=sys.stderr)
+    print(f"predict: {len(scored)} scored, {n_mal} malignant, {n_ind} indeterminate, {n_ood} out of domain, "
+          f"{n_err} errors{target}", file=sys.stderr)
     return 0

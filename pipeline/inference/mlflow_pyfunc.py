@@ -3,7 +3,9 @@
 Input: a DataFrame with a column `image` holding base64-encoded image file bytes.
 Output: a DataFrame with one column `prob_<label>` per label (temperature-scaled once the model
 is calibrated), `model_version`, `error`, and, for a calibrated model, `p_malignant` and `call`
-(benign / malignant / indeterminate, from the model's own threshold and band).
+(benign / malignant / indeterminate, from the model's own threshold and band; "out of domain"
+for a cell the OOD guard rejects), `in_domain` and `ood_score` (higher = further from the
+training domain; None for a model without a guard).
 
 The same file serves both backends: an exported model (model.onnx + metadata.json) runs on
 ONNX Runtime without torch; a torch model folder on eager torch.
@@ -83,21 +85,29 @@ def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
     images, errors = decode_rows(model_input)
     good = np.array([image is not None for image in images])
     probs = np.full((len(images), len(predictor.labels)), np.nan)
+    ood_score = np.full(len(images), np.nan)
+    in_domain = np.ones(len(images), dtype=bool)
     if good.any():
-        probs[good] = predictor.predict_proba([image for image in images if image is not None])
+        probs[good], ood_score[good], in_domain[good] = predictor.predict_scores(
+            [image for image in images if image is not None])
     out = pd.DataFrame(probs, columns=[f"prob_{label}" for label in predictor.labels])
     calibration = predictor.calibration
     if calibration:
         from pipeline.calibration import Band
+        from pipeline.ood import guard_calls
 
         p = np.full(len(images), np.nan)
         p[good] = predictor.malignant_probability(probs[good])
         out["p_malignant"] = p
         calls = np.full(len(images), "error", dtype=object)
-        calls[good] = Band(calibration["threshold"], calibration["band_width"]).call(p[good])
+        calls[good] = guard_calls(Band(calibration["threshold"], calibration["band_width"]).call(p[good]),
+                                  in_domain[good])
         out["call"] = calls
+    out["in_domain"] = in_domain.astype(object)
+    out["ood_score"] = ood_score
+    # None, not NaN: the server writes NaN as a bare token that strict JSON parsers reject.
+    out["ood_score"] = out["ood_score"].astype(object).where(np.isfinite(ood_score), None)
     if not good.all():
-        # None, not NaN: the server writes NaN as a bare token that strict JSON parsers reject.
         for column in out.columns.drop("call", errors="ignore"):
             out[column] = out[column].astype(object).where(good, None)
     from pipeline.inference.loading import UNREGISTERED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,26 @@ def verify_sha256(path: Path, expected: str | None, meta_name: str) -> None:
         raise ModelDirError(f"{path}: sha256 does not match {meta_name}; the file was changed or corrupted")
 
 
+def load_guard(model_dir: Path, meta: dict) -> dict | None:
+    """The OOD guard's parameters named in the metadata (None for a model made before it),
+    checked against their recorded sha256 like the weights."""
+    from pipeline import ood
+
+    info = meta.get("ood")
+    if not info:
+        return None
+    name = info.get("file") or ood.OOD_FILE
+    path = model_dir / name
+    meta_name = ONNX_META_FILE if is_exported(model_dir) else META_FILE
+    if Path(name).name != name or not path.is_file():
+        raise ModelDirError(f"{model_dir}: {name} missing ({meta_name} lists an OOD guard)")
+    verify_sha256(path, (meta.get("sha256") or {}).get(name) or "missing", meta_name)
+    try:
+        return ood.load(path)
+    except ood.OodError as exc:
+        raise ModelDirError(str(exc)) from None
+
+
 def tta_views(batch: np.ndarray) -> list[np.ndarray]:
     """The 8 dihedral views of an NCHW batch (rotations of it and of its mirror)."""
     return [np.ascontiguousarray(np.rot90(b, k, axes=(2, 3))) for b in (batch, batch[..., ::-1]) for k in range(4)]
@@ -74,6 +95,8 @@ class Predictor:
         self.meta = meta
         self.labels = list(meta["labels"])
         self.batch_size = batch_size
+        self.ood = load_guard(self.model_dir, meta)
+        self._warned_no_ood = False
 
     def preprocess_array(self, images: list[np.ndarray]) -> np.ndarray:
         """uint8 RGB images (any sizes) -> the normalised NCHW batch the model sees."""
@@ -98,6 +121,63 @@ class Predictor:
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, penultimate features or None) from one forward pass; backends override."""
+        return self._logits(batch), None
+
+    def array_outputs(self, batch: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, features) for a normalised NCHW batch; with tta, both averaged over the 8 views."""
+        if not tta:
+            return self._forward(batch)
+        outs = [self._forward(v) for v in tta_views(batch)]
+        feats = None if outs[0][1] is None else np.mean([f for _, f in outs], axis=0)
+        return np.mean([z for z, _ in outs], axis=0), feats
+
+    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """OOD score per row (higher = further from the training domain); NaN without a guard."""
+        from pipeline import ood
+
+        if self.ood is None:
+            if not self._warned_no_ood:
+                self._warned_no_ood = True
+                print(f"warning: {self.model_dir} has no OOD guard ({ood.OOD_FILE}; rerun the evaluate stage): "
+                      "every cell counts as in domain", file=sys.stderr)
+            return np.full(len(logits), np.nan)
+        if ood.needs_features(self.ood) and features is None:
+            raise ModelDirError(f"{self.model_dir}: the model gives no features for its "
+                                f"{ood.method_of(self.ood)} OOD guard")
+        return ood.score(self.ood, features, logits)
+
+    def in_domain(self, ood_scores: np.ndarray) -> np.ndarray:
+        """True where a cell passes the OOD threshold (always, for a model without a guard)."""
+        from pipeline import ood
+
+        return ood.in_domain(self.ood, ood_scores)
+
+    def array_scores(self, batch: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(calibrated probabilities, ood_score, in_domain) for a normalised batch, from one forward pass."""
+        logits, features = self.array_outputs(batch, tta)
+        scores = self.ood_scores(logits, features)
+        return self.probabilities(logits), scores, self.in_domain(scores)
+
+    def predict_scores(self, images: list[np.ndarray], tta: bool | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probabilities (N, n_labels), ood_score (N,), in_domain (N,)) for RGB images."""
+        tta = self.calibration.get("tta", False) if tta is None else tta
+        parts = [self.array_scores(self.preprocess_array(images[start:start + self.batch_size]), tta)
+                 for start in range(0, len(images), self.batch_size)]
+        if not parts:
+            return np.zeros((0, len(self.labels))), np.zeros(0), np.zeros(0, dtype=bool)
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+    def predict_outputs(self, images: list[np.ndarray], tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, features) for RGB images, batched: what the evaluate stage fits the guard on."""
+        parts = [self.array_outputs(self.preprocess_array(images[start:start + self.batch_size]), tta)
+                 for start in range(0, len(images), self.batch_size)]
+        logits = np.concatenate([z for z, _ in parts]) if parts else np.zeros((0, len(self.labels)), np.float32)
+        feats = None if not parts or parts[0][1] is None else np.concatenate([f for _, f in parts])
+        return logits, feats
 
     def array_logits(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
         """Logits for a normalised NCHW batch; with tta, the mean over the 8 dihedral views."""
@@ -176,6 +256,17 @@ class TorchPredictor(Predictor):
             x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
             return self.model(x).float().numpy()
 
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        net = self.model
+        if not all(hasattr(net, a) for a in ("forward_features", "forward_head", "get_classifier")):
+            return self._logits(batch), None  # e.g. torchvision: no pooled features to guard with
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+            feats = net.forward_head(net.forward_features(x), pre_logits=True)
+            return net.get_classifier()(feats).float().numpy(), feats.float().numpy()
+
 
 class OnnxPredictor(Predictor):
     """Scores images with ONNX Runtime on an exported model folder; imports no torch."""
@@ -198,6 +289,13 @@ class OnnxPredictor(Predictor):
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if "features" not in (self.meta.get("outputs") or []):  # exported before the OOD guard
+            return self._logits(batch), None
+        logits, feats = self.session.run(["logits", "features"],
+                                         {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return logits, feats
 
     def cams(self, batch: np.ndarray, label: int) -> np.ndarray:
         """Class activation maps (N, h, w) for one output label, from the graph's `cam` output."""

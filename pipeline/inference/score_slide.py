@@ -29,7 +29,16 @@ SALIENCY = {"torch": "Grad-CAM (pytorch-grad-cam) at the last convolution, for t
 
 
 def slide_rule(cfg: SlideConfig) -> str:
-    return f"positive when at least {cfg.min_malignant_cells} cell(s) are called malignant, otherwise negative"
+    return (f"positive when at least {cfg.min_malignant_cells} cell(s) are called malignant, otherwise negative; "
+            f"out-of-domain cells are not counted, and above {cfg.max_ood_fraction:.0%} of cells out of domain "
+            "the call is marked unreliable")
+
+
+def ood_slide_call(call: str, fraction_ood: float, cfg: SlideConfig) -> str:
+    """The slide call, marked unreliable when too many cells lie outside the model's training domain."""
+    if fraction_ood > cfg.max_ood_fraction:
+        return f"{call} (unreliable: {fraction_ood:.0%} of cells out of domain)"
+    return call
 
 
 PROG = "cytopipe score-slide"
@@ -125,7 +134,8 @@ def score_loaded(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfi
         summary = _score_into(loaded, slide, staging, cfg, mpp, top, tta, log)
     loaded.load_s = None
     log(f"score-slide: {summary['n_cells']} cells, {summary['n_malignant']} malignant "
-        f"({summary['fraction_malignant']:.1%}), {summary['n_indeterminate']} indeterminate; slide call: "
+        f"({summary['fraction_malignant']:.1%}), {summary['n_indeterminate']} indeterminate, "
+        f"{summary['n_out_of_domain']} out of domain; slide call: "
         f"{summary['slide_call']} ({summary['rule']}); {summary['seconds']['total']:.1f}s "
         f"-> {Path(out_dir) / 'report.html'}")
     return summary
@@ -159,7 +169,12 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
         seconds.update(steps)
         log(f"score-slide: {len(cells)} cells detected and scored in {sum(steps.values()):.1f}s "
             f"({predictor.backend}; {inference_s:.1f}s in the model)")
-        calls = band.call(scores) if len(scores) else np.array([], dtype=str)
+        from pipeline.ood import guard_calls, method_of
+
+        # Out-of-domain cells get "out of domain", never benign/malignant, and so drop out of the counts.
+        ood_score = cells["ood_score"].to_numpy(dtype=float) if len(cells) else np.zeros(0)
+        in_domain = predictor.in_domain(ood_score)
+        calls = guard_calls(band.call(scores), in_domain) if len(scores) else np.array([], dtype=str)
 
         n_top = cfg.gallery if top is None else top
         order = np.argsort(-scores, kind="stable")[:n_top]
@@ -177,7 +192,7 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
         **{k: cells[k].to_numpy() if len(cells) else [] for k in ("cell_id", "x", "y", "x0", "y0", "x1", "y1")},
         "diameter_um": cells["diameter_um"].round(2).to_numpy() if len(cells) else [],
         "area_um2": cells["area_um2"].round(1).to_numpy() if len(cells) else [],
-        "score": np.round(scores, 6), "call": calls})  # x0..y1: the level-0 bounding box (harvest re-cuts it)
+        "score": np.round(scores, 6), "call": calls, "ood_score": np.round(ood_score, 6), "in_domain": in_domain})  # x0..y1: the level-0 bounding box (harvest re-cuts it)
     atomic.write_csv(out_dir / "cells.csv", table)
     with atomic.atomic_path(out_dir / "heatmap.png") as tmp:
         from PIL import Image
@@ -186,7 +201,9 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
 
     n = len(cells)
     n_mal = int((calls == "malignant").sum())
-    k = min(cfg.top_k, n)
+    n_ood = int((~in_domain).sum())
+    fraction_ood = n_ood / n if n else 0.0
+    k, k_in = min(cfg.top_k, n), min(cfg.top_k, int(in_domain.sum()))
     meta_mlflow = predictor.meta.get("mlflow") or {}
     summary = {
         "slide": str(slide), "width": source.dimensions[0], "height": source.dimensions[1],
@@ -194,8 +211,13 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
         "n_cells": n, "n_malignant": n_mal, "fraction_malignant": n_mal / n if n else 0.0,
         "n_indeterminate": int((calls == "indeterminate").sum()),
         "top_k": cfg.top_k, "top_k_mean": float(np.sort(scores)[::-1][:k].mean()) if k else None,
-        "slide_call": ("positive" if n_mal >= cfg.min_malignant_cells else "negative") if n else "no cells found",
+        "top_k_mean_in_domain": float(np.sort(scores[in_domain])[::-1][:k_in].mean()) if k_in else None,
+        "slide_call": ood_slide_call("positive" if n_mal >= cfg.min_malignant_cells else "negative", fraction_ood, cfg)
+        if n else "no cells found",
         "rule": slide_rule(cfg),
+        "n_out_of_domain": n_ood, "fraction_out_of_domain": fraction_ood, "max_ood_fraction": cfg.max_ood_fraction,
+        "ood_warning": bool(fraction_ood > cfg.max_ood_fraction),
+        "ood_method": method_of(predictor.ood) if predictor.ood is not None else None,
         "threshold": band.threshold, "band": [band.lower, band.upper],
         "temperature": float(calibration.get("temperature", 1.0)), "tta": bool(use_tta),
         "model": {"uri": model, "version": version, "registered_model": meta_mlflow.get("registered_model"),
@@ -211,6 +233,7 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
     }
     gallery = [{"rank": r + 1, "cell_id": int(row.cell_id), "x": int(row.x), "y": int(row.y),
                 "diameter_um": float(row.diameter_um), "p_malignant": float(scores[i]), "call": str(calls[i]),
+                "in_domain": bool(in_domain[i]), "ood_score": float(ood_score[i]),
                 "crop_uri": png_data_uri(np.asarray(predictor_crop(predictor, crops[r]))),
                 "cam_uri": png_data_uri(cams[r])}
                for r, (i, row) in enumerate(zip(order, top_cells.itertuples()))]

@@ -34,13 +34,15 @@ class _Batcher:
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
         self.scores: list[np.ndarray] = []
+        self.ood: list[np.ndarray] = []
         self.busy = 0.0
 
     def _run(self, batch: np.ndarray) -> None:
         p = self.predictor
         t = time.perf_counter()
-        logits = p.array_logits(p.normalize_batch(batch), self.tta)
-        self.scores.append(p.malignant_probability(p.probabilities(logits)))
+        probs, ood_score, _ = p.array_scores(p.normalize_batch(batch), self.tta)
+        self.scores.append(p.malignant_probability(probs))
+        self.ood.append(ood_score)
         self.busy += time.perf_counter() - t
 
     def add(self, crops: np.ndarray | None) -> None:
@@ -61,9 +63,17 @@ class _Batcher:
         self.pending = [crops[full:]] if full < len(crops) else []
         self.n_pending = len(crops) - full
 
-    def finish(self) -> np.ndarray:
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """(P(malignant), OOD score) per cell, in the order added."""
         self._drain(final=True)
-        return np.concatenate(self.scores) if self.scores else np.zeros(0)
+        if not self.scores:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(self.scores), np.concatenate(self.ood)
+
+
+def with_ood(cells: pd.DataFrame, ood_score: np.ndarray) -> pd.DataFrame:
+    """The cells table with its `ood_score` column (NaN for a model without an OOD guard)."""
+    return cells.assign(ood_score=np.asarray(ood_score, dtype=float))
 
 
 def _bar(total: int, desc: str, progress: bool | None):
@@ -73,18 +83,21 @@ def _bar(total: int, desc: str, progress: bool | None):
                 disable=None if progress is None else not progress)
 
 
-def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None) -> np.ndarray:
-    """Calibrated P(malignant) per detected cell; crops are read and scored batch by batch."""
+def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated P(malignant), OOD score) per detected cell; crops are read and scored batch by batch."""
     from tqdm import tqdm
 
     from pipeline.inference.slide import read_crops
 
-    scores = []
+    scores, ood = [], []
     for start in tqdm(range(0, len(cells), cfg.batch_size), desc="score", unit="batch", file=sys.stderr,
                       disable=None if progress is None else not progress):
         crops = read_crops(source, cells.iloc[start:start + cfg.batch_size], cfg.crop_margin)
-        scores.append(predictor.malignant_probability(predictor.probabilities(predictor.predict_logits(crops, tta))))
-    return np.concatenate(scores) if scores else np.zeros(0)
+        probs, ood_score, _ = predictor.predict_scores(crops, tta)
+        scores.append(predictor.malignant_probability(probs))
+        ood.append(ood_score)
+    return (np.concatenate(scores), np.concatenate(ood)) if scores else (np.zeros(0), np.zeros(0))
 
 
 def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
@@ -96,7 +109,8 @@ def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: b
     cells = detect_slide(source, cfg, progress=progress)
     seconds["detect cells"] = time.perf_counter() - t
     t = time.perf_counter()
-    scores = score_cells(predictor, source, cells, cfg, tta, progress)
+    scores, ood = score_cells(predictor, source, cells, cfg, tta, progress)
+    cells = with_ood(cells, ood)
     seconds["crop + inference"] = time.perf_counter() - t
     seconds["inference"] = seconds["crop + inference"]  # reading crops is inside this loop
     return cells, scores, seconds
@@ -124,8 +138,9 @@ def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: b
             parts.append(part)
             batcher.add(crops)
             bar.update()
-        scores = batcher.finish()
+        scores, ood = batcher.finish()
     cells, rows = finish_cells(parts, source, cfg)
+    cells = with_ood(cells, ood[rows])
     seconds["detect + crop + inference (overlapped)"] = time.perf_counter() - t0 - seconds["plan tiles"]
     seconds["inference"] = batcher.busy
     return cells, scores[rows], seconds
@@ -165,14 +180,16 @@ def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool 
         for crops in stream:
             batcher.add(crops)
             bar.update()
-        scores = batcher.finish()
+        scores, ood = batcher.finish()
     seconds["crop + inference"] = time.perf_counter() - t
     cells, rows = finish_cells(parts, source, cfg)
+    cells = with_ood(cells, ood[rows])
     seconds["inference"] = batcher.busy
     return cells, scores[rows], seconds
 
 
 def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """(cells, scores, seconds) by `cfg.schedule`; seconds["inference"] is the time in the model."""
+    """(cells, scores, seconds) by `cfg.schedule`; seconds["inference"] is the time in the model.
+    `cells` has an `ood_score` column (the domain-shift guard's score per cell)."""
     run = {"phased": score_phased, "overlapped": score_overlapped, "sequential": score_sequential}[cfg.schedule]
     return run(predictor, source, cfg, tta, progress)

@@ -1,0 +1,344 @@
+"""The domain-shift (OOD) guard: the math of pipeline/ood.py, the guard fitted by the evaluate
+stage and carried by the export, and that no prediction path calls an out-of-domain cell
+benign or malignant (on a tiny trained and exported project)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import ood
+from pipeline.inference.predictor import ModelDirError, OnnxPredictor, TorchPredictor
+from tests.conftest import ROOT
+from tests.tiny_project import exported_tiny_project
+
+HERLEV = ROOT.parent / "shared" / "data" / "herlev"
+CALLS = {"benign", "malignant", "indeterminate"}
+
+
+# ---------------------------------------------------------------- pure math
+
+def _blobs(rng, n, dim=16, shift=0.0):
+    """Two classes of Gaussian features; `shift` moves them along axes neither class uses."""
+    y = rng.integers(0, 2, n)
+    # A common positive offset, like pooled activations: cosine distances are then meaningful.
+    x = rng.standard_normal((n, dim)) + 3.0 * y[:, None] * np.eye(dim)[0] + 4.0
+    x[:, dim // 2:dim // 2 + 4] += shift
+    return x, y
+
+
+@pytest.mark.parametrize("method,options", [("mahalanobis", {}), ("mahalanobis", {"pca_dim": 4}),
+                                            ("knn", {"k": 3}), ("energy", {})])
+def test_threshold_lets_pass_rate_of_val_through(method, options):
+    rng = np.random.default_rng(0)
+    x, y = _blobs(rng, 300)
+    xv, _ = _blobs(rng, 101)
+    logits = np.c_[xv[:, 0], -xv[:, 0]]
+    params = ood.fit(x, y, method, **options)
+    params = ood.set_threshold(params, ood.score(params, xv, logits), 0.95)
+    passed = ood.in_domain(params, ood.score(params, xv, logits))
+    assert passed.mean() >= 0.95 and passed.mean() < 1.0
+    assert float(params["val_pass_rate"]) == pytest.approx(passed.mean())
+    assert ood.summary(params)["method"] == method and ood.summary(params)["pass_rate"] == 0.95
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "knn"])
+def test_feature_scores_are_higher_for_shifted_features(method):
+    rng = np.random.default_rng(1)
+    x, y = _blobs(rng, 400)
+    xin, _ = _blobs(rng, 200)
+    xout, _ = _blobs(rng, 200, shift=10.0)
+    params = ood.fit(x, y, method, k=5)
+    s_in, s_out = ood.score(params, xin), ood.score(params, xout)
+    assert np.median(s_out) > np.quantile(s_in, 0.99)
+    params = ood.set_threshold(params, s_in, 0.95)
+    assert (~ood.in_domain(params, s_out)).mean() > 0.95
+
+
+def test_mahalanobis_handles_fewer_cells_than_dimensions():
+    rng = np.random.default_rng(2)
+    x, y = _blobs(rng, 20, dim=64)  # singular covariance without shrinkage
+    params = ood.fit(x, y, "mahalanobis", shrinkage=0.1)
+    s = ood.score(params, np.r_[x[:5], x[:5] + 10])
+    assert np.isfinite(s).all() and s[5:].min() > s[:5].max()
+
+
+def test_normalised_mahalanobis_flags_collapsed_features():
+    # A flat image's pooled features are near zero: plain Mahalanobis finds that close to the
+    # class means (the mean's direction has large variance), Mahalanobis++ does not.
+    rng = np.random.default_rng(5)
+    x, y = _blobs(rng, 400)
+    x *= rng.uniform(0.5, 1.5, (len(x), 1))  # feature norms vary from cell to cell
+    xv, _ = _blobs(rng, 200)
+    zero = np.full((3, x.shape[1]), 0.01) + rng.standard_normal((3, x.shape[1])) * 0.01
+    plain = ood.set_threshold(ood.fit(x, y), ood.score(ood.fit(x, y), xv), 0.95)
+    normed = ood.fit(x, y, normalize=True)
+    normed = ood.set_threshold(normed, ood.score(normed, xv), 0.95)
+    assert ood.in_domain(plain, ood.score(plain, zero)).all()
+    assert not ood.in_domain(normed, ood.score(normed, zero)).any()
+
+
+def test_energy_is_higher_for_flat_logits():
+    params = ood.fit(None, None, "energy")
+    s = ood.score(params, logits=np.array([[8.0, -8.0], [0.1, 0.0]]))
+    assert s[1] > s[0]
+
+
+def test_bad_inputs_are_one_line_errors():
+    rng = np.random.default_rng(3)
+    x, y = _blobs(rng, 30)
+    with pytest.raises(ood.OodError, match="ood.method"):
+        ood.fit(x, y, "isolation-forest")
+    with pytest.raises(ood.OodError, match="non-finite"):
+        ood.fit(np.full((3, 2), np.nan), [0, 1, 0])
+    params = ood.fit(x, y, "mahalanobis")
+    with pytest.raises(ood.OodError, match="dimension 16"):
+        ood.score(params, np.zeros((2, 8)))
+    with pytest.raises(ood.OodError, match="ood.k"):
+        ood.fit(x, y, "knn", k=31)
+
+
+def test_npz_round_trip_and_no_pickle(tmp_path):
+    rng = np.random.default_rng(4)
+    x, y = _blobs(rng, 50)
+    params = ood.set_threshold(ood.fit(x, y, "knn", k=2), rng.random(20), 0.9)
+    ood.save(tmp_path / ood.OOD_FILE, params)
+    back = ood.load(tmp_path / ood.OOD_FILE)
+    np.testing.assert_array_equal(ood.score(back, x[:7]), ood.score(params, x[:7]))
+    assert ood.summary(back) == ood.summary(params)
+    np.savez(tmp_path / "evil.npz", method=np.array(["knn", {"x": 1}], dtype=object), threshold=np.array(1.0))
+    with pytest.raises(ood.OodError, match="evil.npz"):
+        ood.load(tmp_path / "evil.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ood.OodError, match="junk.npz: not a readable"):
+        ood.load(tmp_path / "junk.npz")
+
+
+def test_guard_calls_replace_every_out_of_domain_call():
+    calls = ood.guard_calls(np.array(["benign", "malignant", "indeterminate", "malignant"]),
+                            np.array([True, False, False, True]))
+    assert list(calls) == ["benign", ood.OUT_OF_DOMAIN, ood.OUT_OF_DOMAIN, "malignant"]
+
+
+def test_package_never_unpickles():
+    text = "\n".join(p.read_text() for p in (ROOT / "pipeline").rglob("*.py"))
+    assert "allow_pickle=True" not in text and not re.search(r"^\s*import pickle|^\s*from pickle", text, re.M)
+
+
+# ---------------------------------------------------------------- the tiny project
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    with exported_tiny_project(tmp_path_factory) as built:
+        yield built
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def synthetic_ood_images(n: int = 6) -> list[np.ndarray]:
+    """Random noise, flat colours and stripes: nothing like a Pap-stained cell."""
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(n)]
+    flat = [np.full((96, 96, 3), c, np.uint8) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 0), (20, 200, 255))]
+    stripes = []
+    for period in (4, 8, 16):
+        row = ((np.arange(96) // period) % 2 * 255).astype(np.uint8)
+        stripes.append(np.repeat(np.repeat(row[None, :, None], 96, 0), 3, 2))
+    return noise + flat + stripes
+
+
+def test_cells(project, n: int = 24) -> list[np.ndarray]:
+    split = pd.read_csv(project["root"] / "data/split/split.csv")
+    rows = split[split["split"] == "test"].head(n)
+    return [np.asarray(Image.open(HERLEV / p).convert("RGB")) for p in rows["path"]]
+
+
+test_cells.__test__ = False  # a helper, not a test
+
+
+def test_evaluate_writes_the_guard_beside_the_weights(project):
+    model_dir = project["root"] / "models/calibrated"
+    meta = json.loads((model_dir / "model.json").read_text())
+    guard = meta["ood"]
+    assert guard["method"] == "mahalanobis" and guard["pass_rate"] == 0.95 and guard["feature_dim"] == 1280
+    assert guard["val_pass_rate"] >= 0.95 and 0 <= guard["test_pass_rate"] <= 1
+    assert meta["sha256"][ood.OOD_FILE] and (model_dir / ood.OOD_FILE).is_file()
+    assert project["evaluate"]["metrics"]["ood"]["threshold"] == pytest.approx(guard["threshold"])
+    predictions = pd.read_csv(project["root"] / "reports/evaluate/test_predictions.csv")
+    assert {"ood_score", "in_domain"} <= set(predictions.columns)
+    assert predictions["in_domain"].mean() == pytest.approx(guard["test_pass_rate"])
+
+
+def test_registry_records_the_guard(project):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=project["params"].mlflow.tracking_uri)  # the project's own store
+    name = project["params"].mlflow.registered_model
+    version = json.loads((project["root"] / "models/calibrated/model.json").read_text())["mlflow"]["version"]
+    tags = client.get_model_version(name, version).tags
+    assert tags["ood.method"] == "mahalanobis" and float(tags["ood.threshold"]) > 0
+    assert tags["ood.pass_rate"] == "0.95" and tags["ood.feature_dim"] == "1280"
+
+
+@pytest.mark.parametrize("folder", ["models/calibrated", "models/exported"])
+def test_synthetic_inputs_score_higher_than_cells(project, folder):
+    model_dir = project["root"] / folder
+    # The float ONNX graph: the tiny int8 model (served by tiny.yaml) quantizes the near-zero
+    # features of a black image to a low score, so its guard is checked on cells/noise only below.
+    predictor = OnnxPredictor(model_dir, file="model.onnx") if folder.endswith("exported") else TorchPredictor(model_dir)
+    # tta=None: the view setting the model (and its guard) was calibrated with.
+    _, s_cells, in_cells = predictor.predict_scores(test_cells(project))
+    _, s_ood, in_ood = predictor.predict_scores(synthetic_ood_images())
+    assert np.isfinite(s_cells).all() and np.isfinite(s_ood).all()
+    assert s_ood.min() > np.median(s_cells)
+    assert (~in_ood).mean() >= 0.8 and in_cells.mean() >= 0.7
+
+
+def test_int8_guard_flags_noise_and_stripes(project):
+    predictor = OnnxPredictor(project["root"] / "models/exported")  # int8, as tiny.yaml serves it
+    assert predictor.precision == "int8"
+    images = synthetic_ood_images()
+    _, s_cells, _ = predictor.predict_scores(test_cells(project))
+    _, s_ood, in_ood = predictor.predict_scores(images[:6] + images[-3:])  # noise, stripes
+    assert s_ood.min() > np.median(s_cells) and not in_ood.any()
+
+
+def test_export_carries_the_guard_and_matches_torch(project):
+    exported = project["root"] / "models/exported"
+    meta = json.loads((exported / "metadata.json").read_text())
+    assert meta["outputs"] == ["logits", "cam", "features"]
+    assert meta["ood"]["method"] == "mahalanobis" and meta["sha256"][ood.OOD_FILE]
+    assert (exported / ood.OOD_FILE).read_bytes() == (project["root"] / "models/calibrated" / ood.OOD_FILE).read_bytes()
+    check = meta["validation"]["ood"]
+    assert check["max_rel_diff"] <= check["rtol"] and check["in_domain_agreement"] == 1.0
+    images = test_cells(project, 8) + synthetic_ood_images(2)
+    _, s_torch, in_torch = TorchPredictor(project["root"] / "models/calibrated").predict_scores(images, tta=False)
+    _, s_onnx, in_onnx = OnnxPredictor(exported, file="model.onnx").predict_scores(images, tta=False)
+    np.testing.assert_allclose(s_onnx, s_torch, rtol=1e-3)
+    assert (in_onnx == in_torch).all()
+
+
+@pytest.mark.parametrize("folder", ["models/calibrated", "models/exported"])
+def test_tampered_guard_is_refused(project, tmp_path, folder):
+    copy = tmp_path / "model"
+    shutil.copytree(project["root"] / folder, copy)
+    data = bytearray((copy / ood.OOD_FILE).read_bytes())
+    data[-30] ^= 0xFF
+    (copy / ood.OOD_FILE).write_bytes(bytes(data))
+    cls = OnnxPredictor if folder.endswith("exported") else TorchPredictor
+    with pytest.raises(ModelDirError, match=r"ood\.npz: sha256 does not match"):
+        cls(copy)
+    (copy / ood.OOD_FILE).unlink()
+    with pytest.raises(ModelDirError, match="ood.npz missing"):
+        cls(copy)
+
+
+def test_model_without_guard_still_works(project, tmp_path, capsys):
+    copy = tmp_path / "old"
+    shutil.copytree(project["root"] / "models/calibrated", copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta.pop("ood")
+    meta["sha256"].pop(ood.OOD_FILE)
+    (copy / "model.json").write_text(json.dumps(meta))
+    (copy / ood.OOD_FILE).unlink()
+    predictor = TorchPredictor(copy)
+    probs, scores, ok = predictor.predict_scores(synthetic_ood_images(2) + synthetic_ood_images(2), tta=False)
+    assert predictor.ood is None and np.isnan(scores).all() and ok.all() and probs.shape == (len(ok), 2)
+    err = capsys.readouterr().err
+    assert err.count("has no OOD guard") == 1  # one line, once per loaded model
+
+
+def _write_images(folder: Path, images: list[np.ndarray], prefix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{prefix}{i:02d}.png")
+
+
+def test_predict_never_calls_an_out_of_domain_image(project, tmp_path):
+    from pipeline.inference.files import predict_paths
+
+    _write_images(tmp_path / "in", test_cells(project, 12), "cell")
+    _write_images(tmp_path / "in", synthetic_ood_images(), "synthetic")
+    out = tmp_path / "p.json"
+    assert predict_paths([str(tmp_path / "in")], str(project["root"] / "models/exported"), str(out), None, None) == 0
+    rows = json.loads(out.read_text())["predictions"]
+    outside = [r for r in rows if r["in_domain"] is False]
+    assert len(outside) >= 10 and all(r["call"] == ood.OUT_OF_DOMAIN for r in outside)
+    assert all(r["call"] in CALLS for r in rows if r["in_domain"]) and any(r["in_domain"] for r in rows)
+    assert all(isinstance(r["ood_score"], float) for r in rows)
+
+
+def test_pyfunc_never_calls_an_out_of_domain_image(project):
+    from pipeline.inference.mlflow_pyfunc import predict_frame
+
+    def b64(im):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    images = test_cells(project, 6) + synthetic_ood_images()
+    frame = pd.DataFrame({"image": [b64(im) for im in images] + ["not base64!"]})
+    out = predict_frame(OnnxPredictor(project["root"] / "models/exported"), frame)
+    assert {"in_domain", "ood_score"} <= set(out.columns)
+    good = out.iloc[:-1]
+    assert (good.loc[good["in_domain"] == False, "call"] == ood.OUT_OF_DOMAIN).all()  # noqa: E712
+    assert (good["in_domain"] == False).sum() >= 10  # noqa: E712
+    assert set(good.loc[good["in_domain"] == True, "call"]) <= CALLS  # noqa: E712
+    assert out.iloc[-1]["call"] == "error" and out.iloc[-1]["ood_score"] is None
+    json.dumps(out.to_dict(orient="records"), allow_nan=False)  # strict JSON for the REST answer
+
+
+def test_score_slide_excludes_out_of_domain_cells(project, tmp_path):
+    from pipeline.inference.score_slide import score_slide
+    from tests.test_slide import CELLS, SIZE, draw_cells, glass, write_pyramid
+
+    slide = write_pyramid(tmp_path / "cells.tiff", draw_cells(glass(SIZE), CELLS))
+    out = tmp_path / "report"
+    summary = score_slide(str(slide), str(project["root"] / "models/exported"), out, project["params"].slide,
+                          top=6, log=lambda *_: None)
+    cells = pd.read_csv(out / "cells.csv")
+    assert list(cells.columns)[-3:] == ["call", "ood_score", "in_domain"]
+    outside = cells[~cells["in_domain"]]
+    assert (outside["call"] == ood.OUT_OF_DOMAIN).all()
+    assert set(cells.loc[cells["in_domain"], "call"]) <= CALLS
+    assert summary["n_out_of_domain"] == len(outside)
+    assert summary["fraction_out_of_domain"] == pytest.approx(len(outside) / len(cells))
+    assert summary["n_malignant"] == int((cells["call"] == "malignant").sum())
+    assert summary["ood_warning"] == (summary["fraction_out_of_domain"] > summary["max_ood_fraction"])
+    assert summary["max_ood_fraction"] == 0.3 and summary["ood_method"] == "mahalanobis"
+    assert ("unreliable" in summary["slide_call"]) == summary["ood_warning"]
+    assert "out-of-domain cells are not counted" in summary["rule"]
+
+
+def test_score_slide_gallery_items_carry_the_guard(project, tmp_path, monkeypatch):
+    from pipeline.inference import report
+    from pipeline.inference.score_slide import score_slide
+    from tests.test_slide import CELLS, SIZE, draw_cells, glass, write_pyramid
+
+    seen = {}
+    real = report.render_html
+
+    def spy(summary, heat, gallery, *args, **kwargs):
+        seen["gallery"] = gallery
+        return real(summary, heat, gallery, *args, **kwargs)
+
+    monkeypatch.setattr(report, "render_html", spy)
+    slide = write_pyramid(tmp_path / "cells.tiff", draw_cells(glass(SIZE), CELLS))
+    score_slide(str(slide), str(project["root"] / "models/calibrated"), tmp_path / "r", project["params"].slide,
+                top=4, log=lambda *_: None)
+    items = seen["gallery"]
+    assert len(items) == 4
+    for item in items:
+        assert isinstance(item["in_domain"], bool) and isinstance(item["ood_score"], float)
+        assert item["in_domain"] or item["call"] == ood.OUT_OF_DOMAIN
