@@ -16,7 +16,7 @@ SCANNED = ("pipeline", "benchmarks", "notebooks")
 # Calls that unpickle (or run) whatever a file holds.
 UNSAFE_TEXT = [r"\bpickle\.loads?\(", r"\bcloudpickle\.", r"\bjoblib\.load\(", r"\bdill\.", r"\bshelve\.",
                r"allow_pickle\s*=\s*True", r"mlflow\.(pytorch|sklearn)\.load_model", r"from\s+torch\s+import\s+load\b",
-               r"from\s+pickle\s+import", r"\byaml\.load\(", r"\byaml\.unsafe_load", r"(?<![\w.])eval\(", r"(?<![\w.])exec\(", r"pd\.read_pickle"]
+               r"from\s+pickle\s+import", r"(?m)^\s*import\s+(cloud)?pickle\b", r"\byaml\.load\(", r"\byaml\.unsafe_load", r"(?<![\w.])eval\(", r"(?<![\w.])exec\(", r"pd\.read_pickle"]
 
 
 def _sources() -> list[tuple[str, str]]:
@@ -125,7 +125,8 @@ def test_a_malicious_init_weights_file_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["pickle.load(f)", "pickle.loads(b)", "np.load(p, allow_pickle=True)", "yaml.load(s)",
-                                 "mlflow.pytorch.load_model(uri)", "joblib.load(p)", "eval(text)", "pd.read_pickle(p)"])
+                                 "mlflow.pytorch.load_model(uri)", "joblib.load(p)", "eval(text)", "pd.read_pickle(p)",
+                                 "import pickle"])
 def test_the_scan_catches_unsafe_code(bad):
     assert any(re.search(p, bad) for p in UNSAFE_TEXT)
     assert not any(re.search(p, "model.eval()\nyaml.safe_load(s)") for p in UNSAFE_TEXT)
