@@ -74,3 +74,18 @@ def binary_map(tmp_path) -> Path:
     path = tmp_path / "labels.yaml"
     path.write_text("labels: [benign, malignant]\nclasses:\n  normal: benign\n  cancer: malignant\n  junk: exclude\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def exported_project(tmp_path_factory):
+    """One exported tiny project per test module (see tests/tiny_project.exported_tiny_project)."""
+    from tests.tiny_project import exported_tiny_project
+
+    with exported_tiny_project(tmp_path_factory) as built:
+        yield built
+
+
+@pytest.fixture
+def no_mlflow_env(monkeypatch):
+    """Commands use the project's own sqlite store, not one named in the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

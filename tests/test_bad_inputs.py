@@ -28,7 +28,6 @@ from PIL import Image
 from tests.conftest import ROOT, png_header_only, tree_digest, without_root_file_access
 from tests.serving import frame, post, serve
 from tests.test_slide import draw_cells, glass, write_pyramid
-from tests.tiny_project import exported_tiny_project
 
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
 LABELS = ROOT / "configs" / "labels" / "herlev_binary.yaml"
@@ -317,9 +316,8 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    with exported_tiny_project(tmp_path_factory) as built:
-        yield built
+def project(exported_project):
+    return exported_project
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,17 @@ from pipeline.config import ExportConfig
 from pipeline.inference.predictor import INT8_FILE, ONNX_FILE, ModelDirError, OnnxPredictor, TorchPredictor
 from tests.conftest import ROOT, tree_digest
 from tests.serving import frame, post, serve
-from tests.tiny_project import exported_tiny_project
 
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
 MODEL = "models:/cytology-classifier@champion"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    with exported_tiny_project(tmp_path_factory) as built:
-        yield built
+def project(exported_project):
+    return exported_project
 
 
-@pytest.fixture(autouse=True)
-def _no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("no_mlflow_env")
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from PIL import Image
 from pipeline import ood
 from pipeline.inference.predictor import ModelDirError, OnnxPredictor, TorchPredictor
 from tests.conftest import ROOT
-from tests.tiny_project import exported_tiny_project
 
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
 CALLS = {"benign", "malignant", "indeterminate"}
@@ -130,14 +129,11 @@ def test_guard_calls_replace_every_out_of_domain_call():
 # ---------------------------------------------------------------- the tiny project
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    with exported_tiny_project(tmp_path_factory) as built:
-        yield built
+def project(exported_project):
+    return exported_project
 
 
-@pytest.fixture(autouse=True)
-def _no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("no_mlflow_env")
 
 
 def synthetic_ood_images(n: int = 6) -> list[np.ndarray]:

@@ -32,9 +32,7 @@ def project(tmp_path_factory):
         yield root
 
 
-@pytest.fixture(autouse=True)
-def _no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+pytestmark = pytest.mark.usefixtures("no_mlflow_env")
 
 
 @pytest.fixture
