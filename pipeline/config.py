@@ -245,6 +245,8 @@ class ModelConfig:
 
 
 BALANCE = ("class_weights", "sampler", "none")
+FIT_ON = ("train", "train+val")
+KEEP = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,15 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balance: str = "class_weights"
     augment: str = "train"
-    patience: int = 5  # epochs without a better val AUC before stopping
+    patience: int = 5  # epochs without a better val AUC before stopping (keep: best only)
+    # What the model trains on: "train" (val is held out and monitored) or "train+val" (the shipped
+    # model: every non-test cell; its calibration then comes from the cv stage's out-of-fold predictions).
+    fit_on: str = "train"
+    # Which weights are kept: "best" (the epoch with the best val AUC, early stopping after `patience`)
+    # or "last" (a fixed schedule; val, if any, is only watched, so it never picks the model).
+    keep: str = "best"
+    # Lower bound on optimiser steps: a small dataset trains for more epochs instead of too few steps.
+    min_steps: int = 0
     num_threads: int = 0  # 0: all cores
     num_workers: int = 0
     max_images: int = 0  # 0: all; >0 caps train and val (tiny test configs)
@@ -278,6 +288,15 @@ class TrainConfig:
             raise ConfigError("train.label_smoothing: must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("train.device: must be auto, cpu or cuda")
+        if self.fit_on not in FIT_ON:
+            raise ConfigError(f"train.fit_on: must be one of {', '.join(FIT_ON)}, got {_shown(self.fit_on)}")
+        if self.keep not in KEEP:
+            raise ConfigError(f"train.keep: must be one of {', '.join(KEEP)}, got {_shown(self.keep)}")
+        if self.fit_on == "train+val" and self.keep == "best":
+            raise ConfigError("train.fit_on: train+val leaves no validation cells to pick the best epoch; "
+                              "set train.keep: last")
+        if self.min_steps < 0:
+            raise ConfigError(f"train.min_steps: must be >= 0, got {self.min_steps}")
 
 
 @dataclass(frozen=True)
@@ -309,14 +328,23 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class PromotionConfig:
-    min_auc: float = 0.97
-    min_sensitivity: float = 0.95
+    """The rule for @champion (pipeline/promotion.py): out-of-fold evidence AND the untouched test split."""
+
+    min_oof_auc_ci_low: float = 0.95  # lower 95% group-bootstrap bound of the pooled out-of-fold AUC
+    min_auc: float = 0.93  # test AUC
+    min_sensitivity: float = 0.90  # test sensitivity at the threshold fitted out of fold
     alias: str = "champion"
 
 
 @dataclass(frozen=True)
 class CvConfig:
-    epochs: int = 6  # fixed: no early stopping on the held-out fold
+    # 0: the train section's schedule (the recipe that ships is the one cross-validated); >0 overrides
+    # it, for a quick look only. Folds always keep their last epoch: the held-out fold picks nothing.
+    epochs: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ConfigError(f"cv.epochs: must be >= 0, got {self.epochs}")
 
 
 SCHEDULES = ("phased", "overlapped", "sequential")  # pipeline/inference/slide_scoring.py

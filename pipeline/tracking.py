@@ -259,7 +259,8 @@ class TrainingTracker:
         self.run.set_tags(tags)
 
     def log_epoch(self, row: dict) -> None:
-        self.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        # NaN: not measured (train+val leaves nothing held out)
+        self.run.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=int(row["epoch"]))
 
     def end(self, status: str) -> None:
         if self.run is not None:

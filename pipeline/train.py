@@ -102,6 +102,20 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: tuple
     return {"auc": float(auc), "balanced_accuracy": bacc}
 
 
+def planned_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+    """`epochs`, or more when they would give fewer than `min_steps` optimiser steps.
+
+    Why: a fixed epoch count gives a lab's 90-cell dataset 3 steps an epoch, too few for the
+    schedule to do anything; counting steps keeps a small dataset's training as long as a big one's.
+    """
+    return max(epochs, math.ceil(min_steps / max(1, steps_per_epoch)))
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a metric that was not measured (nothing held out) is null."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup_steps:
@@ -267,8 +281,10 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
     split = read_table(split_csv, SPLIT_COLUMNS)
     split_sha = file_sha256(Path(split_csv))
     root = params.data.root
-    train_rows = _cap(split[split["split"] == "train"], cfg.max_images, cfg.seed)
-    val_rows = _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed)
+    fit_splits = ["train", "val"] if cfg.fit_on == "train+val" else ["train"]
+    train_rows = _cap(split[split["split"].isin(fit_splits)], cfg.max_images, cfg.seed)
+    val_rows = _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed) if cfg.fit_on == "train" \
+        else split.iloc[:0]
     model = build_model(mcfg.arch, len(labels), None if mcfg.init_from else mcfg.weights, mcfg.drop_rate)
     init = None
     if mcfg.init_from:  # fine-tune a registered model (e.g. @champion on a new specimen) instead of ImageNet's
@@ -307,7 +323,11 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
     rank_images = len(train_ds) // dist.world_size
     drop_last = rank_images > rank_batch  # a batch of one breaks BatchNorm
     steps_per_epoch = rank_images // rank_batch if drop_last else 1
-    total_steps = steps_per_epoch * cfg.epochs
+    epochs = planned_epochs(cfg.epochs, cfg.min_steps, steps_per_epoch)
+    if epochs > cfg.epochs:
+        log(f"{epochs} epochs instead of {cfg.epochs}: {steps_per_epoch} steps per epoch would give fewer than "
+            f"train.min_steps ({cfg.min_steps}) optimiser steps")
+    total_steps = steps_per_epoch * epochs
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total_steps))
 
@@ -337,8 +357,8 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
 
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
     stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if bad_epochs >= cfg.patience:
+    for epoch in range(start_epoch, epochs + 1):
+        if cfg.keep == "best" and bad_epochs >= cfg.patience:
             stopped_early = True
             break
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc., independent of where we resumed
@@ -358,12 +378,14 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, speed = train_one_epoch(net, loader, criterion, optimizer, scheduler, device,
-                                            cfg.channels_last, f"epoch {epoch}/{cfg.epochs}", progress=dist.is_main)
+                                            cfg.channels_last, f"epoch {epoch}/{epochs}", progress=dist.is_main)
         dist.sync_buffers(model)  # BatchNorm statistics: rank 0's, so every rank holds the same model
-        if dist.is_main:
+        if dist.is_main and len(val_ds):
             val_loss, probs, targets = evaluate(model, val_loader, eval_criterion, device, cfg.channels_last)
             val = classification_metrics(probs, targets, labels, params.evaluate.positive_labels)
             numbers = [train_loss, val_loss, val["auc"], val["balanced_accuracy"]]
+        elif dist.is_main:  # train+val: nothing is held out
+            numbers = [train_loss, math.nan, math.nan, math.nan]
         else:
             numbers = [0.0] * 4
         train_loss, val_loss, val_auc, val_bacc = dist.broadcast_floats(numbers)  # one early-stopping decision
@@ -371,7 +393,8 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
                "val_balanced_accuracy": val_bacc, "lr": lr, "images_per_s": speed * dist.world_size,
                "seconds": time.perf_counter() - t0}
         history.append(row)
-        improved = val_auc > best_auc
+        # keep: last takes every epoch (the schedule, not a held-out score, decides the model)
+        improved = cfg.keep == "last" or val_auc > best_auc
         if improved:
             best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -387,7 +410,7 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
                 "mlflow_run_id": getattr(tracker, "run_id", None)}, epoch)
         if tracker is not None:
             tracker.log_epoch(row)
-        log(f"epoch {epoch:>2}/{cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+        log(f"epoch {epoch:>2}/{epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
             f"val_auc {val_auc:.4f}  val_bacc {val_bacc:.4f}  lr {lr:.2e}  "
             f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if improved else ""))
 
@@ -410,7 +433,8 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
             "image_size": mcfg.image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic",
             "resize": "long side to image_size, pad square by repeating the edge",
             "label_map": label_map.path, "label_map_classes": label_map.classes,
-            "best_epoch": best_epoch, "val_metrics": {k: best_row[k] for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
+            "best_epoch": best_epoch, "fit_on": cfg.fit_on, "keep": cfg.keep,
+            "val_metrics": {k: _finite_or_none(best_row[k]) for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
             "config_hash": chash, "split_sha256": split_sha, "init_from": init,
             "training": {"world_size": dist.world_size, "backend": dist.backend,
                          "final_weights_sha256_by_rank": digests},
@@ -432,8 +456,9 @@ def write_reports(result: FitResult, reports_dir: Path, seconds: float) -> dict:
 
     reports_dir = Path(reports_dir)
     best = next(r for r in result.history if r["epoch"] == result.best_epoch)
-    metrics = {"val_auc": best["val_auc"], "val_balanced_accuracy": best["val_balanced_accuracy"],
-               "val_loss": best["val_loss"], "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+    metrics = {"val_auc": _finite_or_none(best["val_auc"]),
+               "val_balanced_accuracy": _finite_or_none(best["val_balanced_accuracy"]),
+               "val_loss": _finite_or_none(best["val_loss"]), "train_loss": best["train_loss"], "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                "stopped_early": result.stopped_early, "train_seconds": round(seconds, 1)}
     atomic.write_json(reports_dir / "metrics.json", metrics)
     history = pd.DataFrame(result.history)
