@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  tracking_uri=_tracking_uri(params))
         return 0
     evaluate.run(params, Path(args.model or "models/train"), Path(args.split), Path(args.out or "models/calibrated"),
-                 Path(args.reports))
+                 Path(args.reports), oof_csv=Path(args.oof) if args.oof else None)
     return 0
 
 
@@ -240,12 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate", help="calibrate + measure the model (stage), or measure any labelled folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Stage mode (no --data): fit temperature and threshold on the val split, measure the test "
-                    "split with group-bootstrap CIs, write the calibrated model folder, log to MLflow and "
-                    "promote to @champion when params' minimums are met.\n\n"
+        description="Stage mode (no --data): fit temperature, threshold, band and the OOD threshold on held-out "
+                    "predictions (the cv stage's out-of-fold ones with --oof, else the val split), measure the "
+                    "test split with group-bootstrap CIs, write the calibrated model folder and its model card, "
+                    "log to MLflow and promote to @champion when the promotion rule holds.\n\n"
                     "Folder mode (--data DIR --label-map YAML): score a folder of class subfolders with an "
                     "existing model and its own calibration; unreadable files are reported and skipped.",
-        epilog="examples:\n  cytopipe evaluate\n"
+        epilog="examples:\n  cytopipe evaluate --oof reports/cv/oof.csv\n"
                "  cytopipe evaluate --model models:/cytology-classifier@champion --data my_cases/ "
                "--label-map configs/labels/mine.yaml --out reports/my_cases")
     _add_params(p)
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "folder mode: report folder (default: reports/evaluate-folder)")
     p.add_argument("--reports", default="reports/evaluate", metavar="DIR",
                    help="stage mode: metrics and plot files (default: %(default)s)")
+    p.add_argument("--oof", metavar="CSV", help="stage mode: the cv stage's out-of-fold predictions to calibrate "
+                                                "on (needed for a model trained on train+val)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("cv", help="grouped k-fold cross-validation over train+val",

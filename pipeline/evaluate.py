@@ -1,6 +1,9 @@
-"""Evaluate stage: calibrate on validation, measure on test with group-bootstrap CIs, promote.
+"""Evaluate stage: calibrate on held-out predictions, measure on test with group-bootstrap CIs, promote.
 
-- Temperature scaling and the operating threshold are fitted on the validation split only.
+- Temperature, threshold, indeterminate band and the OOD threshold are fitted only on predictions
+  of models that did not train on those cells: the cv stage's out-of-fold predictions (`oof_csv`,
+  ~613 cells, the same recipe as the shipped model), or, without them, the validation split
+  (only for a model that did not train on it).
 - Every metric on test gets a 95% CI from a bootstrap that resamples groups, not cells.
 - The calibrated model folder (weights + model.json with a `calibration` block) is what every
   later command loads; it is also registered in MLflow.
@@ -88,9 +91,10 @@ def calibrate(logits: np.ndarray, label_idx: np.ndarray, y_pos: np.ndarray, pred
 
 
 def fit_guard(train: tuple[np.ndarray, np.ndarray | None], train_idx: np.ndarray,
-              val: tuple[np.ndarray, np.ndarray | None], cfg: OodConfig, log=print) -> dict | None:
-    """The OOD guard: fitted on train (logits, features), thresholded on val. None when the
-    backbone gives no pooled features and the method needs them."""
+              held_out, cfg: OodConfig, log=print) -> dict | None:
+    """The OOD guard: fitted on the training cells' (logits, features), thresholded on held-out
+    cells: their (logits, features) under this guard, or scores already computed out of fold.
+    None when the backbone gives no pooled features and the method needs them."""
     from pipeline import ood
 
     if cfg.method != "energy" and train[1] is None:
@@ -98,7 +102,8 @@ def fit_guard(train: tuple[np.ndarray, np.ndarray | None], train_idx: np.ndarray
         return None
     params = ood.fit(train[1], train_idx, cfg.method, k=min(cfg.k, len(train_idx)), shrinkage=cfg.shrinkage,
                      pca_dim=cfg.pca_dim, normalize=cfg.normalize)
-    return ood.set_threshold(params, ood.score(params, val[1], val[0]), cfg.pass_rate)
+    scores = held_out if isinstance(held_out, np.ndarray) else ood.score(params, held_out[1], held_out[0])
+    return ood.set_threshold(params, scores, cfg.pass_rate)
 
 
 def measure(y: np.ndarray, p: np.ndarray, groups: list[str], classes: list[str], calibration: dict,
@@ -171,9 +176,49 @@ def _summary_line(name: str, result: dict) -> str:
     return f"{name}: n={result['n']}  " + "  ".join(parts) + f"  coverage {result['coverage']:.3f}"
 
 
+@dataclass
+class HeldOut:
+    """Predictions of models that did not train on these cells: what calibration is fitted on."""
+
+    source: str  # "out-of-fold" | "validation"
+    logits: dict  # {tta: bool -> (N, C) logits}
+    label_idx: np.ndarray
+    y_pos: np.ndarray
+    groups: list[str]
+    classes: list[str]  # original classes (per-class error rates)
+    ood_scores: np.ndarray | None  # out-of-fold only: each fold's own guard on its held-out cells
+
+
+def read_oof(oof_csv: Path, labels: list[str], positive_labels: list[str]) -> HeldOut:
+    """The cv stage's oof.csv as calibration evidence for a model with these labels."""
+    import pandas as pd
+
+    from pipeline.cv import logit_columns
+
+    try:
+        oof = pd.read_csv(oof_csv, dtype={"group": str})
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"{oof_csv}: cannot read out-of-fold predictions ({exc})") from None
+    needed = ["label", "group", "original_class", "ood_score", *logit_columns(labels), *logit_columns(labels, "tta_logit_")]
+    missing = [c for c in needed if c not in oof.columns]
+    if missing or oof.empty:
+        raise EvaluationError(f"{oof_csv}: not out-of-fold predictions for labels {labels} "
+                              f"(missing {', '.join(missing) or 'rows'}); rerun the cv stage")
+    unknown = sorted(set(oof["label"]) - set(labels))
+    if unknown:
+        raise EvaluationError(f"{oof_csv}: labels {unknown} are not the model's {labels}; rerun the cv stage")
+    return HeldOut("out-of-fold",
+                   {False: oof[logit_columns(labels)].to_numpy(float),
+                    True: oof[logit_columns(labels, "tta_logit_")].to_numpy(float)},
+                   np.array([labels.index(x) for x in oof["label"]]),
+                   positive_targets(list(oof["label"]), positive_labels), list(oof["group"]),
+                   list(oof["original_class"]), oof["ood_score"].to_numpy(float))
+
+
 def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path,
-                   log=print) -> dict:
-    """The stage body (no MLflow): calibrate on val, measure test with and without TTA, write files."""
+                   log=print, oof_csv: Path | None = None) -> dict:
+    """The stage body (no MLflow): calibrate on held-out predictions (out-of-fold when `oof_csv` is
+    given, else val), measure test with and without TTA, write files."""
     from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, TorchPredictor, file_sha256, read_metadata
 
     cfg = params.evaluate
@@ -181,10 +226,17 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     unknown = [x for x in cfg.positive_labels if x not in predictor.labels]
     if unknown:
         raise EvaluationError(f"evaluate.positive_labels {unknown} are not labels of the model {predictor.labels}")
+    fit_on = predictor.meta.get("fit_on", "train")
+    if fit_on == "train+val" and oof_csv is None:
+        raise EvaluationError(f"{model_dir}: the model trained on train+val, so no split is held out to calibrate "
+                              "on; pass the cv stage's out-of-fold predictions (--oof reports/cv/oof.csv)")
     split = read_table(split_csv, SPLIT_COLUMNS)
     root = params.data.root
     parts = {}
-    for name in ("train", "val", "test"):  # train: the OOD guard is fitted on its features
+    # train (+ val when it trained on it): the OOD guard is fitted on the features of what the model saw
+    guard_splits = ["train", "val"] if fit_on == "train+val" else ["train"]
+    needed = (guard_splits + ["test"]) if oof_csv is not None else ["train", "val", "test"]
+    for name in needed:
         rows = split[split["split"] == name]
         images, errors = load_images([root / p for p in rows["path"]])
         bad = [e for e in errors if e]
@@ -194,19 +246,26 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
 
     # Both variants are always measured; cfg.tta picks the one that ships.
     results, calibrations, variants = {}, {}, [True, False]
-    val_rows, val_images = parts["val"]
     test_rows, test_images = parts["test"]
-    val_idx = np.array([predictor.labels.index(x) for x in val_rows["label"]])
-    y_val = positive_targets(list(val_rows["label"]), cfg.positive_labels)
     y_test = positive_targets(list(test_rows["label"]), cfg.positive_labels)
     outputs = {}
+    if oof_csv is not None:
+        held = read_oof(Path(oof_csv), predictor.labels, cfg.positive_labels)
+    else:
+        val_rows, val_images = parts["val"]
+        log("evaluate: scoring val (single view and 8-view TTA)")
+        outputs["val"] = {tta: predictor.predict_outputs(val_images, tta) for tta in variants}
+        held = HeldOut("validation", {tta: outputs["val"][tta][0] for tta in variants},
+                       np.array([predictor.labels.index(x) for x in val_rows["label"]]),
+                       positive_targets(list(val_rows["label"]), cfg.positive_labels), list(val_rows["group"]),
+                       list(val_rows["original_class"]), None)
+    log(f"evaluate: calibrating on {len(held.y_pos)} {held.source} predictions")
     for tta in variants:
         key = "tta" if tta else "no_tta"
-        log(f"evaluate: scoring val + test ({'8-view TTA' if tta else 'single view'})")
-        outputs[key] = {"val": predictor.predict_outputs(val_images, tta),
-                        "test": predictor.predict_outputs(test_images, tta)}
-        val_logits = outputs[key]["val"][0]
-        calibrations[key] = calibrate(val_logits, val_idx, y_val, predictor, cfg, tta)
+        log(f"evaluate: scoring test ({'8-view TTA' if tta else 'single view'})")
+        outputs[key] = {"test": predictor.predict_outputs(test_images, tta)}
+        calibrations[key] = calibrate(held.logits[tta], held.label_idx, held.y_pos, predictor, cfg, tta)
+        calibrations[key]["validation"]["source"] = held.source
         predictor.meta["calibration"] = calibrations[key]
         p_test = predictor.malignant_probability(predictor.probabilities(outputs[key]["test"][0]))
         results[key] = measure(y_test, p_test, list(test_rows["group"]), list(test_rows["original_class"]),
@@ -214,15 +273,25 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
         results[key]["p"] = p_test
     shipped = "tta" if cfg.tta else "no_tta"
     calibration, result = calibrations[shipped], results[shipped]
+    from pipeline.calibration import softmax
 
-    # ---- OOD guard, on the features of the shipped variant (train fit, val threshold)
+    # the held-out evidence at the shipped operating point: what promotion and the model card read
+    p_held = softmax(held.logits[cfg.tta], calibration["temperature"])[:, [predictor.labels.index(x)
+                                                                           for x in cfg.positive_labels]].sum(1)
+    heldout = measure(held.y_pos, p_held, held.groups, held.classes, calibration, cfg, seed=params.split.seed)
+    heldout["source"] = held.source
+
+    # ---- OOD guard, on the features of the shipped variant: fitted on the cells the model trained
+    # on, thresholded on held-out scores (each fold's own guard on its held-out cells, or val)
     from pipeline import ood
 
-    train_rows, train_images = parts["train"]
-    log(f"evaluate: fitting the {params.ood.method} OOD guard on {len(train_rows)} train cells")
-    train_idx = np.array([predictor.labels.index(x) for x in train_rows["label"]])
-    guard = fit_guard(predictor.predict_outputs(train_images, cfg.tta), train_idx, outputs[shipped]["val"],
-                      params.ood, log)
+    seen_rows = [parts[name][0] for name in guard_splits]
+    seen_images = [im for name in guard_splits for im in parts[name][1]]
+    n_seen = sum(len(r) for r in seen_rows)
+    log(f"evaluate: fitting the {params.ood.method} OOD guard on the {n_seen} {'+'.join(guard_splits)} cells")
+    seen_idx = np.array([predictor.labels.index(x) for r in seen_rows for x in r["label"]])
+    held_scores = held.ood_scores if held.ood_scores is not None else outputs["val"][cfg.tta]
+    guard = fit_guard(predictor.predict_outputs(seen_images, cfg.tta), seen_idx, held_scores, params.ood, log)
     test_ood = ood.score(guard, outputs[shipped]["test"][1], outputs[shipped]["test"][0]) if guard else \
         np.full(len(test_rows), np.nan)
     test_in = ood.in_domain(guard, test_ood)
@@ -257,16 +326,20 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     metrics["test_without_tta"] = _flat_metrics(results["no_tta"], "")
     metrics["test"]["n"] = result["n"]
     metrics["test"]["n_groups"] = result["n_groups"]
+    metrics["heldout"] = {**_flat_metrics(heldout, ""), "n": heldout["n"], "n_groups": heldout["n_groups"],
+                          "source": held.source}
     if guard is not None:
         metrics["ood"] = {**ood.summary(guard), "test_pass_rate": float(test_in.mean())}
     atomic.write_json(reports_dir / "metrics.json", metrics)
     atomic.write_json(reports_dir / "by_class.json", result["by_class"])
+    atomic.write_json(reports_dir / "heldout_by_class.json", heldout["by_class"])
     import pandas as pd
 
     atomic.write_csv(reports_dir / "test_predictions.csv", pd.DataFrame({
         "path": test_rows["path"].to_numpy(), "group": test_rows["group"].to_numpy(),
         "original_class": test_rows["original_class"].to_numpy(), "label": test_rows["label"].to_numpy(),
         "p_malignant": result["p"], "call": band.call(result["p"]), "ood_score": test_ood, "in_domain": test_in}))
+    log(_summary_line(f"held-out ({held.source})", heldout))
     for key in results:
         log(_summary_line(f"test ({key.replace('_', ' ')})", results[key]))
     log(f"calibration: temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.4f} "
@@ -275,38 +348,72 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
     if guard is not None:
         log(f"ood: {params.ood.method} threshold {float(guard['threshold']):.4g}, val pass rate "
             f"{float(guard['val_pass_rate']):.3f}, test pass rate {test_in.mean():.3f}")
-    return {"metrics": metrics, "result": result, "calibration": calibration, "plots": plots, "ood": meta.get("ood"),
-            "files": [reports_dir / "metrics.json", reports_dir / "by_class.json", reports_dir / "test_predictions.csv"]}
+    return {"metrics": metrics, "result": result, "heldout": heldout, "calibration": calibration, "plots": plots,
+            "ood": meta.get("ood"),
+            "files": [reports_dir / "metrics.json", reports_dir / "by_class.json", reports_dir / "heldout_by_class.json",
+                      reports_dir / "test_predictions.csv"]}
 
 
-def promotion_decision(test_metrics: dict, params: Params) -> tuple[bool, str]:
-    """(promote?, reason) from the test AUC and sensitivity against the params' minimums."""
-    auc, sens = test_metrics["roc_auc"], test_metrics["sensitivity"]
-    p = params.promotion
-    failures = []
-    if not auc >= p.min_auc:
-        failures.append(f"test AUC {auc:.4f} < {p.min_auc}")
-    if not sens >= p.min_sensitivity:
-        failures.append(f"test sensitivity {sens:.4f} < {p.min_sensitivity}")
-    if failures:
-        return False, "not promoted: " + "; ".join(failures)
-    return True, f"promoted: test AUC {auc:.4f} >= {p.min_auc} and sensitivity {sens:.4f} >= {p.min_sensitivity}"
+def promotion_decision(test_metrics: dict, params: Params, heldout: dict | None = None) -> tuple[bool, str]:
+    """(promote?, reason): pipeline/promotion.py's rule on the held-out result (`measure()` of the
+    out-of-fold predictions) and the test AUC and sensitivity."""
+    from pipeline.promotion import Evidence, decide
+
+    auc = (heldout or {}).get("metrics", {}).get("roc_auc", {})
+    evidence = Evidence(auc.get("value"), auc.get("ci_low"), (heldout or {}).get("source", "out-of-fold"),
+                        test_metrics["roc_auc"], test_metrics["sensitivity"])
+    return decide(evidence, params.promotion)
 
 
-def run(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path) -> dict:
+def training_data(params: Params, split_csv: Path, fit_on: str) -> dict:
+    """What the model trained on, for its card: sources, label map, cells per class, groups."""
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    rows = split[split["split"].isin(["train", "val"] if fit_on == "train+val" else ["train"])]
+    return {"sources": [f"{s.name} ({s.path})" for s in params.data.source_list()],
+            "label_map": params.data.label_map, "fit_on": fit_on, "n": int(len(rows)),
+            "groups": int(rows["group"].nunique()),
+            "counts": {str(k): int(v) for k, v in rows.groupby("original_class").size().items()}}
+
+
+def write_card(params: Params, model_dir: Path, reports_dir: Path, split_csv: Path, promoted: bool, reason: str,
+               cv_metrics_json: Path | None) -> None:
+    """model_card.md (and its key facts in model.json) from the metrics files just written."""
+    import json
+
+    from pipeline import model_card
+    from pipeline.inference.predictor import META_FILE, read_metadata
+
+    read = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+    metrics = read(reports_dir / "metrics.json")
+    cv_metrics = read(cv_metrics_json) if cv_metrics_json and Path(cv_metrics_json).is_file() else None
+    meta = read_metadata(model_dir)
+    meta["card"] = model_card.card_facts(metrics, promoted, reason)
+    text = model_card.render(meta, metrics, cv_metrics, read(reports_dir / "by_class.json"),
+                             read(reports_dir / "heldout_by_class.json"),
+                             training_data(params, split_csv, meta.get("fit_on", "train")), promoted, reason,
+                             params.mlflow.registered_model)
+    atomic.write_text(model_dir / model_card.CARD_FILE, text)
+    atomic.write_json(model_dir / META_FILE, meta)
+
+
+def run(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path,
+        oof_csv: Path | None = None) -> dict:
     """The stage: evaluate, then log to the training run, register the calibrated model, promote."""
     from pipeline import tracking
     from pipeline.inference.mlflow_pyfunc import input_example
     from pipeline.inference.predictor import META_FILE, read_metadata
 
-    out = evaluate_split(params, model_dir, split_csv, out_model_dir, reports_dir)
+    out = evaluate_split(params, model_dir, split_csv, out_model_dir, reports_dir, oof_csv=oof_csv)
     test_values = {k: v["value"] for k, v in out["result"]["metrics"].items()}
-    promote, reason = promotion_decision(test_values, params)
+    promote, reason = promotion_decision(test_values, params, out["heldout"])
+    write_card(params, Path(out_model_dir), Path(reports_dir), Path(split_csv), promote, reason,
+               Path(oof_csv).parent / "metrics.json" if oof_csv else None)
     example = input_example(params.data.root, split_csv)
     train_run = (read_metadata(model_dir).get("mlflow") or {}).get("run_id")
     logged = tracking.log_evaluation(
         params.mlflow, train_run, Path(out_model_dir), example,
-        metrics={f"test_{k}": v for k, v in out["metrics"]["test"].items()},
+        metrics={**{f"test_{k}": v for k, v in out["metrics"]["test"].items()},
+                 **{f"heldout_{k}": v for k, v in out["metrics"]["heldout"].items()}},
         artifacts=out["plots"] + out["files"], calibration=out["calibration"],
         promote=promote, reason=reason, champion_alias=params.promotion.alias, ood=out["ood"])
     meta = read_metadata(out_model_dir)

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline import atomic
 from pipeline.config import ExportConfig, Params
+from pipeline.model_card import CARD_FILE
 from pipeline.inference.predictor import (INT8_FILE, ONNX_FILE, ONNX_META_FILE, WEIGHTS_FILE, OnnxPredictor,
                                           TorchPredictor, file_sha256, read_metadata)
 
@@ -253,6 +254,9 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
             (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
         carry_guard(torch_predictor, staging, meta, outputs)
+        card = Path(model_dir) / CARD_FILE
+        if card.is_file():  # the same model, so the same card (its version is filled in when registered)
+            shutil.copyfile(card, staging / CARD_FILE)
         write_meta()
         onnx_predictor = OnnxPredictor(staging)
         max_diff = compare(torch_predictor, onnx_predictor, images)

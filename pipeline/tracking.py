@@ -174,6 +174,7 @@ class Run:
         from mlflow.models import infer_signature
 
         import pipeline.inference.mlflow_pyfunc as pyfunc_module
+        from pipeline import model_card
         from pipeline.inference.predictor import META_FILE, ONNX_META_FILE, is_exported, open_predictor
 
         with tempfile.TemporaryDirectory(prefix="cytopipe-log-") as tmp:
@@ -183,6 +184,9 @@ class Run:
             meta = json.loads(meta_path.read_text())
             meta["registered_version"] = version
             meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+            card = staged / model_card.CARD_FILE
+            if card.is_file():  # the logged card names the version it is registered as
+                card.write_text(model_card.set_version(card.read_text(encoding="utf-8"), version), encoding="utf-8")
             output_example = pyfunc_module.predict_frame(open_predictor(staged), input_example)
             return self.mlflow.pyfunc.log_model(
                 name=name,
@@ -220,6 +224,13 @@ class Run:
             raise RuntimeError(f"{registered}: other versions were registered while logging; run the stage again")
         client.set_registered_model_alias(registered, alias or self.config.alias, version)
         client.set_model_version_tag(registered, version, "run_id", self.run_id)
+        from pipeline.inference.predictor import read_metadata
+
+        facts = read_metadata(model_dir).get("card")
+        if facts:  # the registry UI shows the model card's summary as the version's description
+            from pipeline.model_card import summary_markdown
+
+            client.update_model_version(registered, version, description=summary_markdown(facts, registered, version))
         return info.model_uri, version
 
     def end(self, status: str = "FINISHED") -> None:

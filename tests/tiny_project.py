@@ -74,7 +74,8 @@ def exported_tiny_project(tmp_path_factory):
     from pipeline import export
 
     # Minimums of 0 so that the tiny model gets @champion, which the export then takes over.
-    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0) as (root, out, params):
+    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0,
+                     promotion__min_oof_auc_ci_low=0.0) as (root, out, params):
         result = export.run(params, root / "models/calibrated", root / "data/split/split.csv",
                             root / "models/exported", root / "reports/export")
         yield {"root": root, "evaluate": out, "export": result, "params": params}

@@ -407,6 +407,19 @@ def _pager(n: int, where: str) -> str:
             f"</span></nav>")
 
 
+def _card_rows(model: dict) -> list[tuple[str, str]]:
+    """Key facts of the model's card (model_card.md beside its weights): evidence and domain."""
+    card = model.get("card") or {}
+    if not card:
+        return [("Model card", "none (a model made before model cards)")]
+    low, high = card.get("heldout_auc_ci") or [None, None]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return [("Held-out AUC", f"{fmt(card.get('heldout_auc'))} [{fmt(low)}, {fmt(high)}] "
+                             f"({card.get('heldout_source')}, {card.get('heldout_n')} cells)"),
+            ("Validated on", str(card.get("validated_domain"))),
+            ("Promotion", f"{card.get('promotion')} (model_card.md in the model folder)")]
+
+
 def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> str:
     """The report page. `gallery` items: rank, cell_id, x, y, diameter_um, p_malignant, call, crop_uri,
     cam_uri, and optionally in_domain, ood_score (the out-of-domain guard's; absent in older summaries)."""
@@ -424,7 +437,7 @@ def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> 
         ("Slide rule", summary["rule"]), *_ood_rows(summary),
     ])
     model_rows = _table([
-        ("Model", str(model.get("uri"))), ("Registered version", str(model.get("version"))),
+        ("Model", str(model.get("uri"))), ("Registered version", str(model.get("version"))), *_card_rows(model),
         ("Threshold", f"{summary['threshold']:.4f}"),
         ("Indeterminate band", f"[{summary['band'][0]:.4f}, {summary['band'][1]:.4f})"),
         ("Temperature", f"{summary['temperature']:.3f}"), ("Test-time augmentation", str(summary["tta"])),

