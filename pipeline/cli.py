@@ -101,8 +101,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result, metrics = train.run(params, args.split, args.manifest, args.out, args.checkpoints, args.reports, resume)
     if not metrics:  # a torchrun worker other than rank 0
         return 0
-    print(f"train: best val AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} of {result.epochs_run}"
-          + (" (stopped early)" if result.stopped_early else "")
+    trained = (f"train+val for {result.epochs_run} epochs (final train loss {result.history[-1]['train_loss']:.4f}; "
+               "calibrate it on the cv stage's out-of-fold predictions)" if params.train.fit_on == "train+val" else
+               f"best val AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} of {result.epochs_run}"
+               + (" (stopped early)" if result.stopped_early else ""))
+    print(f"train: {trained}"
           + f"; model -> {args.out}; MLflow run {metrics['mlflow_run_id']}, "
           f"{params.mlflow.registered_model} v{metrics['model_version']} @{params.mlflow.alias}")
     return 0

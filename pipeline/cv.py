@@ -200,7 +200,9 @@ def run(params: Params, split_csv: Path, reports_dir: Path, work_dir: Path, log=
             rows.append(row)
             log(f"cv: fold {fold}: held-out AUC {row['auc']:.4f}, balanced accuracy {row['balanced_accuracy']:.4f}")
         oof = pd.concat(parts, ignore_index=True)
-        summary = {"folds": len(rows), "epochs": fparams.train.epochs, **fold_summary(rows),
+        summary = {"folds": len(rows), "epochs": fparams.train.epochs,
+                   "epochs_run": max(r["epochs"] for r in rows),  # more than `epochs` when min_steps asks
+                   "min_steps": fparams.train.min_steps, **fold_summary(rows),
                    "oof": pooled_metrics(oof, labels, params)}
         reports_dir = Path(reports_dir)
         atomic.write_csv(reports_dir / OOF_FILE, oof)

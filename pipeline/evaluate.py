@@ -344,9 +344,9 @@ def evaluate_split(params: Params, model_dir: Path, split_csv: Path, out_model_d
         log(_summary_line(f"test ({key.replace('_', ' ')})", results[key]))
     log(f"calibration: temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.4f} "
         f"({calibration['threshold_rule']}), band [{band.lower:.4f}, {band.upper:.4f}], "
-        f"val sensitivity {calibration['validation']['sensitivity']:.3f}")
+        f"{held.source} sensitivity {calibration['validation']['sensitivity']:.3f} on {len(held.y_pos)} cells")
     if guard is not None:
-        log(f"ood: {params.ood.method} threshold {float(guard['threshold']):.4g}, val pass rate "
+        log(f"ood: {params.ood.method} threshold {float(guard['threshold']):.4g}, {held.source} pass rate "
             f"{float(guard['val_pass_rate']):.3f}, test pass rate {test_in.mean():.3f}")
     return {"metrics": metrics, "result": result, "heldout": heldout, "calibration": calibration, "plots": plots,
             "ood": meta.get("ood"),
