@@ -189,3 +189,28 @@ def test_cross_validation_logs_parent_and_child_runs(project, tmp_path):
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert len(children) == params.split.folds
     assert all("heldout_auc" in c.data.metrics for c in children)
+
+
+def test_a_model_trained_on_val_is_never_calibrated_on_val(project, tmp_path):
+    root, _, params = project
+    model = tmp_path / "model"
+    shutil.copytree(root / "models/train", model)
+    meta = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**meta, "fit_on": "train+val"}))
+    with pytest.raises(evaluate.EvaluationError, match="trained on train\\+val.*--oof reports/cv/oof.csv"):
+        evaluate.evaluate_split(params, model, root / "data/split/split.csv", tmp_path / "out", tmp_path / "reports")
+    bad = tmp_path / "oof.csv"
+    bad.write_text("path,label\na.jpg,benign\n")
+    with pytest.raises(evaluate.EvaluationError, match="oof.csv: not out-of-fold predictions .*missing group"):
+        evaluate.evaluate_split(params, model, root / "data/split/split.csv", tmp_path / "out", tmp_path / "reports",
+                                oof_csv=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_held_out_evidence_and_card_of_the_val_calibrated_model(project):
+    root, out, _ = project
+    metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    assert metrics["heldout"]["source"] == "validation" and metrics["heldout"]["n"] == 109
+    assert out["promoted"] and "validation AUC" in out["reason"]
+    card = (root / "models/calibrated/model_card.md").read_text()
+    assert f"| validation | 109 ({metrics['heldout']['n_groups']} groups) | {metrics['heldout']['roc_auc']:.3f}" in card
