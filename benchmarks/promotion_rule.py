@@ -52,10 +52,15 @@ def main() -> None:
 
     params = load_params(args.params)
     positive = params.evaluate.positive_labels
-    labels = list(LabelMap.load(params.data.label_map).labels)
+    label_map = LabelMap.load(params.data.label_map)
+    labels = list(label_map.labels)
     oof = pd.read_csv(args.oof)
     test = pd.read_csv(args.split).query("split == 'test'")
-    count = lambda f: (int((~f["label"].isin(positive)).sum()), int(f["label"].isin(positive).sum()))  # noqa: E731
+
+    def count(frame):  # (benign, malignant) by the label map, whatever labels the file was made with
+        malignant = frame["original_class"].map(label_map.classes).isin(positive)
+        return int((~malignant).sum()), int(malignant.sum())
+
     n_oof, n_test = count(oof), count(test)
     deff = design_effect(Path(args.oof), positive, labels)
     rule, old = params.promotion, PromotionConfig(min_oof_auc_ci_low=0.0, min_auc=0.97, min_sensitivity=0.95)

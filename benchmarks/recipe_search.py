@@ -8,7 +8,7 @@ and `NAME.metrics.json` (copies of reports/cv/oof.csv and metrics.json) and one 
 pooled OOF AUC with its group-bootstrap 95% CI, single view and with 8-view TTA, the specificity
 at the 0.95-sensitivity threshold, the mean ± sd of the per-fold AUC, training minutes, and the
 eager-torch inference speed of its architecture and input size (batch 32, every core, measured
-here in one run). `--ensemble a+b` adds the OOF evidence of the mean logits of runs a and b (their
+here in one run). `--ensemble a+b` adds the OOF evidence of the mean P(malignant) of runs a and b (their
 fold models saw the same folds, so the average is still out of fold). Mean ± sd over seeds
 comes from runs named `<recipe>-seed<N>`.
 """
@@ -23,23 +23,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LABELS = ["benign", "malignant"]
+BENIGN_CLASSES = ("normal_superficiel", "normal_intermediate", "normal_columnar")  # Herlev's own grouping
+
+
+def labels_of(oof) -> list[str]:
+    return [c.removeprefix("logit_") for c in oof.columns if c.startswith("logit_")]
 
 
 def oof_evidence(oof, view: str, n_boot: int = 1000) -> dict:
-    """AUC [CI] and specificity at the sensitivity-0.95 threshold of one view's logits."""
-    import numpy as np
-
+    """AUC [CI] and specificity at the sensitivity-0.95 threshold of one view's logits; binary
+    truth from Herlev's grouping of the original classes, so binary and 7-class runs compare."""
     from pipeline.calibration import choose_threshold
     from pipeline.cv import logit_columns, malignant_probability
     from pipeline.metrics import metrics_with_ci
 
-    y = (oof["label"] == "malignant").to_numpy().astype(int)
-    p = malignant_probability(oof[logit_columns(LABELS, view)].to_numpy(float), LABELS, ["malignant"])
+    labels = labels_of(oof)
+    positive = ["malignant"] if labels == ["benign", "malignant"] else [x for x in labels if x not in BENIGN_CLASSES]
+    y = (~oof["original_class"].isin(BENIGN_CLASSES)).to_numpy().astype(int)
+    p = malignant_probability(oof[logit_columns(labels, view)].to_numpy(float), labels, positive)
     t = choose_threshold(y, p, "sensitivity", 0.95)["threshold"]
     m = metrics_with_ci(y, p, oof["group"].astype(str).to_numpy(), t, n_boot=n_boot, seed=42)
     return {"auc": m["roc_auc"]["value"], "low": m["roc_auc"]["ci_low"], "high": m["roc_auc"]["ci_high"],
-            "spec": m["specificity"]["value"], "p": p, "y": y, "np": np}
+            "spec": m["specificity"]["value"], "p": p}
 
 
 def inference_speed(arch: str, size: int, batches: int = 3) -> float:
@@ -64,6 +69,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("reports/recipe_search.md"))
     args = ap.parse_args()
 
+    import numpy as np
     import pandas as pd
 
     from pipeline import atomic
@@ -83,15 +89,20 @@ def main() -> None:
                      f"{metrics['auc_mean']:.4f} ± {metrics['auc_sd']:.4f} | {r.seconds / 60:.1f} | "
                      f"{speeds[key]:.0f} | `{r.command}` |")
     for combo in args.ensemble:
+        # mean P(malignant) in logit space (2-class logits), so binary and 7-class runs can be averaged
         names = combo.split("+")
-        base = oofs[names[0]].set_index("path")
-        mean = sum(oofs[n].set_index("path").loc[base.index, ["logit_benign", "logit_malignant", "tta_logit_benign",
-                                                            "tta_logit_malignant"]] for n in names) / len(names)
-        frame = base.assign(**{c: mean[c] for c in mean.columns}).reset_index()
+        base = oofs[names[0]].set_index("path")[["group", "original_class", "label"]]
+        frame = base.copy()
+        for view in ("logit_", "tta_logit_"):
+            p = sum(pd.Series(oof_evidence(oofs[n], view, n_boot=1)["p"], index=oofs[n]["path"]).loc[base.index]
+                    for n in names) / len(names)
+            frame[f"{view}benign"] = 0.0
+            frame[f"{view}malignant"] = np.log(p.clip(1e-6, 1 - 1e-6) / (1 - p.clip(1e-6, 1 - 1e-6)))
+        frame = frame.reset_index()
         e, et = oof_evidence(frame, "logit_"), oof_evidence(frame, "tta_logit_")
         lines.append(f"| ensemble {' + '.join(names)} | {e['auc']:.4f} [{e['low']:.4f}, {e['high']:.4f}] | "
                      f"{et['auc']:.4f} [{et['low']:.4f}, {et['high']:.4f}] | {e['spec']:.3f} | | | "
-                     f"(÷{len(names)}) | mean logits |")
+                     f"(÷{len(names)}) | mean P(malignant) |")
     seeds = {}
     for r in runs.itertuples():
         m = re.fullmatch(r"(.+)-seed\d+", r.name)

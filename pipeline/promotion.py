@@ -71,13 +71,15 @@ def rejection_rates(true_auc: float, cfg: PromotionConfig, n_oof: tuple[int, int
                     seed: int = 0) -> dict:
     """How often the rule refuses a model whose true AUC is `true_auc` (binormal, equal variances).
 
-    n_oof / n_test: (benign, malignant) counts. Each simulated run draws OOF scores, fits the
+    n_oof / n_test: (benign, malignant) counts, each at least 1. Each simulated run draws OOF scores, fits the
     threshold on them by the sensitivity rule, takes the OOF AUC's lower bound as AUC - 1.96 SE
     (Hanley-McNeil, SE scaled by sqrt(design_effect) for cells clustered in fields of view), then
     draws a test split and applies the rule. Returns the rate of each failure and of any failure.
     """
     from scipy.stats import norm
 
+    if min(*n_oof, *n_test) < 1:
+        raise ValueError(f"need benign and malignant cells in both sets, got OOF {n_oof} and test {n_test}")
     rng = np.random.default_rng(seed)
     d = math.sqrt(2) * norm.ppf(true_auc)  # binormal separation giving this AUC
     (on, op), (tn, tp) = n_oof, n_test
