@@ -77,6 +77,9 @@ def test_report_is_self_contained(scored):
     assert page.count("<img") == 1 + 2 * 8  # heat map + (crop, Grad-CAM) per gallery cell
     assert "src='http" not in page and 'src="http' not in page  # nothing fetched from elsewhere
     assert "level-0 x=" in page and f"{summary['threshold']:.4f}" in page
+    card = summary["model"]["card"]  # the model card's key facts, as the calibrated model carries them
+    assert card["heldout_source"] == "validation" and "Validated on" in page
+    assert f"{card['heldout_auc']:.3f} [{card['heldout_auc_ci'][0]:.3f}, {card['heldout_auc_ci'][1]:.3f}]" in page
 
 
 def test_report_renders_in_chromium_without_errors(scored):
