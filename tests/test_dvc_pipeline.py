@@ -167,7 +167,7 @@ def test_model_card_is_generated_from_the_metrics_files_and_champion_is_set(ship
     assert json.loads((exported / "metadata.json").read_text())["card"] == meta["card"]
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("cytology-classifier", "champion")
-    assert champion.version == json.loads((exported / "metadata.json").read_text())["registered_version"]
+    assert str(champion.version) == json.loads((exported / "metadata.json").read_text())["registered_version"]
     assert f"version {champion.version}: promoted" in champion.description
     logged = Path(mlflow.artifacts.download_artifacts(f"models:/cytology-classifier/{champion.version}",
                                                       tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"))
