@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--runs", required=True, type=Path)
     ap.add_argument("--ensemble", nargs="*", default=[])
     ap.add_argument("--out", type=Path, default=Path("reports/recipe_search.md"))
+    ap.add_argument("--no-speed", action="store_true", help="skip the inference-speed column (a busy machine "
+                                                             "measures nothing useful)")
     args = ap.parse_args()
 
     import numpy as np
@@ -83,11 +85,13 @@ def main() -> None:
         metrics = json.loads((args.runs / f"{r.name}.metrics.json").read_text())
         single, tta = oof_evidence(oofs[r.name], "logit_"), oof_evidence(oofs[r.name], "tta_logit_")
         key = (r.arch, int(r.image_size))
-        speeds.setdefault(key, inference_speed(*key))
+        if not args.no_speed:
+            speeds.setdefault(key, inference_speed(*key))
+        speed = f"{speeds[key]:.0f}" if key in speeds else "not measured"
         lines.append(f"| {r.name} | {single['auc']:.4f} [{single['low']:.4f}, {single['high']:.4f}] | "
                      f"{tta['auc']:.4f} [{tta['low']:.4f}, {tta['high']:.4f}] | {single['spec']:.3f} | "
                      f"{metrics['auc_mean']:.4f} ± {metrics['auc_sd']:.4f} | {r.seconds / 60:.1f} | "
-                     f"{speeds[key]:.0f} | `{r.command}` |")
+                     f"{speed} | `{r.command}` |")
     for combo in args.ensemble:
         # mean P(malignant) in logit space (2-class logits), so binary and 7-class runs can be averaged
         names = combo.split("+")
