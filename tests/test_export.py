@@ -46,7 +46,9 @@ def test_export_folder_metadata_and_validation(project, exported):
 
     meta = json.loads((exported / "metadata.json").read_text())
     calibrated = json.loads((project["root"] / "models/calibrated/model.json").read_text())
-    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", INT8_FILE, ONNX_FILE, "ood.npz"]
+    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", INT8_FILE, ONNX_FILE, "model_card.md",
+                                                          "ood.npz"]
+    assert (exported / "model_card.md").read_text() == (project["root"] / "models/calibrated/model_card.md").read_text()
     assert meta["onnx_file"] == INT8_FILE and meta["quantization"]["served"]  # tiny.yaml: max_auc_drop 1
     q = meta["quantization"]
     assert 0 <= q["test_auc_int8"] <= 1 and q["auc_drop"] == pytest.approx(q["test_auc_fp32"] - q["test_auc_int8"])
