@@ -145,12 +145,18 @@ def _device(name: str):
 # ---------------------------------------------------------------- loops
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last: bool, desc: str,
-                    progress: bool = True):
-    """One pass over `loader`; returns (mean loss, images/s). Raises TrainingError on a non-finite loss."""
+                    progress: bool = True, frozen: tuple = ()):
+    """One pass over `loader`; returns (mean loss, images/s). Raises TrainingError on a non-finite loss.
+
+    `frozen` modules (train.freeze_blocks) stay in eval mode so their BatchNorm statistics do not move.
+    """
     import torch
     from tqdm import tqdm
 
+    from pipeline.models.backbones import keep_frozen_eval
+
     model.train()
+    keep_frozen_eval(frozen)
     total, seen, start = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", disable=None if progress else True, file=sys.stderr, leave=False)
     for step, (x, y) in enumerate(bar):
@@ -264,7 +270,7 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
     from pipeline.data.dataset import CellDataset
     from pipeline.distributed import state_digest
     from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, file_sha256
-    from pipeline.models.backbones import build_model, preprocessing
+    from pipeline.models.backbones import build_model, freeze_early_blocks, preprocessing
 
     cfg, mcfg = params.train, params.model
     if dist.enabled and cfg.balance == "sampler":
@@ -315,8 +321,10 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # norms and biases
+    frozen = tuple(freeze_early_blocks(model, cfg.freeze_blocks))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]  # norms and biases
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     rank_batch = cfg.batch_size // dist.world_size
@@ -378,7 +386,8 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, speed = train_one_epoch(net, loader, criterion, optimizer, scheduler, device,
-                                            cfg.channels_last, f"epoch {epoch}/{epochs}", progress=dist.is_main)
+                                            cfg.channels_last, f"epoch {epoch}/{epochs}", progress=dist.is_main,
+                                            frozen=frozen)
         dist.sync_buffers(model)  # BatchNorm statistics: rank 0's, so every rank holds the same model
         if dist.is_main and len(val_ds):
             val_loss, probs, targets = evaluate(model, val_loader, eval_criterion, device, cfg.channels_last)

@@ -254,3 +254,28 @@ def test_train_val_needs_keep_last():
     with pytest.raises(ConfigError, match="train.keep: must be one of best, last"):
         TrainConfig(keep="median")
     assert TrainConfig(fit_on="train+val", keep="last").fit_on == "train+val"
+
+
+def test_frozen_blocks_keep_their_weights_and_batchnorm_statistics(tiny, tmp_path):
+    params, split_csv, _ = tiny
+    params = _with_train(params, epochs=2, freeze_blocks=2)
+    start = build_model(params.model.arch, 2, params.model.weights, params.model.drop_rate).state_dict()
+    fit(params, split_csv, tmp_path / "model", tmp_path / "ck", log=lambda *_: None)
+    end = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    frozen = [k for k in end if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert frozen and all(torch.equal(end[k], start[k]) for k in frozen)  # weights and running stats
+    assert not torch.equal(end["blocks.2.0.conv_pw.weight"], start["blocks.2.0.conv_pw.weight"])
+    assert not torch.equal(end["blocks.2.0.bn1.running_mean"], start["blocks.2.0.bn1.running_mean"])
+
+
+def test_freeze_blocks_is_refused_where_it_cannot_apply():
+    from pipeline.config import ConfigError, TrainConfig
+    from pipeline.models.backbones import freeze_early_blocks
+
+    with pytest.raises(ConfigError, match="train.freeze_blocks: must be >= 0"):
+        TrainConfig(freeze_blocks=-1)
+    lite0 = build_model("timm/tf_efficientnet_lite0", 2, None)
+    with pytest.raises(WeightsError, match="would freeze all 7 blocks"):
+        freeze_early_blocks(lite0, 7)
+    with pytest.raises(WeightsError, match="has no conv_stem/blocks"):
+        freeze_early_blocks(build_model("torchvision/resnet18", 2, None), 1)

@@ -107,6 +107,35 @@ def build_model(arch: str, num_classes: int, weights: str | None, drop_rate: flo
     return model
 
 
+def freeze_early_blocks(model, n_blocks: int) -> list:
+    """Stop training the stem and the first `n_blocks` blocks; returns the frozen modules.
+
+    Their parameters get requires_grad=False; the caller keeps the returned modules in eval mode while
+    training (see keep_frozen_eval) so that their BatchNorm statistics stay as loaded too.
+    Only backbones with `conv_stem` and `blocks` (timm's EfficientNet family) can be frozen this way.
+    """
+    if n_blocks == 0:
+        return []
+    blocks = getattr(model, "blocks", None)
+    if not hasattr(model, "conv_stem") or blocks is None:
+        raise WeightsError(f"train.freeze_blocks: {type(model).__name__} has no conv_stem/blocks to freeze; "
+                         "set train.freeze_blocks: 0 or use a timm EfficientNet")
+    if n_blocks >= len(blocks):
+        raise WeightsError(f"train.freeze_blocks: {n_blocks} would freeze all {len(blocks)} blocks; use fewer")
+    frozen = [model.conv_stem, getattr(model, "bn1", None), *list(blocks)[:n_blocks]]
+    frozen = [m for m in frozen if m is not None]
+    for module in frozen:
+        for param in module.parameters():
+            param.requires_grad_(False)
+    return frozen
+
+
+def keep_frozen_eval(frozen: list) -> None:
+    """After model.train(): frozen modules stay in eval mode (BatchNorm uses its stored statistics)."""
+    for module in frozen:
+        module.eval()
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
