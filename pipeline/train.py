@@ -419,9 +419,10 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
                 "mlflow_run_id": getattr(tracker, "run_id", None)}, epoch)
         if tracker is not None:
             tracker.log_epoch(row)
-        log(f"epoch {epoch:>2}/{epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-            f"val_auc {val_auc:.4f}  val_bacc {val_bacc:.4f}  lr {lr:.2e}  "
-            f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if improved else ""))
+        watched = (f"val_loss {val_loss:.4f}  val_auc {val_auc:.4f}  val_bacc {val_bacc:.4f}  "
+                   if math.isfinite(val_auc) else "")  # train+val: nothing held out to show
+        log(f"epoch {epoch:>2}/{epochs}  train_loss {train_loss:.4f}  {watched}lr {lr:.2e}  "
+            f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if improved and cfg.keep == "best" else ""))
 
     digests = dist.gather_digests(state_digest(model.state_dict()))
     result = FitResult(history, best_epoch, best_auc, len(history), stopped_early, resumed_from, model_dir,
