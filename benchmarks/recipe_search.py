@@ -10,7 +10,7 @@ at the 0.95-sensitivity threshold, the mean ± sd of the per-fold AUC, training 
 eager-torch inference speed of its architecture and input size (batch 32, every core, measured
 here in one run). `--ensemble a+b` adds the OOF evidence of the mean P(malignant) of runs a and b (their
 fold models saw the same folds, so the average is still out of fold). Mean ± sd over seeds
-comes from runs named `<recipe>-seed<N>`.
+comes from runs named `<recipe>-seed<N>` (with the run named `<recipe>` itself, at the default seed).
 """
 from __future__ import annotations
 
@@ -111,6 +111,8 @@ def main() -> None:
     for r in runs.itertuples():
         m = re.fullmatch(r"(.+)-seed\d+", r.name)
         if m:
+            if m.group(1) in oofs and m.group(1) not in seeds:  # the recipe's own run: the default seed
+                seeds[m.group(1)] = [oof_evidence(oofs[m.group(1)], "logit_")["auc"]]
             seeds.setdefault(m.group(1), []).append(oof_evidence(oofs[r.name], "logit_")["auc"])
     text = "\n".join(lines)
     for recipe, aucs in seeds.items():
