@@ -301,6 +301,8 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
         mean, std = tuple(init.pop("mean")), tuple(init.pop("std"))  # what its weights were trained with
     else:
         mean, std = preprocessing(mcfg, model)
+    # Before the images are decoded: a backbone that cannot be frozen fails at once.
+    frozen = tuple(freeze_early_blocks(model, cfg.freeze_blocks))
     # After init_from is resolved: when @champion moves, the same params are a different run.
     chash = config_hash(params, split_sha, dist.world_size, init["weights_sha256"] if init else None)
     state, manifest = _resume_state(checkpoint_dir, chash, resume, dist, warn)
@@ -321,7 +323,6 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    frozen = tuple(freeze_early_blocks(model, cfg.freeze_blocks))
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]  # norms and biases

@@ -119,7 +119,7 @@ def freeze_early_blocks(model, n_blocks: int) -> list:
     blocks = getattr(model, "blocks", None)
     if not hasattr(model, "conv_stem") or blocks is None:
         raise WeightsError(f"train.freeze_blocks: {type(model).__name__} has no conv_stem/blocks to freeze; "
-                         "set train.freeze_blocks: 0 or use a timm EfficientNet")
+                           "set train.freeze_blocks: 0 or use a timm EfficientNet")
     if n_blocks >= len(blocks):
         raise WeightsError(f"train.freeze_blocks: {n_blocks} would freeze all {len(blocks)} blocks; use fewer")
     frozen = [model.conv_stem, getattr(model, "bn1", None), *list(blocks)[:n_blocks]]
