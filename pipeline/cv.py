@@ -82,8 +82,7 @@ def predict_heldout(model_dir: Path, heldout_images, train_images, train_labels,
     if cfg.method == "energy" or shipped_feats is not None:
         train_logits, train_feats = predictor.predict_outputs(train_images, tta=tta)
         idx = np.array([predictor.labels.index(x) for x in train_labels])
-        guard = ood.fit(train_feats, idx, cfg.method, k=min(cfg.k, len(idx)), shrinkage=cfg.shrinkage,
-                        pca_dim=cfg.pca_dim, normalize=cfg.normalize)
+        guard = ood.fit_configured(train_feats, idx, cfg)
         ood_scores = ood.score(guard, shipped_feats, shipped_logits)
     return {"logits": logits, "tta_logits": tta_logits, "features": shipped_feats, "ood_score": ood_scores,
             "labels": predictor.labels}

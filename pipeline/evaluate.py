@@ -100,8 +100,7 @@ def fit_guard(train: tuple[np.ndarray, np.ndarray | None], train_idx: np.ndarray
     if cfg.method != "energy" and train[1] is None:
         log(f"warning: the model gives no pooled features; no {cfg.method} OOD guard is fitted")
         return None
-    params = ood.fit(train[1], train_idx, cfg.method, k=min(cfg.k, len(train_idx)), shrinkage=cfg.shrinkage,
-                     pca_dim=cfg.pca_dim, normalize=cfg.normalize)
+    params = ood.fit_configured(train[1], train_idx, cfg)
     scores = held_out if isinstance(held_out, np.ndarray) else ood.score(params, held_out[1], held_out[0])
     return ood.set_threshold(params, scores, cfg.pass_rate)
 

@@ -46,6 +46,16 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def fit_configured(features, labels, cfg) -> dict:
+    """`fit` with the settings of an OodConfig (params.yaml `ood`); k is capped at the number of cells.
+
+    The one place the cv stage (a guard per fold) and the evaluate stage (the shipped guard) fit a guard,
+    so the out-of-fold OOD scores come from the same kind of guard as the one that ships."""
+    n = len(np.asarray(labels).ravel())
+    return fit(features, labels, cfg.method, k=min(cfg.k, n), shrinkage=cfg.shrinkage, pca_dim=cfg.pca_dim,
+               normalize=cfg.normalize)
+
+
 def fit(features, labels, method: str = "mahalanobis", *, k: int = 5, shrinkage: float = 0.1,
         pca_dim: int = 0, normalize: bool = False, logits=None) -> dict:
     """OOD parameters from training features (N, D) and integer labels (N,).
