@@ -47,19 +47,26 @@ def oof_evidence(oof, view: str, n_boot: int = 1000) -> dict:
             "spec": m["specificity"]["value"], "p": p}
 
 
-def inference_speed(arch: str, size: int, batches: int = 3) -> float:
+def inference_speed(arch: str, size: int, batches: int = 5, rounds: int = 5) -> float:
+    """Eager-torch img/s at batch 32 on every core: the median of `rounds` timings of `batches` batches
+    (one round of 3 batches ranked lite2 above lite0 at 128 px: noise)."""
+    import statistics
+
     import torch
 
     from pipeline.models.backbones import build_model
 
     model = build_model(arch, 2, None).eval().to(memory_format=torch.channels_last)
     x = torch.randn(32, 3, size, size).contiguous(memory_format=torch.channels_last)
+    rates = []
     with torch.inference_mode():
         model(x)
-        t = time.perf_counter()
-        for _ in range(batches):
-            model(x)
-    return 32 * batches / (time.perf_counter() - t)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(batches):
+                model(x)
+            rates.append(32 * batches / (time.perf_counter() - t))
+    return statistics.median(rates)
 
 
 def main() -> None:
