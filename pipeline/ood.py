@@ -128,16 +128,69 @@ def score(params: dict, features=None, logits=None) -> np.ndarray:
     if len(x) == 0:
         return np.zeros(0)
     if method == "knn":
-        sims = _l2_normalise(x) @ params["bank"].astype(np.float64).T
+        with _one_blas_thread():
+            sims = _l2_normalise(x) @ params["bank"].astype(np.float64).T
         k = int(params["k"])
         kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]  # k-th largest similarity
         return 1.0 - kth
+    if "normalize" in params and bool(params["normalize"]):
+        x = _l2_normalise(x)
+    weights, offsets = _whitening(params)
+    # One float32 matrix product per batch: on 1280-d features the float64 form (basis, precision and a
+    # product per class, re-cast every call) cost 0.9 ms per cell, a third of a 128 px int8 forward pass.
+    with _one_blas_thread():
+        w = (x - params["center"]).astype(np.float32) @ weights
+    d = ((w[None, :, :] - offsets[:, None, :]) ** 2).sum(axis=2, dtype=np.float64)
+    return np.sqrt(np.maximum(d.min(axis=0), 0.0))
+
+
+_BLAS = None
+
+
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs in the calling thread only.
+
+    OpenBLAS's worker threads busy-wait after each product; beside ONNX Runtime on 2 cores they took a
+    core from the next batch's forward pass (model 819 -> 592 cells/s, measured in one run). The product
+    itself is ~1.5 ms per batch of 32 on one thread."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
+def mahalanobis_reference(params: dict, features) -> np.ndarray:
+    """The Mahalanobis score in float64, written as defined: min over class means mu of
+    sqrt((z - mu) P (z - mu)) with z = (x - center) @ basis. Kept to test the fast form against."""
+    x = np.asarray(features, dtype=np.float64)
     if "normalize" in params and bool(params["normalize"]):
         x = _l2_normalise(x)
     z = (x - params["center"]) @ params["basis"].astype(np.float64)
     prec = params["precision"].astype(np.float64)
     d = np.stack([((z - mu) @ prec * (z - mu)).sum(axis=1) for mu in params["means"].astype(np.float64)])
     return np.sqrt(np.maximum(d.min(axis=0), 0.0))
+
+
+def _whitening(params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(W, offsets): with P = L L^T, the distance to class mean mu is ||(x - center) W - o_mu||, where
+    W = basis @ L and o_mu = mu @ L. Computed once per guard and cached in `params`
+    under a private key (never saved: to_bytes skips keys that start with '_')."""
+    cached = params.get("_whitening")
+    if cached is None:
+        prec = params["precision"].astype(np.float64)
+        prec = (prec + prec.T) / 2  # stored in float32: symmetrise before factorising
+        try:
+            chol = np.linalg.cholesky(prec)
+        except np.linalg.LinAlgError:  # not positive definite after rounding: a symmetric square root
+            vals, vecs = np.linalg.eigh(prec)
+            chol = vecs * np.sqrt(np.clip(vals, 0.0, None))
+        weights = params["basis"].astype(np.float64) @ chol
+        offsets = params["means"].astype(np.float64) @ chol
+        cached = (weights.astype(np.float32), offsets.astype(np.float32))
+        params["_whitening"] = cached
+    return cached
 
 
 def set_threshold(params: dict, val_scores, pass_rate: float) -> dict:
@@ -176,7 +229,7 @@ def summary(params: dict) -> dict:
 
 def to_bytes(params: dict) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in params.items()})
+    np.savez(buf, **{k: np.asarray(v) for k, v in params.items() if not k.startswith("_")})
     return buf.getvalue()
 
 

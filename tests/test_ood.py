@@ -104,6 +104,21 @@ def test_bad_inputs_are_one_line_errors():
         ood.fit(x, y, "knn", k=31)
 
 
+@pytest.mark.parametrize("options", [{}, {"normalize": True}, {"pca_dim": 8}])
+def test_fast_mahalanobis_equals_its_definition(options, tmp_path):
+    """The one-matrix-product score equals the float64 formula, and its cached whitening is never saved."""
+    rng = np.random.default_rng(5)
+    x, y = _blobs(rng, 40, dim=48)  # fewer cells than dimensions, as with 613 cells and 1280-d features
+    params = ood.set_threshold(ood.fit(x, y, "mahalanobis", **options), rng.random(10), 0.9)
+    query = np.concatenate([x[:5], _blobs(rng, 20, dim=48, shift=5.0)[0]])
+    np.testing.assert_allclose(ood.score(params, query), ood.mahalanobis_reference(params, query), rtol=1e-4)
+    assert "_whitening" in params  # cached by the first score
+    ood.save(tmp_path / ood.OOD_FILE, params)
+    back = ood.load(tmp_path / ood.OOD_FILE)
+    assert not any(k.startswith("_") for k in back)
+    np.testing.assert_allclose(ood.score(back, query), ood.score(params, query), rtol=1e-6)
+
+
 def test_npz_round_trip_and_no_pickle(tmp_path):
     rng = np.random.default_rng(4)
     x, y = _blobs(rng, 50)

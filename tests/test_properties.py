@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline import config as cfgmod
 from pipeline.config import EXCLUDE, ConfigError, LabelMap, Params, load_params
 from pipeline.data.images import ImageError, ImageLimits, decode_rgb, load_rgb, read_bytes
-from pipeline.data.transforms import base_resize
+from pipeline.data.transforms import base_resize, normalize
 from pipeline.inference.slide import _ImageSource, crop_box, crop_boxes, read_crops, tile_crops
 from tests.test_slide import glass
 
@@ -687,3 +687,21 @@ def test_settings_and_search_space():
     written = {m for m, _ in WRITABLE}
     assert written >= {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr", "LAB"}, written
     assert {f for _, f in WRITABLE} == set(FORMATS)
+
+
+@settings(PROPS, max_examples=60)
+@given(batch=st.integers(0, 4), size=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
+       mean=st.tuples(*[st.floats(0.0, 1.0)] * 3), std=st.tuples(*[st.floats(0.05, 1.0)] * 3))
+def test_normalize_is_the_whole_array_formula_bit_for_bit(batch, size, seed, mean, std):
+    """The per-plane, in-place normalisation gives the same float32 bits as ((x / 255) - mean) / std
+    on the whole array, then HWC -> CHW; for one image and for a batch."""
+    rng = np.random.default_rng(seed)
+    shape = (size, size + 1, 3) if batch == 0 else (batch, size, size + 1, 3)
+    x = rng.integers(0, 256, shape, dtype=np.uint8)
+    before = x.copy()
+    want = (x.astype(np.float32) / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    want = np.moveaxis(want, -1, -3)
+    got = normalize(x, mean, std)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(x, before)

@@ -106,10 +106,25 @@ class _OpenSlideSource(SlideSource):
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in slide.level_downsamples)
         self.properties = dict(slide.properties)
+        # Levels above 0 of a tiled-JPEG TIFF are cut from their own tiles: OpenSlide resamples them
+        # by a non-integer downsample, 4x slower (pipeline/inference/tiff_levels.py).
+        self._direct = {}
+        if self.properties.get("openslide.vendor") == "generic-tiff":
+            from pipeline.inference.tiff_levels import direct_levels
+
+            self._direct = direct_levels(path, self.level_dimensions)
 
     def _read(self, x, y, level, w, h):
         import openslide
 
+        direct = self._direct.get(level)
+        if direct is not None:
+            ds = self.level_downsamples[level]
+            try:
+                return direct.read(int(round(x / ds)), int(round(y / ds)), w, h)
+            except (OSError, ValueError) as exc:  # PIL raises OSError for a corrupt JPEG tile
+                raise SlideError(self.path, f"cannot read region ({x}, {y}) {w}x{h} at level {level}: "
+                                            f"{_one_line(exc)}") from None
         try:
             rgba = np.asarray(self._slide.read_region((x, y), level, (w, h)))
         except openslide.OpenSlideError as exc:
@@ -269,7 +284,8 @@ def _probe(source: _OpenSlideSource) -> None:
 
 def _darkness(rgb: np.ndarray) -> np.ndarray:
     """255 - min(R, G, B): high for dark and for saturated (stained) pixels, low on glass."""
-    return 255 - rgb.min(axis=2)
+    # Channel by channel: ndarray.min(axis=2) reduces over a 3-long strided axis, 9x slower here.
+    return 255 - np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
 
 
 def _threshold(dark: np.ndarray) -> float:
@@ -344,8 +360,19 @@ def _as_rgb(region: np.ndarray) -> np.ndarray:
     return arr[..., :3]
 
 
+def _distance(mask: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance of each mask pixel to the nearest background pixel (float32).
+
+    OpenCV's precise mask is Felzenszwalb's exact transform: equal to scipy's distance_transform_edt
+    on the slide's tiles (max difference 0.0) and ~70x faster on a 1264 px tile here."""
+    import cv2
+
+    return cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
 def _segment(region: np.ndarray, mpp: float, cfg: SlideConfig, threshold: float | None) -> dict[str, np.ndarray]:
     """Vectorised detection: arrays cx, cy, x0, y0, x1, y1, area_px (region pixels)."""
+    import cv2
     from scipy import ndimage
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
@@ -387,7 +414,7 @@ def _segment(region: np.ndarray, mpp: float, cfg: SlideConfig, threshold: float 
             if half < min_depth or sizes[hole_id] > 2.5 * math.pi * half ** 2:
                 continue
             inside = np.pad(holes[box] == hole_id, 1)
-            depth = float(ndimage.distance_transform_edt(inside).max())
+            depth = float(_distance(inside).max())
             if depth >= min_depth and sizes[hole_id] <= 2.5 * math.pi * depth ** 2:
                 mask[box] |= inside[1:-1, 1:-1]
 
@@ -402,9 +429,10 @@ def _segment(region: np.ndarray, mpp: float, cfg: SlideConfig, threshold: float 
     mask = keep[comps]
     comps, n = ndimage.label(mask)
 
-    dist = ndimage.distance_transform_edt(mask).astype(np.float32)
-    # Smooth the distance map so irregular outlines do not spawn extra peaks.
-    dist_s = ndimage.gaussian_filter(dist, sigma=max(1.0, min_d_px / 4))
+    dist = _distance(mask)
+    # Smooth the distance map so irregular outlines do not spawn extra peaks (scipy's gaussian_filter:
+    # 4-sigma kernel, mirrored border; OpenCV's is the same filter, 4x faster here).
+    dist_s = cv2.GaussianBlur(dist, (0, 0), max(1.0, min_d_px / 4), borderType=cv2.BORDER_REFLECT)
     peaks = peak_local_max(dist_s, min_distance=max(1, int(round(min_d_px))),
                            threshold_abs=min_d_px / 4, exclude_border=False)
     peak_comp = comps[peaks[:, 0], peaks[:, 1]]
@@ -644,6 +672,33 @@ def read_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float) -> li
     return list(iter_crops(source, cells_df, margin))
 
 
+_CROP_BLOCK = 256  # level-0 px, on the slide's own grid (the CSF slide's JPEG tiles are 256 px)
+
+
+def _read_under(source: SlideSource, boxes, bounds: tuple[int, int, int, int]) -> np.ndarray:
+    """The level-0 pixels of `bounds` (x0, y0, x1, y1) wherever a box needs them; blocks of the
+    slide's grid that no box touches stay white and are never read (or decoded). On the CSF slide the
+    crops touch 44% of their tiles' area. Level 0 is never resampled, so the pixels under every box
+    are those of one read of the whole bounding box."""
+    bx0, by0, bx1, by1 = bounds
+    b = _CROP_BLOCK
+    out = np.full((by1 - by0, bx1 - bx0, 3), 255, np.uint8)
+    col0, row0 = bx0 // b, by0 // b
+    touched = np.zeros(((by1 - 1) // b - row0 + 1, (bx1 - 1) // b - col0 + 1), bool)
+    for x, y, w, h in boxes:
+        touched[y // b - row0:(y + h - 1) // b - row0 + 1, x // b - col0:(x + w - 1) // b - col0 + 1] = True
+    for r in range(touched.shape[0]):
+        cols = np.flatnonzero(touched[r])
+        if not len(cols):
+            continue
+        runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)  # one read per run of touched blocks
+        y0, y1 = max(by0, (row0 + r) * b), min(by1, (row0 + r + 1) * b)
+        for run in runs:
+            x0, x1 = max(bx0, (col0 + run[0]) * b), min(bx1, (col0 + run[-1] + 1) * b)
+            out[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] = source.read_region(x0, y0, x1 - x0, y1 - y0)
+    return out
+
+
 def tile_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float, size: int) -> np.ndarray:
     """Model-input crops (n, size, size, 3) uint8 for cells of one tile, cut from ONE level-0
     read of their joint bounding box: the same pixels as `read_crops`, far fewer reads."""
@@ -654,7 +709,7 @@ def tile_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float, size:
         return np.zeros((0, size, size, 3), np.uint8)
     bx0, by0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     bx1, by1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
-    region = source.read_region(bx0, by0, bx1 - bx0, by1 - by0)
+    region = _read_under(source, boxes, (bx0, by0, bx1, by1))
     out = np.empty((len(boxes), size, size, 3), np.uint8)
     for i, (x, y, w, h) in enumerate(boxes):
         out[i] = base_resize(region[y - by0:y - by0 + h, x - bx0:x - bx0 + w], size)
