@@ -337,3 +337,89 @@ def test_real_slide_region(real_slide):
             assert 0 <= bx and 0 <= by and bx + bw <= W and by + bh <= H and bw == bh > 0
         crops = read_crops(src, frame.head(5), cfg.crop_margin)
         assert len(crops) == min(5, len(frame)) and all(c.ndim == 3 for c in crops)
+
+
+# --------------------------------------------------------------------------- direct reads of reduced levels
+
+
+def _jpeg(tile: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray:
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_tiled_jpeg_level_assembles_tiles_clips_and_leaves_glass_white(tmp_path):
+    """A region cut across tile borders, partly beyond the level, and over an empty tile (count 0)."""
+    from pipeline.inference.tiff_levels import TiledJpegLevel
+
+    rng = np.random.default_rng(0)
+    width, height, tile = 150, 100, 64  # 3 x 2 tiles, the last column and row partial
+    # Flat 16 px blocks on JPEG's 16 px grid: chroma subsampling and the DCT keep them nearly exact.
+    level = np.repeat(np.repeat(rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8),
+                                16, axis=0), 16, axis=1)[:height, :width]
+    blobs, offsets, counts, pos = [], [], [], 0
+    for ty in range(2):
+        for tx in range(3):
+            padded = np.full((tile, tile, 3), 255, np.uint8)
+            part = level[ty * tile:(ty + 1) * tile, tx * tile:(tx + 1) * tile]
+            padded[:part.shape[0], :part.shape[1]] = part
+            data = b"" if (tx, ty) == (2, 1) else _jpeg(padded)  # one tile the writer left empty
+            blobs.append(data)
+            offsets.append(pos)
+            counts.append(len(data))
+            pos += len(data)
+    path = tmp_path / "tiles.bin"
+    path.write_bytes(b"".join(blobs))
+    reader = TiledJpegLevel(path, width, height, tile, tile, tuple(offsets), tuple(counts))
+    decoded = np.concatenate([np.concatenate([_decode_jpeg(blobs[ty * 3 + tx])
+                                              if counts[ty * 3 + tx] else np.full((tile, tile, 3), 255, np.uint8)
+                                              for tx in range(3)], axis=1) for ty in range(2)])[:height, :width]
+    region = reader.read(40, 30, 140, 90)  # crosses both tile borders, runs past the right and bottom edges
+    assert region.shape == (90, 140, 3) and region.dtype == np.uint8
+    np.testing.assert_array_equal(region[:70, :110], decoded[30:100, 40:150])
+    assert (region[70:] == 255).all() and (region[:, 110:] == 255).all()  # beyond the level: white
+    assert (region[64 - 30:70, 128 - 40:110] == 255).all()  # the empty tile reads as glass
+    # Close to the source pixels (JPEG loss ~5 on saturated random colours; a misplaced tile gives ~80).
+    assert np.abs(region[:34, :88].astype(int) - level[30:64, 40:128].astype(int)).mean() < 8
+    assert (reader.read(-50, -50, 20, 20) == 255).all()
+
+
+def test_uncompressed_pyramid_is_read_by_openslide_only(synthetic_slide):
+    with open_slide(synthetic_slide) as src:
+        assert src._direct == {}  # not JPEG: nothing to gain, OpenSlide reads every level
+
+
+def test_real_slide_reduced_levels_match_openslide(real_slide):
+    """Levels 1-5 of the CSF slide are cut from their own JPEG tiles: the same pixels as OpenSlide's
+    where it does not resample (the origin), within its sub-pixel resampling elsewhere, and the cells
+    found on a level-1 tile agree with those found on OpenSlide's read."""
+    from pipeline.inference.slide import _composite_white, detection_level
+
+    cfg = SlideConfig()
+    with open_slide(real_slide) as src:
+        assert sorted(src._direct) == [1, 2, 3, 4, 5]
+        for level in (1, 4):
+            ours = src.read_region(0, 0, 300, 200, level=level)
+            theirs = _composite_white(np.asarray(src._slide.read_region((0, 0), level, (300, 200))))
+            np.testing.assert_array_equal(ours, theirs)
+        level = detection_level(src, cfg)
+        assert level == 1
+        x, y, w, h = 12000, 12000, 1144, 1144  # level-1 pixels of a region with cells
+        ours = src.read_region(x, y, w, h, level=level)
+        theirs = _composite_white(np.asarray(src._slide.read_region((x, y), level, (w, h))))
+        assert np.abs(ours.astype(int) - theirs.astype(int)).mean() < 1.5
+        mpp = src.mpp * src.level_downsamples[level]
+        found = [pd.DataFrame(detect_cells(p, mpp, cfg)) for p in (ours, theirs)]
+        assert len(found[1]) > 20
+        from scipy.spatial import cKDTree
+
+        dist, _ = cKDTree(found[0][["cx", "cy"]].to_numpy()).query(found[1][["cx", "cy"]].to_numpy())
+        assert np.mean(dist * mpp <= 4.0) >= 0.95
