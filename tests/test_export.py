@@ -216,6 +216,35 @@ def test_score_slide_with_onnx_has_cam_saliency(project, exported, tmp_path):
     assert "CAM: the classifier" in html and html.count("data:image/png;base64,") == 1 + 2 * shown
 
 
+def test_cam_on_demand_equals_cam_for_every_cell(project, exported):
+    """Scoring asks the graph for logits and features only; the report asks for `cam` of the gallery
+    cells alone, in a second small pass. Those maps equal the ones a single pass over every cell
+    (all three outputs at once, in other batches) gives, and the scores do not change either."""
+    from PIL import Image
+
+    from pipeline.inference.predictor import OnnxPredictor
+    from pipeline.inference.report import onnx_saliency_maps
+
+    predictor = OnnxPredictor(exported, batch_size=4)
+    crops = [np.asarray(Image.open(f).convert("RGB")) for f in herlev_images(10)]
+    x = predictor.preprocess_array(crops)
+    target = predictor.labels.index(predictor.positive_labels[0])
+    run = predictor.session.run
+    logits_all, cam_all, feats_all = run(["logits", "cam", "features"], {predictor.input_name: x})
+    gallery = [7, 2, 5]
+    np.testing.assert_allclose(predictor.cams(x[gallery], target), cam_all[gallery, target], rtol=1e-5, atol=1e-5)
+    logits, feats = predictor.array_outputs(x)
+    np.testing.assert_allclose(logits, logits_all, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats, feats_all, rtol=1e-5, atol=1e-5)
+    # The report's overlays for the gallery alone equal those cut from the all-cells pass.
+    shown = onnx_saliency_maps(predictor, [crops[i] for i in gallery])
+    predictor.cams = lambda batch, label: cam_all[[gallery[j] for j in range(len(batch))], label]
+    from_all = onnx_saliency_maps(predictor, [crops[i] for i in gallery])
+    assert len(shown) == len(from_all) == len(gallery)
+    for a, b in zip(shown, from_all):  # uint8 overlays of maps equal to ~1e-6: at most one grey level apart
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 # --------------------------------------------------------------------------- REST serving
 
 

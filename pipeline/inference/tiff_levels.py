@@ -1,15 +1,17 @@
-"""Direct reads of the reduced levels of a tiled-JPEG TIFF pyramid (OpenSlide's "generic-tiff").
+"""Direct reads of the levels of a tiled-JPEG TIFF pyramid (OpenSlide's "generic-tiff").
 
 Why: for every level above 0 OpenSlide's generic-tiff reader resamples the region by the level's
 downsample, which is not an integer (2.0000352 on the CSF slide: 28423 / 14211), so each read
 goes through a sub-pixel scaling: 93 ms per megapixel at levels 1 and 2 against 25 at level 0,
 while PIL decodes the same 256 px JPEG tiles in 0.34 ms each (measured here in one run). Cell
-detection reads level 1 of the whole slide, so this cost was half of its time.
+detection reads level 1 of the whole slide, so this cost was half of its time. At level 0 the
+pixels are bit-identical to OpenSlide's (same baseline JPEG decoding, no resampling) and a 2048 px
+crop region reads in 40 ms instead of 168.
 
 `TiledJpegLevel.read` cuts a region out of one level's own pixels at integer level coordinates,
 decoding only the tiles it touches. It is used only for pages it can read exactly as stored:
 tiled, 8-bit, 3 samples, contiguous, baseline JPEG (compression 7) without shared JPEG tables;
-anything else (and level 0, which OpenSlide reads without resampling) stays with OpenSlide.
+anything else stays with OpenSlide.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def _readable(page) -> bool:
 
 
 def direct_levels(path: Path | str, level_dimensions) -> dict[int, TiledJpegLevel]:
-    """{level: TiledJpegLevel} for the levels above 0 that can be read directly: each must match a
+    """{level: TiledJpegLevel} for the levels that can be read directly: each must match a
     readable TIFF page of exactly its size. Empty for anything else (never an error: OpenSlide reads it)."""
     try:
         import tifffile
@@ -88,7 +90,7 @@ def direct_levels(path: Path | str, level_dimensions) -> dict[int, TiledJpegLeve
             levels = {}
             for level, dims in enumerate(level_dimensions):
                 page = pages.get(tuple(int(v) for v in dims))
-                if level == 0 or page is None or not _readable(page):
+                if page is None or not _readable(page):
                     continue
                 levels[level] = TiledJpegLevel(Path(path), int(page.shape[1]), int(page.shape[0]),
                                                int(page.tilewidth), int(page.tilelength),
