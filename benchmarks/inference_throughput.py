@@ -161,20 +161,20 @@ print(json.dumps(summary))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bare_rows(model: Path, batch: int, slide_batch: int) -> list:
-    """[bare cells/s at the predict batch, at the slide batch, then (row name, text) table rows]."""
+def bare_rows(model: Path, batch: int, slide_batch: int) -> tuple[float, float, list]:
+    """(bare cells/s at the predict batch, at the slide batch, the (row name, text) table rows)."""
     bare_predict = bare_onnx(model, batch, 1024)
     bare_slide = bare_onnx(model, slide_batch, 1024) if slide_batch != batch else bare_predict
     with tempfile.TemporaryDirectory() as tmp:
         logits_only = bare_onnx(model, batch, 1024, ("logits",), graph_with_outputs(model, ("logits",), Path(tmp)))
     with_cam = bare_onnx(model, batch, 1024, PIPELINE_OUTPUTS + ("cam",))
-    return [bare_predict, bare_slide,
-            (f"bare ONNX Runtime, batch {batch}, logits + features (the ceiling)", f"{bare_predict:.1f} cells/s"),
-            (f"bare ONNX Runtime, batch {slide_batch} (slide batch)", f"{bare_slide:.1f} cells/s"),
-            ("bare, graph pruned to logits only", f"{logits_only:.1f} cells/s ({logits_only / bare_predict:.2f}x)"),
-            ("bare, logits + features + cam (saliency for every cell)",
-             f"{with_cam:.1f} cells/s ({with_cam / bare_predict:.2f}x)"),
-            (f"where a cell's time goes (batch {batch}, steps one after another):", "")]
+    return bare_predict, bare_slide, [
+        (f"bare ONNX Runtime, batch {batch}, logits + features (the ceiling)", f"{bare_predict:.1f} cells/s"),
+        (f"bare ONNX Runtime, batch {slide_batch} (slide batch)", f"{bare_slide:.1f} cells/s"),
+        ("bare, graph pruned to logits only", f"{logits_only:.1f} cells/s ({logits_only / bare_predict:.2f}x)"),
+        ("bare, logits + features + cam (saliency for every cell)",
+         f"{with_cam:.1f} cells/s ({with_cam / bare_predict:.2f}x)"),
+        (f"where a cell's time goes (batch {batch}, steps one after another):", "")]
 
 
 def main() -> None:
@@ -193,8 +193,7 @@ def main() -> None:
     slide_cfg = load_params(args.params).slide
     cfg_threads = slide_cfg.inference_threads or os.cpu_count()
     print(f"machine: {os.cpu_count()} cores; model {args.model}", flush=True)
-    rows = bare_rows(args.model, args.batch, slide_cfg.batch_size)
-    bare_predict, bare_slide = rows.pop(0), rows.pop(0)
+    bare_predict, bare_slide, rows = bare_rows(args.model, args.batch, slide_cfg.batch_size)
     steps = stage_breakdown(args.model, args.images, args.batch)
     total = sum(steps.values())
     rows += [(f"  {step}", f"{ms:.2f} ms/cell ({100 * ms / total:.0f}%)") for step, ms in steps.items()]

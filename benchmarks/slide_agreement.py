@@ -20,20 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def score_all(predictor, source, cells, margin: float, batch: int = 256):
-    """P(malignant) of every cell, crops cut tile-free (one read per crop) in batches."""
-    import numpy as np
-
-    from pipeline.inference.slide import read_crops
-
-    out = []
-    for start in range(0, len(cells), batch):
-        crops = read_crops(source, cells.iloc[start:start + batch], margin)
-        probs, _, _ = predictor.predict_scores(crops, tta=False)
-        out.append(predictor.malignant_probability(probs))
-    return np.concatenate(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cells", type=Path)
@@ -53,6 +39,7 @@ def main() -> None:
     from pipeline.config import load_params
     from pipeline.inference.predictor import OnnxPredictor
     from pipeline.inference.slide import open_slide
+    from pipeline.inference.slide_scoring import score_cells
 
     cfg = load_params(args.params).slide
     cells = pd.read_csv(args.cells)
@@ -64,7 +51,7 @@ def main() -> None:
     with open_slide(args.slide) as source:
         for name, predictor in pair:
             t = time.perf_counter()
-            scores.append(score_all(predictor, source, cells, cfg.crop_margin))
+            scores.append(score_cells(predictor, source, cells, cfg, tta=False, progress=False)[0])
             print(f"{name}: {len(cells)} cells scored in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     if args.save:
         cells.assign(score_a=scores[0], score_b=scores[1]).to_csv(args.save, index=False)

@@ -161,18 +161,6 @@ def _one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
-def mahalanobis_reference(params: dict, features) -> np.ndarray:
-    """The Mahalanobis score in float64, written as defined: min over class means mu of
-    sqrt((z - mu) P (z - mu)) with z = (x - center) @ basis. Kept to test the fast form against."""
-    x = np.asarray(features, dtype=np.float64)
-    if "normalize" in params and bool(params["normalize"]):
-        x = _l2_normalise(x)
-    z = (x - params["center"]) @ params["basis"].astype(np.float64)
-    prec = params["precision"].astype(np.float64)
-    d = np.stack([((z - mu) @ prec * (z - mu)).sum(axis=1) for mu in params["means"].astype(np.float64)])
-    return np.sqrt(np.maximum(d.min(axis=0), 0.0))
-
-
 def _whitening(params: dict) -> tuple[np.ndarray, np.ndarray]:
     """(W, offsets): with P = L L^T, the distance to class mean mu is ||(x - center) W - o_mu||, where
     W = basis @ L and o_mu = mu @ L. Computed once per guard and cached in `params`

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image  # imported once here, not per tile: slide.py imports this module only for a generic TIFF
 
 _JPEG = 7
 _PHOTOMETRIC_RGB_OR_YCBCR = (2, 6)
@@ -59,8 +60,6 @@ class TiledJpegLevel:
         return out
 
     def _paste(self, fd: int, tx: int, ty: int, out: np.ndarray, x: int, y: int, clip) -> None:
-        from PIL import Image
-
         index = ty * self.tiles_across + tx
         if not self.counts[index]:
             return  # a tile the writer left empty reads as glass, as in OpenSlide
