@@ -156,7 +156,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.inference.files import predict_paths
 
     params = _params_or_defaults(args.params)
-    return predict_paths(args.paths, args.model, args.out, args.tta, _tracking_uri(params), args.batch_size)
+    return predict_paths(args.paths, args.model, args.out, args.tta, _tracking_uri(params), args.batch_size,
+                         args.workers)
 
 
 def cmd_score_slide(args: argparse.Namespace) -> int:
@@ -307,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="8-view test-time augmentation (default: as the model was calibrated)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="batches read and scored at once, each on cores / workers ONNX Runtime threads "
+                        "(default: one per core)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("score-slide", help="score whole slides and write a reviewable report for each",

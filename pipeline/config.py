@@ -6,6 +6,7 @@ the file and the key.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -353,7 +354,7 @@ class CvConfig:
             raise ConfigError(f"cv.epochs: must be >= 0, got {self.epochs}")
 
 
-SCHEDULES = ("phased", "overlapped", "sequential")  # pipeline/inference/slide_scoring.py
+SCHEDULES = ("parallel", "phased", "overlapped", "sequential")  # pipeline/inference/slide_scoring.py
 
 
 @dataclass(frozen=True)
@@ -369,15 +370,16 @@ class SlideConfig:
     top_k: int = 10  # slide summary: mean score of the k most suspicious cells
     min_malignant_cells: int = 3  # slide call: positive when at least this many cells are called malignant
     gallery: int = 24  # default --top: cells shown in the report
-    schedule: str = "phased"  # phased | overlapped | sequential (pipeline/inference/slide_scoring.py)
+    schedule: str = "parallel"  # parallel | phased | overlapped | sequential (pipeline/inference/slide_scoring.py)
     detect_workers: int = 2  # threads that read and detect tiles (and, when overlapped, crop them)
     crop_workers: int = 1  # phased: threads cutting crops ahead of the model (0: in its thread, between batches)
     queue_tiles: int = 4  # bound on tiles waiting for inference (memory stays flat)
-    inference_threads: int = 0  # ONNX Runtime intra-op threads (0: every core)
+    inference_workers: int = 2  # parallel: threads that each crop and score their own tiles
+    inference_threads: int = 0  # ONNX Runtime intra-op threads per run (0: the cores / the runs at once)
     max_ood_fraction: float = 0.3  # summary warns when more cells than this are out of domain
 
     def __post_init__(self):
-        for name in ("detect_workers", "queue_tiles", "batch_size", "tile_px"):
+        for name in ("detect_workers", "queue_tiles", "batch_size", "tile_px", "inference_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"slide.{name}: must be >= 1, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
@@ -385,11 +387,20 @@ class SlideConfig:
         if self.crop_workers < 0:
             raise ConfigError(f"slide.crop_workers: must be >= 0, got {self.crop_workers}")
         if self.inference_threads < 0:
-            raise ConfigError(f"slide.inference_threads: must be >= 0 (0: every core), got {self.inference_threads}")
+            raise ConfigError(f"slide.inference_threads: must be >= 0 (0: the cores / the runs at once), "
+                              f"got {self.inference_threads}")
         if not 0 <= self.max_ood_fraction <= 1:
             raise ConfigError(f"slide.max_ood_fraction: must be in [0, 1], got {self.max_ood_fraction}")
         if not 0 <= self.crop_margin < math.inf:  # a negative margin cuts into the cell; NaN breaks crop_box
             raise ConfigError(f"slide.crop_margin: must be a finite number >= 0, got {self.crop_margin}")
+
+    def model_threads(self) -> int:
+        """ONNX Runtime threads per model run: `inference_threads`, else the cores shared out among the
+        runs at once (`inference_workers` under the parallel schedule, one otherwise)."""
+        if self.inference_threads:
+            return self.inference_threads
+        runs = self.inference_workers if self.schedule == "parallel" else 1
+        return max(1, (os.cpu_count() or 1) // runs)
 
 
 OOD_METHODS = ("mahalanobis", "knn", "energy")  # pipeline/ood.py

@@ -19,7 +19,9 @@ that loads with allow_pickle=False.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +130,7 @@ def score(params: dict, features=None, logits=None) -> np.ndarray:
     if len(x) == 0:
         return np.zeros(0)
     if method == "knn":
-        with _one_blas_thread():
+        with one_blas_thread():
             sims = _l2_normalise(x) @ params["bank"].astype(np.float64).T
         k = int(params["k"])
         kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]  # k-th largest similarity
@@ -138,7 +140,7 @@ def score(params: dict, features=None, logits=None) -> np.ndarray:
     weights, offsets = _whitening(params)
     # One float32 matrix product per batch: on 1280-d features the float64 form (basis, precision and a
     # product per class, re-cast every call) cost 0.9 ms per cell, a third of a 128 px int8 forward pass.
-    with _one_blas_thread():
+    with one_blas_thread():
         w = (x - params["center"]).astype(np.float32) @ weights
     d = ((w[None, :, :] - offsets[:, None, :]) ** 2).sum(axis=2, dtype=np.float64)
     return np.sqrt(np.maximum(d.min(axis=0), 0.0))
@@ -147,13 +149,18 @@ def score(params: dict, features=None, logits=None) -> np.ndarray:
 _BLAS = None
 
 
-def _one_blas_thread():
-    """A context in which numpy's BLAS runs in the calling thread only.
+def one_blas_thread():
+    """A context in which numpy's BLAS runs in the calling thread only (main thread; elsewhere a no-op).
 
     OpenBLAS's worker threads busy-wait after each product; beside ONNX Runtime on 2 cores they took a
     core from the next batch's forward pass (model 819 -> 592 cells/s, measured in one run). The product
-    itself is ~1.5 ms per batch of 32 on one thread."""
+    itself is ~1.5 ms per batch of 32 on one thread. OpenBLAS has one process-wide limit, and
+    threadpoolctl lets only the first thread that sets it change it back: contexts of worker threads
+    that overlap can leave the limit at 1 for good (a test shows it). So only the main thread sets it;
+    code that scores from worker threads enters this once around them all (predict and score-slide do)."""
     global _BLAS
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController
 

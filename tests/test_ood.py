@@ -131,6 +131,49 @@ def test_fast_mahalanobis_equals_its_definition(options, tmp_path):
     np.testing.assert_allclose(ood.score(back, query), ood.score(params, query), rtol=1e-6)
 
 
+def _blas_limits() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_one_blas_thread_from_overlapping_workers_restores_the_limit():
+    """Workers that enter the context in one order and leave in another, alone or inside one context of
+    the main thread (as predict and score-slide do), leave the original limit at the end; inside the
+    main thread's context BLAS stays on one thread throughout. (With threadpoolctl's own contexts in
+    the workers, the first case ends with the limit stuck at 1.)"""
+    import threading
+
+    before = _blas_limits()
+    if not before:
+        pytest.skip("numpy has no BLAS threadpool here")  # numpy built without a BLAS library
+
+    def overlapping_workers() -> list[list[int]]:
+        entered, release, inside = threading.Barrier(2), threading.Event(), []
+
+        def worker(leave_first: bool):
+            with ood.one_blas_thread():
+                entered.wait()
+                if not leave_first:
+                    release.wait(5)
+                inside.append(_blas_limits())
+            if leave_first:
+                release.set()
+
+        threads = [threading.Thread(target=worker, args=(flag,)) for flag in (True, False)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        return inside
+
+    assert len(overlapping_workers()) == 2 and _blas_limits() == before
+    with ood.one_blas_thread():
+        inside = overlapping_workers()
+        assert _blas_limits() == [1] * len(before)
+    assert inside == [[1] * len(before)] * 2 and _blas_limits() == before
+
+
 def test_npz_round_trip_and_no_pickle(tmp_path):
     rng = np.random.default_rng(4)
     x, y = _blobs(rng, 50)
@@ -298,6 +341,29 @@ def test_predict_never_calls_an_out_of_domain_image(project, tmp_path):
     assert len(outside) >= 10 and all(r["call"] == ood.OUT_OF_DOMAIN for r in outside)
     assert all(r["call"] in CALLS for r in rows if r["in_domain"]) and any(r["in_domain"] for r in rows)
     assert all(isinstance(r["ood_score"], float) for r in rows)
+
+
+def test_predict_workers_give_the_same_rows_in_order(project, tmp_path):
+    """Batches scored by several workers at once come back in input order with the scores of one worker."""
+    from pipeline.inference.files import predict_paths
+
+    _write_images(tmp_path / "in", test_cells(project, 12), "cell")
+    _write_images(tmp_path / "in", synthetic_ood_images(), "synthetic")
+    (tmp_path / "in" / "cell05_bad.png").write_text("not an image")
+    frames = []
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}.csv"
+        assert predict_paths([str(tmp_path / "in")], str(project["root"] / "models/exported"), str(out), None,
+                             None, batch_size=4, workers=workers) == 0
+        frames.append(pd.read_csv(out))
+    one, three = frames
+    assert list(one["path"]) == sorted(one["path"]) and list(three["path"]) == list(one["path"])
+    assert list(three["error"].fillna("")) == list(one["error"].fillna("")) and one["error"].notna().sum() == 1
+    np.testing.assert_allclose(three["p_malignant"], one["p_malignant"], atol=1e-5)
+    np.testing.assert_allclose(three["ood_score"], one["ood_score"], rtol=1e-4)
+    assert list(three["call"].fillna("")) == list(one["call"].fillna(""))
+    assert predict_paths([str(tmp_path / "in")], str(project["root"] / "models/exported"), None, None, None,
+                         workers=0) == 2
 
 
 def test_pyfunc_never_calls_an_out_of_domain_image(project):

@@ -1,4 +1,4 @@
-"""Every slide-scoring schedule (phased, overlapped, sequential) gives the same cells and scores,
+"""Every slide-scoring schedule (parallel, phased, overlapped, sequential) gives the same cells and scores,
 on a synthetic pyramidal slide, with a small deterministic model standing in for the network."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import ConfigError, SlideConfig
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.slide import detect_slide, open_slide, read_crops, tile_crops
-from pipeline.inference.slide_scoring import score_overlapped, score_phased, score_sequential
+from pipeline.inference.slide_scoring import score_overlapped, score_parallel, score_phased, score_sequential, tile_groups
 from tests.test_slide import CELLS, DEBRIS, BLOB, SIZE, TILE, draw_cells, glass, write_pyramid
 
 
@@ -60,10 +60,11 @@ def test_tile_crops_are_the_model_input_of_read_crops(slide, cfg):
     np.testing.assert_array_equal(cut, one_by_one)
 
 
-@pytest.mark.parametrize("schedule", [score_phased, score_overlapped])
-@pytest.mark.parametrize("workers,queue,batch,crop", [(1, 4, 5, 0), (2, 1, 5, 1), (2, 3, 64, 2)])
+@pytest.mark.parametrize("schedule", [score_parallel, score_phased, score_overlapped])
+@pytest.mark.parametrize("workers,queue,batch,crop", [(1, 4, 5, 0), (2, 1, 5, 1), (2, 3, 64, 2), (3, 2, 3, 1)])
 def test_pipelined_equals_sequential(slide, cfg, schedule, workers, queue, batch, crop):
-    run_cfg = dataclasses.replace(cfg, detect_workers=workers, queue_tiles=queue, batch_size=batch, crop_workers=crop)
+    run_cfg = dataclasses.replace(cfg, detect_workers=workers, queue_tiles=queue, batch_size=batch, crop_workers=crop,
+                                  inference_workers=workers)
     with open_slide(slide) as src:
         cells_seq, scores_seq, _ = score_sequential(PixelModel(batch), src, run_cfg, tta=False, progress=False)
         model = PixelModel(batch)
@@ -72,10 +73,22 @@ def test_pipelined_equals_sequential(slide, cfg, schedule, workers, queue, batch
     pd.testing.assert_frame_equal(cells_pipe, cells_seq)
     np.testing.assert_allclose(scores_pipe, scores_seq, rtol=0, atol=1e-6)
     assert len(np.unique(np.round(scores_seq, 6))) > len(scores_seq) // 2  # scores really differ per cell
-    assert model.threads == {"MainThread"} and seconds["inference"] > 0
+    assert seconds["inference"] > 0
+    if schedule is score_parallel:  # the model ran in the scoring workers, never in the caller's thread
+        assert model.threads and all(name.startswith("score_") for name in model.threads)
+        assert len(model.threads) <= workers
+    else:
+        assert model.threads == {"MainThread"}
 
 
-@pytest.mark.parametrize("schedule", [score_phased, score_overlapped])
+def test_tile_groups_keep_order_and_reach_the_minimum():
+    parts = [pd.DataFrame({"x": range(n)}) if n is not None else None for n in (3, None, 0, 4, 1, 2, 6, 1)]
+    groups = tile_groups(parts, 5)
+    assert [[len(p) for p in g] for g in groups] == [[3, 4], [1, 2, 6], [1]]
+    assert tile_groups([None], 5) == [] and tile_groups([], 5) == []
+
+
+@pytest.mark.parametrize("schedule", [score_parallel, score_phased, score_overlapped])
 def test_pipelined_blank_slide_and_model_errors(tmp_path, cfg, schedule):
     blank = write_pyramid(tmp_path / "blank.tiff", glass((1500, 1200)))
     with open_slide(blank) as src:
@@ -93,7 +106,15 @@ def test_pipelined_blank_slide_and_model_errors(tmp_path, cfg, schedule):
 
 def test_slide_config_rejects_bad_pipeline_values():
     for field, value in (("detect_workers", 0), ("queue_tiles", 0), ("batch_size", 0), ("inference_threads", -1),
-                         ("crop_workers", -1),
+                         ("crop_workers", -1), ("inference_workers", 0),
                          ("schedule", "eager")):
         with pytest.raises(ConfigError, match=f"slide.{field}"):
             SlideConfig(**{field: value})
+
+
+def test_model_threads_share_the_cores_among_the_runs(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert SlideConfig(schedule="parallel", inference_workers=2).model_threads() == 4
+    assert SlideConfig(schedule="parallel", inference_workers=16).model_threads() == 1
+    assert SlideConfig(schedule="phased", inference_workers=2).model_threads() == 8
+    assert SlideConfig(schedule="parallel", inference_threads=3).model_threads() == 3

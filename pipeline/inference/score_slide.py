@@ -57,7 +57,7 @@ def load_model(model: str, cfg: SlideConfig, tracking_uri: str | None = None) ->
     from pipeline.inference.loading import load_predictor
 
     t = time.perf_counter()
-    predictor, version = load_predictor(model, tracking_uri, cfg.batch_size, threads=cfg.inference_threads)
+    predictor, version = load_predictor(model, tracking_uri, cfg.batch_size, threads=cfg.model_threads())
     calibration = predictor.calibration
     if not calibration:
         print(f"warning: {model} has no calibration; using threshold 0.5", file=sys.stderr)
@@ -227,7 +227,8 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
                       "seconds_in_model": inference_s,
                       "cells_per_second": n / inference_s if n and inference_s > 0 else None,
                       "schedule": cfg.schedule, "detect_workers": cfg.detect_workers,
-                      "crop_workers": cfg.crop_workers,
+                      "crop_workers": cfg.crop_workers, "inference_workers": cfg.inference_workers,
+                      "model_threads": cfg.model_threads(),
                       "batch_size": cfg.batch_size},
         "saliency": SALIENCY[predictor.backend],
     }
