@@ -71,7 +71,7 @@ def bare_onnx(model: Path, batch: int, n_cells: int, outputs=PIPELINE_OUTPUTS, g
 
     predictor = OnnxPredictor(model, batch_size=batch, threads=threads)
     session = onnx_session(graph, threads) if graph is not None else predictor.session
-    size = predictor.meta["image_size"]
+    size = predictor.card.image_size
     feed = {predictor.input_name: np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)}
     steps = max(1, n_cells // batch // runs)
 
@@ -105,17 +105,17 @@ def stage_breakdown(model: Path, images: Path, batch: int, n_files: int = 512) -
     files (reading and preprocessing in this thread, the model on every core)."""
     import numpy as np
 
-    from pipeline.calibration import Band
+    from pipeline.calibration import malignant_probability
     from pipeline.data.images import IMAGE_SUFFIXES, load_rgb
     from pipeline.data.transforms import base_resize
     from pipeline.inference.predictor import OnnxPredictor
-    from pipeline.ood import guard_calls
+    from pipeline.ood import guard_calls, in_domain
 
     predictor = OnnxPredictor(model, batch_size=batch)
     files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n_files]
-    size, cal = predictor.meta["image_size"], predictor.calibration
-    band = Band(float(cal.get("threshold", 0.5)), float(cal.get("band_width", 0.0)))
-    predictor.array_scores(predictor.preprocess_array([np.asarray(load_rgb(files[0]))]))  # warm-up
+    size, band = predictor.card.image_size, predictor.band
+    positive = predictor.positive_labels
+    predictor.score([np.asarray(load_rgb(files[0]))])  # warm-up
     spent = dict.fromkeys(("read + decode", "resize", "normalise", "model (logits + features)", "OOD score",
                            "probabilities + calls"), 0.0)
 
@@ -129,11 +129,11 @@ def stage_breakdown(model: Path, images: Path, batch: int, n_files: int = 512) -
         chunk = files[start:start + batch]
         decoded = timed("read + decode", lambda: [np.asarray(load_rgb(f)) for f in chunk])
         resized = timed("resize", lambda: np.stack([base_resize(im, size) for im in decoded]))
-        x = timed("normalise", predictor.normalize_batch, resized)
-        logits, feats = timed("model (logits + features)", predictor.array_outputs, x)
+        x = timed("normalise", predictor.normalize, resized)
+        logits, feats = timed("model (logits + features)", predictor.outputs, x)
         scores = timed("OOD score", predictor.ood_scores, logits, feats)
-        timed("probabilities + calls", lambda: guard_calls(
-            band.call(predictor.malignant_probability(predictor.probabilities(logits))), predictor.in_domain(scores)))
+        timed("probabilities + calls", lambda: guard_calls(band.call(malignant_probability(
+            logits, predictor.labels, positive, predictor.calibration.temperature)), in_domain(predictor.ood, scores)))
     return {step: 1000 * s / len(files) for step, s in spent.items()}
 
 

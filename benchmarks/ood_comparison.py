@@ -67,7 +67,9 @@ def synthetic_images(seed: int) -> list[np.ndarray]:
 
 
 def slide_cells(slide: str, cfg, n: int, seed: int) -> list[np.ndarray]:
-    from pipeline.inference.slide import detect_slide, open_slide, read_crops
+    from pipeline.wsi.crops import read_crops
+    from pipeline.wsi.detection import detect_slide
+    from pipeline.wsi.readers import open_slide
 
     with open_slide(slide) as source:
         cells = detect_slide(source, cfg, progress=False)
@@ -94,7 +96,7 @@ def main() -> None:
     from pipeline import ood
     from pipeline.config import load_params
     from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
-    from pipeline.evaluate import load_images
+    from pipeline.measurement import load_images
     from pipeline.inference.predictor import TorchPredictor
 
     params = load_params(args.params)
@@ -117,7 +119,7 @@ def main() -> None:
         sets["csf slide"] = slide_cells(args.slide, params.slide, args.n_slide, args.seed)
         sets["natural photos"] = natural_images(args.crops, args.seed)
         sets["synthetic"] = synthetic_images(args.seed)
-        outputs = {name: predictor.predict_outputs(images, tta=False) for name, images in sets.items()}
+        outputs = {name: predictor.image_outputs(images, tta=False) for name, images in sets.items()}
         print(f"features: {', '.join(f'{k} {len(v)}' for k, v in sets.items())} in {time.perf_counter() - t0:.0f}s",
               file=sys.stderr)
         if args.cache:

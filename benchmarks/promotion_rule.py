@@ -23,7 +23,8 @@ def design_effect(oof_csv: Path, positive_labels: list[str], labels: list[str], 
     import numpy as np
     import pandas as pd
 
-    from pipeline.cv import logit_columns, malignant_probability
+    from pipeline.calibration import malignant_probability
+    from pipeline.cv import logit_columns
     from pipeline.metrics import group_bootstrap_ci
 
     oof = pd.read_csv(oof_csv, dtype={"group": str})

@@ -38,8 +38,8 @@ def main() -> None:
 
     from pipeline.config import load_params
     from pipeline.inference.predictor import OnnxPredictor
-    from pipeline.inference.slide import open_slide
     from pipeline.inference.slide_scoring import score_cells
+    from pipeline.wsi.readers import open_slide
 
     cfg = load_params(args.params).slide
     cells = pd.read_csv(args.cells)
@@ -51,7 +51,7 @@ def main() -> None:
     with open_slide(args.slide) as source:
         for name, predictor in pair:
             t = time.perf_counter()
-            scores.append(score_cells(predictor, source, cells, cfg, tta=False, progress=False)[0])
+            scores.append(score_cells(predictor, source, cells, cfg, tta=False, progress=False).p_malignant)
             print(f"{name}: {len(cells)} cells scored in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     if args.save:
         cells.assign(score_a=scores[0], score_b=scores[1]).to_csv(args.save, index=False)

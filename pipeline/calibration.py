@@ -34,6 +34,12 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def malignant_probability(logits: np.ndarray, labels, positive_labels, temperature: float = 1.0) -> np.ndarray:
+    """P(malignant) = summed softmax(logits / T) over the positive labels."""
+    idx = [list(labels).index(x) for x in positive_labels]
+    return softmax(logits, temperature)[:, idx].sum(1)
+
+
 def nll(logits, y, temperature: float = 1.0) -> float:
     z, y = _check_logits(logits, y)
     if y.size == 0:

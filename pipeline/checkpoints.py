@@ -36,7 +36,7 @@ class Entry:
 
 
 def _sha256(path: Path) -> str:
-    from pipeline.inference.predictor import file_sha256
+    from pipeline.model_card import file_sha256
 
     return file_sha256(path)
 

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.registry import DEFAULT_MODEL  # light: the model card module and no MLflow until a URI needs it
+
 DESCRIPTION = """\
 Pap cytology classification pipeline (benign / malignant).
 
@@ -32,24 +34,31 @@ def _add_params(p: argparse.ArgumentParser) -> None:
                    help="parameter file (default: %(default)s)")
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+def _ingest_sources(args: argparse.Namespace, data) -> tuple:
+    """The sources `cytopipe ingest` reads: data.sources, or one built from the flags. `--source` makes a
+    source of its own, which never takes another source's group rule: without --group-regex or
+    --group-column, a CSV manifest with a `group` column is grouped by it (see ingest.effective_group_rule)."""
+    from pipeline.config import DataSource, GroupRule, default_source_name
 
-    from pipeline.config import ConfigError, GroupRule, load_params
+    flagged_rule = GroupRule(regex=args.group_regex, column=args.group_column) \
+        if args.group_regex or args.group_column else None
+    if not (args.source or args.label_map or flagged_rule):
+        return data.source_list()
+    first = data.first_source
+    if args.source:
+        return (DataSource(default_source_name(args.source), args.source, args.label_map or first.label_map,
+                           flagged_rule),)
+    return (DataSource(first.name, first.path, args.label_map or first.label_map, flagged_rule or first.group),)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_params
     from pipeline.data import ingest
     from pipeline.data.images import ImageLimits
 
     data = load_params(args.params).data
     limits = ImageLimits(data.min_side, data.max_pixels)
-    if args.source or args.label_map or args.group_regex or args.group_column:  # one source, from the flags
-        data = replace(data, sources=())
-    if args.source:
-        data = replace(data, source=args.source)
-    if args.label_map:
-        data = replace(data, label_map=args.label_map)
-    if args.group_regex or args.group_column:
-        data = replace(data, group=GroupRule(regex=args.group_regex, column=args.group_column))
-    sources = data.source_list()
+    sources = _ingest_sources(args, data)
     if args.only:  # one of data.sources on its own (a per-source DVC stage)
         by_name = {s.name: s for s in sources}
         if args.only not in by_name:
@@ -60,7 +69,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     elif args.merge or len(sources) > 1:
         ingest.run_sources(sources, limits, args.out, merge_from=args.merge)
     else:
-        ingest.run(data.source, data.label_map, data.group, limits, args.out)
+        ingest.run(sources[0].path, sources[0].label_map, sources[0].group, limits, args.out)
     return 0
 
 
@@ -112,17 +121,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline import evaluate
+    from pipeline import evaluate, evaluate_folder
     from pipeline.config import load_params
 
     params = load_params(args.params)
     if args.data:
         if not args.label_map:
             raise SystemExit("cytopipe evaluate: error: --data needs --label-map")
-        evaluate.evaluate_folder(args.model or "models:/cytology-classifier@champion", Path(args.data),
-                                 Path(args.label_map), Path(args.out or "reports/evaluate-folder"), params.evaluate,
-                                 group_regex=args.group_regex, tta=args.tta,
-                                 tracking_uri=_tracking_uri(params))
+        evaluate_folder.evaluate_folder(args.model or DEFAULT_MODEL, Path(args.data),
+                                        Path(args.label_map), Path(args.out or "reports/evaluate-folder"),
+                                        params.evaluate, group_regex=args.group_regex, tta=args.tta,
+                                        tracking_uri=_tracking_uri(params))
         return 0
     evaluate.run(params, Path(args.model or "models/train"), Path(args.split), Path(args.out or "models/calibrated"),
                  Path(args.reports), oof_csv=Path(args.oof) if args.oof else None)
@@ -185,21 +194,17 @@ def _tracking_uri(params) -> str:
     return tracking_uri(params.mlflow)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cytopipe", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help="validate images into a manifest",
                        description="Validate a folder of class subfolders (or a CSV manifest with columns "
                                    "path,class[,group]) into manifest.csv, rejects.csv and summary.json.")
     _add_params(p)
-    p.add_argument("--source", help="image folder or CSV manifest (default: data.source in params)")
-    p.add_argument("--label-map", help="label map YAML (default: data.label_map in params)")
-    group = p.add_mutually_exclusive_group()
+    p.add_argument("--source", help="image folder or CSV manifest, ingested alone (default: data.sources in params)")
+    p.add_argument("--label-map", help="label map YAML (default: the first source's in data.sources)")
+    group = p.add_mutually_exclusive_group()  # with --source and neither: a CSV's `group` column, else file names
     group.add_argument("--group-regex", help="regex over the file name; its first capture group is the group")
-    group.add_argument("--group-column", help="CSV manifest column that holds the group")
+    group.add_argument("--group-column", help="CSV manifest column that holds the group (default for a CSV "
+                                              "--source: its `group` column when it has one)")
     several = p.add_mutually_exclusive_group()
     several.add_argument("--only", metavar="NAME", help="ingest only this source of data.sources (its paths and "
                                                         "groups as in the source itself)")
@@ -208,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/ingest", metavar="DIR", help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_ingest)
 
+
+def _add_split(sub) -> None:
     p = sub.add_parser("split", help="grouped, stratified train/val/test split and CV folds",
                        description="Assign whole groups to train/val/test (stratified by class, seeded) and "
                                    "to CV folds; write split.csv and summary.json and print a count table.")
@@ -218,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/split", metavar="DIR", help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_split)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune the backbone (tracked in MLflow)",
                        description="Fine-tune the configured backbone on the train split, early-stop on "
                                    "validation AUC, checkpoint every epoch, log the run to MLflow and register "
@@ -241,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nnodes > 1: where the nodes meet")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="calibrate + measure the model (stage), or measure any labelled folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -271,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "on (needed for a model trained on train+val)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_cv(sub) -> None:
     p = sub.add_parser("cv", help="grouped k-fold cross-validation over train+val",
                        description="Train each CV fold (from the split stage) for cv.epochs and measure it on its "
                                    "held-out fold; report mean ± sd of AUC and balanced accuracy.")
@@ -281,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-fold models and checkpoints, resumable (default: %(default)s)")
     p.set_defaults(func=cmd_cv)
 
-    default_model = "models:/cytology-classifier@champion"
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export the calibrated model to ONNX and register it",
                        description="Export the calibrated model to model.onnx + metadata.json, check on real images "
                                    "that ONNX Runtime matches torch (export.tolerance), log it to MLflow as an "
@@ -295,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", default="reports/export", metavar="DIR", help="metrics.json (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="score image files or folders",
                        description="Score images (files, or folders searched recursively for jpg/png/tif/bmp). "
                                    "Per file: path, calibrated probability of malignant, call (benign / malignant / "
@@ -302,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Unreadable files are reported in their row; the rest are scored.")
     _add_params(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    p.add_argument("--model", default=default_model,
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="MLflow URI or model folder, e.g. models/calibrated (default: %(default)s)")
     p.add_argument("--out", metavar="FILE", help="FILE.csv or FILE.json (default: CSV on stdout)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -313,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: one per core)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_score_slide(sub) -> None:
     p = sub.add_parser("score-slide", help="score whole slides and write a reviewable report for each",
                        description="Detect cells on a whole slide (any format OpenSlide reads, or a plain PNG/JPEG "
                                    "field image), score each with the calibrated model, and write cells.csv, "
@@ -321,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "read is reported and skipped; the exit status is 1 if any slide failed.")
     _add_params(p)
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
-    p.add_argument("--model", default=default_model, help="MLflow URI or model folder (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="MLflow URI or model folder (default: %(default)s)")
     p.add_argument("--out", default="slide-report", metavar="DIR",
                    help="output folder; with several slides, one subfolder per slide (default: %(default)s)")
     p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when the slide's properties lack it")
@@ -331,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="cells per inference batch (default: slide.batch_size in params)")
     p.set_defaults(func=cmd_score_slide)
 
+
+def _add_harvest(sub) -> None:
     p = sub.add_parser("harvest", help="cut a slide's labelled cells into a class-folder dataset",
                        description="Cut every cell labelled in the report's export (labels.csv) from SLIDE with the "
                                    "crop recipe scoring uses (slide.crop_margin), into DIR/<label>/<slide id>-<cell "
@@ -343,6 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (created, or merged into)")
     p.add_argument("--slide-id", help="id in file names and the group column (default: SLIDE's file stem)")
     p.set_defaults(func=cmd_harvest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cytopipe", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_ingest(sub)
+    _add_split(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_cv(sub)
+    _add_export(sub)
+    _add_predict(sub)
+    _add_score_slide(sub)
+    _add_harvest(sub)
     return parser
 
 
@@ -353,11 +389,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.manifest import ManifestError
     from pipeline.data.split import SplitError
     from pipeline.cv import CvError
-    from pipeline.evaluate import EvaluationError
+    from pipeline.measurement import EvaluationError
     from pipeline.export import ExportError
-    from pipeline.inference.predictor import ModelDirError
-    from pipeline.inference.slide import SlideError
+    from pipeline.model_card import ModelDirError
     from pipeline.models.backbones import WeightsError
+    from pipeline.wsi.readers import SlideError
     from pipeline.train import TrainingError
     from pipeline.checkpoints import CheckpointError
     from pipeline.distributed import LaunchError

@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, ood
+from pipeline.calibration import choose_threshold, fit_temperature, malignant_probability
 from pipeline.config import Params
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
+from pipeline.inference.predictor import TorchPredictor
+from pipeline.measurement import load_images
+from pipeline.metrics import metrics_with_ci
 
 OOF_FILE = "oof.csv"
 FEATURES_FILE = "oof_features.npz"
@@ -52,14 +56,6 @@ def logit_columns(labels, prefix: str = "logit_") -> list[str]:
     return [f"{prefix}{label}" for label in labels]
 
 
-def malignant_probability(logits: np.ndarray, labels, positive_labels, temperature: float = 1.0) -> np.ndarray:
-    """P(malignant) = summed softmax(logits / T) over the positive labels."""
-    from pipeline.calibration import softmax
-
-    idx = [list(labels).index(x) for x in positive_labels]
-    return softmax(logits, temperature)[:, idx].sum(1)
-
-
 def _check_labels(labels, positive_labels) -> None:
     unknown = [x for x in positive_labels if x not in labels]
     if unknown:
@@ -69,18 +65,15 @@ def _check_labels(labels, positive_labels) -> None:
 def predict_heldout(model_dir: Path, heldout_images, train_images, train_labels, params: Params) -> dict:
     """One fold model's held-out outputs: logits (single view and TTA), pooled features, and OOD
     scores from a guard fitted on the fold's own training cells (the shipped view setting)."""
-    from pipeline import ood
-    from pipeline.inference.predictor import TorchPredictor
-
     predictor = TorchPredictor(model_dir)
     tta = params.evaluate.tta
-    logits, feats = predictor.predict_outputs(heldout_images, tta=False)
-    tta_logits, tta_feats = predictor.predict_outputs(heldout_images, tta=True)
+    logits, feats = predictor.image_outputs(heldout_images, tta=False)
+    tta_logits, tta_feats = predictor.image_outputs(heldout_images, tta=True)
     shipped_logits, shipped_feats = (tta_logits, tta_feats) if tta else (logits, feats)
     cfg = params.ood
     ood_scores = np.full(len(heldout_images), np.nan)
     if cfg.method == "energy" or shipped_feats is not None:
-        train_logits, train_feats = predictor.predict_outputs(train_images, tta=tta)
+        train_logits, train_feats = predictor.image_outputs(train_images, tta=tta)
         idx = np.array([predictor.labels.index(x) for x in train_labels])
         guard = ood.fit_configured(train_feats, idx, cfg)
         ood_scores = ood.score(guard, shipped_feats, shipped_logits)
@@ -91,9 +84,6 @@ def predict_heldout(model_dir: Path, heldout_images, train_images, train_labels,
 def pooled_metrics(oof, labels, params: Params) -> dict:
     """Pooled OOF metrics with group-bootstrap 95% CIs, at the operating point the evaluate stage
     would fit on these same predictions (temperature, then the threshold rule)."""
-    from pipeline.calibration import choose_threshold, fit_temperature
-    from pipeline.metrics import metrics_with_ci
-
     cfg = params.evaluate
     view = "tta_logit_" if cfg.tta else "logit_"
     logits = oof[logit_columns(labels, view)].to_numpy(float)
@@ -135,14 +125,27 @@ def epoch_curve(histories: list[list[dict]]):
 
 
 def _load_dev_images(split, root: Path) -> dict[str, np.ndarray]:
-    from pipeline.evaluate import load_images
-
     dev = split[split["split"] != "test"]
     images, errors = load_images([root / p for p in dev["path"]])
     bad = [e for e in errors if e]
     if bad:
         raise CvError(f"{len(bad)} image(s) unreadable since ingest, e.g. {bad[0]}; rerun `dvc repro`")
     return dict(zip(dev["path"], images))
+
+
+def write_reports(reports_dir: Path, oof, features: list[np.ndarray], rows: list[dict], histories: list,
+                  summary: dict) -> None:
+    """oof.csv, oof_features.npz, folds.csv, epochs.csv and metrics.json."""
+    import pandas as pd
+
+    atomic.write_csv(reports_dir / OOF_FILE, oof)
+    with atomic.atomic_path(reports_dir / FEATURES_FILE) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, path=oof["path"].to_numpy(str),
+                                features=np.concatenate(features) if features else np.zeros((len(oof), 0)))
+    atomic.write_csv(reports_dir / "folds.csv", pd.DataFrame(rows))
+    atomic.write_csv(reports_dir / "epochs.csv", epoch_curve(histories))
+    atomic.write_json(reports_dir / "metrics.json", summary)
 
 
 def run(params: Params, split_csv: Path, reports_dir: Path, work_dir: Path, log=print) -> dict:
@@ -204,14 +207,7 @@ def run(params: Params, split_csv: Path, reports_dir: Path, work_dir: Path, log=
                    "min_steps": fparams.train.min_steps, **fold_summary(rows),
                    "oof": pooled_metrics(oof, labels, params)}
         reports_dir = Path(reports_dir)
-        atomic.write_csv(reports_dir / OOF_FILE, oof)
-        with atomic.atomic_path(reports_dir / FEATURES_FILE) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, path=oof["path"].to_numpy(str),
-                                    features=np.concatenate(features) if features else np.zeros((len(oof), 0)))
-        atomic.write_csv(reports_dir / "folds.csv", pd.DataFrame(rows))
-        atomic.write_csv(reports_dir / "epochs.csv", epoch_curve(histories))
-        atomic.write_json(reports_dir / "metrics.json", summary)
+        write_reports(reports_dir, oof, features, rows, histories, summary)
         parent.log_metrics({f"cv_{k}": v for k, v in summary.items() if k.endswith(("_mean", "_sd"))}, step=0)
         parent.log_metrics({f"oof_{k}": v for k, v in summary["oof"].items()
                             if isinstance(v, float) and np.isfinite(v)}, step=0)

@@ -14,7 +14,7 @@ version's aliases, so `models:/cytology-classifier@champion` resolves to it.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import sys
@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, ood
+from pipeline.card_markdown import CARD_FILE
 from pipeline.config import ExportConfig, Params
-from pipeline.model_card import CARD_FILE
-from pipeline.inference.predictor import (INT8_FILE, ONNX_FILE, ONNX_META_FILE, WEIGHTS_FILE, OnnxPredictor,
-                                          TorchPredictor, file_sha256, read_metadata)
+from pipeline.data.images import ImageError, load_rgb
+from pipeline.data.manifest import SPLIT_COLUMNS, read_table
+from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
+from pipeline.model_card import INT8_FILE, ONNX_FILE, WEIGHTS_FILE, ModelCard, OnnxExport, file_sha256
 
 INPUT_NAME = "input"
 OUTPUTS = ("logits", "cam", "features")  # features: the pooled penultimate layer the OOD guard scores
@@ -126,55 +128,47 @@ def export_onnx(model, path: Path, image_size: int, opset: int) -> list[str]:
 
 def compare(torch_predictor, onnx_predictor, images: list[np.ndarray]) -> float:
     """Max |P_onnx - P_torch| over the images' calibrated class probabilities (single view)."""
-    p_torch = torch_predictor.predict_proba(images, tta=False)
-    p_onnx = onnx_predictor.predict_proba(images, tta=False)
+    p_torch = torch_predictor.score(images, tta=False).probs
+    p_onnx = onnx_predictor.score(images, tta=False).probs
     return float(np.abs(p_onnx - p_torch).max())
 
 
 def compare_ood(torch_predictor, onnx_predictor, images: list[np.ndarray]) -> dict:
     """How far ONNX Runtime's OOD scores are from torch's (single view), relative to the threshold."""
-    from pipeline import ood
-
-    _, s_torch, in_torch = torch_predictor.predict_scores(images, tta=False)
-    _, s_onnx, in_onnx = onnx_predictor.predict_scores(images, tta=False)
+    torch_scores, onnx_scores = torch_predictor.score(images, tta=False), onnx_predictor.score(images, tta=False)
+    s_torch, in_torch, s_onnx, in_onnx = (torch_scores.ood_score, torch_scores.in_domain, onnx_scores.ood_score,
+                                          onnx_scores.in_domain)
     scale = max(abs(float(torch_predictor.ood["threshold"])), 1e-6)
     return {"method": ood.method_of(torch_predictor.ood), "max_abs_diff": float(np.abs(s_onnx - s_torch).max()),
             "max_rel_diff": float(np.abs(s_onnx - s_torch).max() / scale), "rtol": OOD_RTOL,
             "in_domain_agreement": float((in_torch == in_onnx).mean())}
 
 
-def build_metadata(source_meta: dict, outputs: list[str], opset: int, onnx_sha: str, max_diff: float,
-                   n_images: int, cfg: ExportConfig) -> dict:
-    calibration = source_meta.get("calibration") or {}
-    meta = {k: v for k, v in source_meta.items() if k not in ("sha256", "mlflow", "registered_version")}
-    source_mlflow = source_meta.get("mlflow") or {}
-    meta.update({
-        "format": "onnx",
-        "onnx_file": ONNX_FILE,
-        "opset": opset,
-        "input_name": INPUT_NAME,
-        "outputs": outputs,
-        "preprocessing": {**PREPROCESSING, "image_size": source_meta["image_size"], "mean": source_meta["mean"],
-                          "std": source_meta["std"]},
-        "temperature": calibration.get("temperature"),
-        "threshold": calibration.get("threshold"),
-        "indeterminate_band": calibration.get("band"),
-        "source": {"registered_model": source_mlflow.get("registered_model"),
-                   "version": source_mlflow.get("version"), "run_id": source_mlflow.get("run_id"),
-                   "model_uri": source_mlflow.get("model_uri"),
-                   "weights_sha256": (source_meta.get("sha256") or {}).get(WEIGHTS_FILE)},
-        "sha256": {ONNX_FILE: onnx_sha},
-        "validation": {"images": n_images, "max_abs_diff": max_diff, "tolerance": cfg.tolerance},
-    })
-    return meta
+def export_card(source: ModelCard, outputs: list[str], opset: int, onnx_sha: str, n_images: int,
+                cfg: ExportConfig) -> ModelCard:
+    """The exported folder's card: the source's, plus the ONNX facts; its files and registration are its own."""
+    pre, origin = source.preprocessing, source.mlflow or {}
+    export = OnnxExport(
+        onnx_file=ONNX_FILE, opset=opset, input_name=INPUT_NAME, outputs=tuple(outputs),
+        preprocessing={**PREPROCESSING, "image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
+        source={"registered_model": origin.get("registered_model"), "version": origin.get("version"),
+                "run_id": origin.get("run_id"), "model_uri": origin.get("model_uri"),
+                "weights_sha256": source.sha256_of(WEIGHTS_FILE)},
+        validation={"images": n_images, "max_abs_diff": float("nan"), "tolerance": cfg.tolerance})
+    return dataclasses.replace(source, export=export, sha256={ONNX_FILE: onnx_sha}, mlflow=None,
+                               registered_version=None)
+
+
+def _with_export(card: ModelCard, **changes) -> ModelCard:
+    return dataclasses.replace(card, export=dataclasses.replace(card.export, **changes))
 
 
 class _Batches:
     """An onnxruntime CalibrationDataReader over preprocessed image batches."""
 
     def __init__(self, predictor, images: list[np.ndarray], batch: int = 16):
-        self._batches = (predictor.preprocess_array(images[i:i + batch]) for i in range(0, len(images), batch))
-        self._input = predictor.meta.get("input_name", INPUT_NAME)
+        self._batches = (predictor.preprocess(images[i:i + batch]) for i in range(0, len(images), batch))
+        self._input = INPUT_NAME
 
     def get_next(self):
         batch = next(self._batches, None)
@@ -207,18 +201,12 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 
 def int8_decision(staging: Path, test_images: list[np.ndarray], test_y: np.ndarray, cfg: ExportConfig) -> dict:
     """Compare the int8 model with the float one on the test split: AUC, |dP|, call agreement."""
-    from pipeline.calibration import Band
-
     fp32, int8 = OnnxPredictor(staging, file=ONNX_FILE), OnnxPredictor(staging, file=INT8_FILE)
-    probs32, ood32, in32 = fp32.predict_scores(test_images, tta=False)
-    probs8, ood8, in8 = int8.predict_scores(test_images, tta=False)
-    p32, p8 = fp32.malignant_probability(probs32), int8.malignant_probability(probs8)
+    s32, s8 = fp32.score(test_images, tta=False), int8.score(test_images, tta=False)
+    p32, p8, in32, in8 = s32.p_malignant, s8.p_malignant, s32.in_domain, s8.in_domain
     auc_fp32, auc_int8 = _auc(test_y, p32), _auc(test_y, p8)
-    cal = fp32.calibration
-    agree = None
-    if cal:
-        band = Band(cal["threshold"], cal["band_width"])
-        agree = float((band.call(p32) == band.call(p8)).mean())
+    band = fp32.band
+    agree = float((band.call(p32) == band.call(p8)).mean()) if fp32.calibrated else None
     drop = auc_fp32 - auc_int8
     ok = bool(np.isfinite(drop) and drop <= cfg.max_auc_drop)
     return {"test_images": len(test_images), "test_auc_fp32": auc_fp32, "test_auc_int8": auc_int8,
@@ -246,68 +234,67 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
     try:
         onnx_path = staging / ONNX_FILE
         net = torch_predictor.model if model is None else model
-        outputs = export_onnx(net, onnx_path, torch_predictor.meta["image_size"], cfg.opset)
-        sha = file_sha256(onnx_path)
-        meta = build_metadata(torch_predictor.meta, outputs, cfg.opset, sha, float("nan"), len(images), cfg)
-
-        def write_meta():  # each ONNX file is listed before OnnxPredictor loads it, as any load checks
-            (staging / ONNX_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-        carry_guard(torch_predictor, staging, meta, outputs)
-        card = Path(model_dir) / CARD_FILE
-        if card.is_file():  # the same model, so the same card (its version is filled in when registered)
-            shutil.copyfile(card, staging / CARD_FILE)
-        write_meta()
+        outputs = export_onnx(net, onnx_path, torch_predictor.card.image_size, cfg.opset)
+        # Each ONNX file is listed in the card before OnnxPredictor loads it, as any load checks.
+        card = carry_guard(torch_predictor, staging,
+                           export_card(torch_predictor.card, outputs, cfg.opset, file_sha256(onnx_path), len(images),
+                                       cfg), outputs)
+        markdown = Path(model_dir) / CARD_FILE
+        if markdown.is_file():  # the same model, so the same card (its version is filled in when registered)
+            shutil.copyfile(markdown, staging / CARD_FILE)
+        card.write(staging)
         onnx_predictor = OnnxPredictor(staging)
         max_diff = compare(torch_predictor, onnx_predictor, images)
         if not max_diff <= cfg.tolerance:
             raise ExportError(f"{model_dir}: ONNX Runtime does not match torch on {len(images)} images: "
                               f"max |dP| = {max_diff:.3g} > tolerance {cfg.tolerance:g}; nothing exported")
-        meta["validation"]["max_abs_diff"] = max_diff
+        validation = {**card.export.validation, "max_abs_diff": max_diff}
         if onnx_predictor.ood is not None:
-            meta["validation"]["ood"] = check = compare_ood(torch_predictor, onnx_predictor, images)
+            validation["ood"] = check = compare_ood(torch_predictor, onnx_predictor, images)
             if not check["max_rel_diff"] <= OOD_RTOL:
                 raise ExportError(f"{model_dir}: ONNX Runtime's OOD scores do not match torch's on {len(images)} "
                                   f"images: max relative diff {check['max_rel_diff']:.3g} > {OOD_RTOL:g}; "
                                   "nothing exported")
-        meta["quantization"] = None
+        card = _with_export(card, validation=validation)
         if cfg.quantize:
-            if not calibration_images or not test_set:
-                raise ExportError("export.quantize needs calibration images and a labelled test set")
-            quantize_int8(onnx_path, staging / INT8_FILE, torch_predictor, calibration_images)
-            meta["sha256"][INT8_FILE] = file_sha256(staging / INT8_FILE)
-            write_meta()
-            decision = int8_decision(staging, *test_set, cfg)
-            meta["quantization"] = {"method": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
-                                    "file": INT8_FILE, "calibration_images": len(calibration_images), **decision}
-            if decision["served"]:
-                meta["onnx_file"] = INT8_FILE
-        write_meta()
+            card = add_int8(card, staging, torch_predictor, calibration_images, test_set, cfg)
+        card.write(staging)
         os.chmod(staging, 0o755)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return meta
+    return card
 
 
-def carry_guard(torch_predictor, staging: Path, meta: dict, outputs: list[str]) -> None:
+def add_int8(card: ModelCard, staging: Path, torch_predictor, calibration_images, test_set,
+             cfg: ExportConfig) -> ModelCard:
+    """Quantize the staged ONNX model and serve the int8 copy when its test AUC holds up."""
+    if not calibration_images or not test_set:
+        raise ExportError("export.quantize needs calibration images and a labelled test set")
+    quantize_int8(staging / ONNX_FILE, staging / INT8_FILE, torch_predictor, calibration_images)
+    card = card.with_file(INT8_FILE, file_sha256(staging / INT8_FILE))
+    card.write(staging)
+    decision = int8_decision(staging, *test_set, cfg)
+    quantization = {"method": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
+                    "file": INT8_FILE, "calibration_images": len(calibration_images), **decision}
+    return _with_export(card, quantization=quantization,
+                        **({"onnx_file": INT8_FILE} if decision["served"] else {}))
+
+
+def carry_guard(torch_predictor, staging: Path, card: ModelCard, outputs: list[str]) -> ModelCard:
     """Copy the calibrated model's ood.npz (already checked against its sha256 on load) into the
     export, listed with its sha256; a graph without features cannot feed a feature-based guard."""
-    from pipeline import ood
-
-    meta.pop("ood", None)
-    guard = torch_predictor.ood
+    guard, source = torch_predictor.ood, torch_predictor.card.ood
+    card = dataclasses.replace(card, ood=None)
     if guard is None:
         print(f"warning: {torch_predictor.model_dir} has no OOD guard; the export has none either", file=sys.stderr)
-        return
+        return card
     if ood.needs_features(guard) and "features" not in outputs:
         print(f"warning: the ONNX graph has no features output; its {ood.method_of(guard)} OOD guard is dropped",
               file=sys.stderr)
-        return
-    name = torch_predictor.meta["ood"].get("file") or ood.OOD_FILE
-    shutil.copyfile(torch_predictor.model_dir / name, staging / name)
-    meta["sha256"][name] = file_sha256(staging / name)
-    meta["ood"] = dict(torch_predictor.meta["ood"])
+        return card
+    shutil.copyfile(torch_predictor.model_dir / source.file, staging / source.file)
+    return dataclasses.replace(card.with_file(source.file, file_sha256(staging / source.file)), ood=source)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -325,9 +312,6 @@ def split_images(params: Params, split_csv: Path, parts: tuple[str, ...], n: int
                  ) -> tuple[list[np.ndarray], list[str]]:
     """Up to `n` readable images of the given split parts, in that order (real data, fixed order),
     and their labels."""
-    from pipeline.data.images import ImageError, load_rgb
-    from pipeline.data.manifest import SPLIT_COLUMNS, read_table
-
     split = read_table(split_csv, SPLIT_COLUMNS)
     root = params.data.root
     ordered = [(p, lab) for part in parts
@@ -349,7 +333,7 @@ def validation_images(params: Params, split_csv: Path, n: int) -> tuple[list[np.
     return split_images(params, split_csv, ("test", "val", "train"), n)
 
 
-def register(params: Params, out_dir: Path, source_meta: dict, input_example) -> dict:
+def register(params: Params, out_dir: Path, source_card: ModelCard, input_example) -> dict:
     """Log the exported folder as an ONNX-backed pyfunc, register it, and move the source
     version's aliases (candidate, and champion when it held it) to the new version."""
     from mlflow import MlflowClient
@@ -357,19 +341,21 @@ def register(params: Params, out_dir: Path, source_meta: dict, input_example) ->
     from pipeline import tracking
 
     name = params.mlflow.registered_model
-    source = source_meta.get("mlflow") or {}
+    source = source_card.mlflow or {}
     source_version = str(source.get("version") or "")
     with tracking.attached_run(params.mlflow, source.get("run_id"), "export") as run:
-        meta = read_metadata(out_dir)
+        card = ModelCard.read(out_dir)
         model_uri, version = run.log_model(
             out_dir, input_example, name="onnx_model", alias=params.mlflow.alias,
             model_metadata={"format": "onnx", "source_version": source_version,
-                            "calibration": meta.get("calibration"), "ood": meta.get("ood")},
+                            "calibration": card.calibration.to_dict() if card.calibration else None,
+                            "ood": card.ood.to_dict() if card.ood else None},
             requirements=ONNX_REQUIREMENTS)
         client = MlflowClient()
-        tags = {"format": "onnx", "onnx.file": meta.get("onnx_file", ONNX_FILE),
-                "source_version": source_version, "onnx.sha256": meta["sha256"][meta.get("onnx_file", ONNX_FILE)],
-                "validation.max_abs_diff": str(meta["validation"]["max_abs_diff"])}
+        served = card.export.onnx_file
+        tags = {"format": "onnx", "onnx.file": served, "source_version": source_version,
+                "onnx.sha256": card.sha256_of(served),
+                "validation.max_abs_diff": str(card.export.validation["max_abs_diff"])}
         if source_version:
             for key, value in client.get_model_version(name, source_version).tags.items():
                 if key.startswith(("calibration.", "promotion.", "ood.")):
@@ -394,35 +380,36 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports
     """The stage: export + validate, register in MLflow, record the registered version on disk."""
     import time
 
-    from pipeline.inference.mlflow_pyfunc import input_example
+    from pipeline.tracking import input_example
 
     cfg = params.export
     images, _ = validation_images(params, split_csv, cfg.validation_images)
-    source_meta = read_metadata(model_dir)
+    source_card = ModelCard.read(model_dir)
     calibration, test_set = None, None
     if cfg.quantize:
         calibration, _ = split_images(params, split_csv, ("train",), cfg.calibration_images)
         test_images, test_labels = split_images(params, split_csv, ("test",))
-        positive = (source_meta.get("calibration") or {}).get("positive_labels") or params.evaluate.positive_labels
+        positive = source_card.calibration_or_default.positive_labels or params.evaluate.positive_labels
         test_set = (test_images, np.array([label in positive for label in test_labels], dtype=int))
     t = time.perf_counter()
-    meta = export_model(Path(model_dir), Path(out_dir), images, cfg, calibration_images=calibration,
+    card = export_model(Path(model_dir), Path(out_dir), images, cfg, calibration_images=calibration,
                         test_set=test_set)
     seconds = time.perf_counter() - t
-    logged = register(params, Path(out_dir), source_meta, input_example(params.data.root, split_csv))
-    meta["registered_version"] = logged["version"]
-    meta["registered_model"] = params.mlflow.registered_model
-    atomic.write_json(Path(out_dir) / ONNX_META_FILE, meta)
-    metrics = {"validation_images": len(images), "max_abs_diff": meta["validation"]["max_abs_diff"],
+    logged = register(params, Path(out_dir), source_card, input_example(params.data.root, split_csv))
+    card = dataclasses.replace(card, registered_version=logged["version"],
+                               registered_model=params.mlflow.registered_model)
+    card.write(out_dir)
+    quantization = card.export.quantization
+    metrics = {"validation_images": len(images), "max_abs_diff": card.export.validation["max_abs_diff"],
                "tolerance": cfg.tolerance, "onnx_mb": round((Path(out_dir) / ONNX_FILE).stat().st_size / 2**20, 2),
-               "served_file": meta.get("onnx_file"),
-               **{f"int8_{k}": v for k, v in (meta.get("quantization") or {}).items()
+               "served_file": card.export.onnx_file,
+               **{f"int8_{k}": v for k, v in (quantization or {}).items()
                   if k in ("test_auc_fp32", "test_auc_int8", "auc_drop", "max_abs_diff_vs_fp32", "call_agreement")},
                "export_seconds": round(seconds, 1), "model_version": logged["version"],
                "source_version": logged["source_version"], "aliases": logged["aliases"]}
     atomic.write_json(Path(reports_dir) / "metrics.json", metrics)
-    if meta.get("quantization"):
-        q = meta["quantization"]
+    if quantization:
+        q = quantization
         print(f"export: int8 test AUC {q['test_auc_int8']:.4f} vs float {q['test_auc_fp32']:.4f}; {q['reason']}")
     print(f"export: {out_dir}/{ONNX_FILE} matches torch on {len(images)} images (max |dP| "
           f"{metrics['max_abs_diff']:.2e} <= {cfg.tolerance:g}); registered {params.mlflow.registered_model} "

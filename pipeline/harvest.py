@@ -1,7 +1,7 @@
 """Harvest: a pathologist's labels on a scored slide -> a class-folder training dataset.
 
 Each labelled cell is cut from the slide with exactly the crop recipe scoring uses
-(`crop_box` + `slide.crop_margin`, pipeline/inference/slide.py), so a retrained model sees
+(`crop_box` + `slide.crop_margin`, pipeline/wsi/crops.py), so a retrained model sees
 the cells as it will meet them. The dataset is
 
     DIR/<label>/<slide id>-<cell id>.png      lossless crops
@@ -112,7 +112,8 @@ def _png(rgb) -> bytes:
 def harvest(slide: Path | str, cells: pd.DataFrame, labels: pd.DataFrame, margin: float, slide_id: str,
             labels_path: Path | str = "labels.csv") -> Harvest:
     """Cut every labelled cell from `slide` as scoring does and encode it as PNG (pure: writes nothing)."""
-    from pipeline.inference.slide import open_slide, read_crops
+    from pipeline.wsi.crops import read_crops
+    from pipeline.wsi.readers import open_slide
 
     matched, skipped = match_labels(labels, cells, labels_path)
     out = Harvest(slide_id, skipped=skipped)

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.model_card import OOD_FILE  # noqa: F401 - the file name lives with the card
+
 METHODS = ("mahalanobis", "knn", "energy")
-OOD_FILE = "ood.npz"
 OUT_OF_DOMAIN = "out of domain"  # the call an out-of-domain cell gets instead of benign/malignant
 
 

@@ -6,6 +6,7 @@ e.g. at a tracking server.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
@@ -14,11 +15,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from pipeline import card_markdown
 from pipeline.config import MlflowConfig
+from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+from pipeline.model_card import ModelCard, card_file, file_sha256
 
 LIBRARIES = ("torch", "torchvision", "timm", "albumentations", "mlflow", "numpy", "scikit-learn", "dvc")
 MODEL_ARTIFACT = "model"
 REQUIREMENTS = ("torch", "torchvision", "timm", "albumentations", "mlflow", "numpy", "pandas", "pillow")
+
+
+def input_example(source: str, split_csv):
+    """One real validation image, base64-encoded: the input example logged with every model."""
+    import pandas as pd
+
+    from pipeline.inference.mlflow_pyfunc import IMAGE_COLUMN, encode_image_file
+
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    first = split[split["split"] == "val"]["path"].iloc[0]
+    return pd.DataFrame({IMAGE_COLUMN: [encode_image_file(source_root(source) / first)]})
 
 
 def tracking_uri(config: MlflowConfig) -> str:
@@ -91,8 +106,6 @@ def _git(*args: str) -> str | None:
 
 def provenance_tags(inputs: dict[str, Path]) -> dict[str, str]:
     """git commit + dirty flag, sha256 of each input file, DVC stage, library versions."""
-    from pipeline.inference.predictor import file_sha256
-
     tags = {
         "git.commit": _git("rev-parse", "HEAD") or "unknown",
         "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
@@ -167,26 +180,23 @@ class Run:
 
     def _log_staged(self, model_dir: Path, version: str, name: str, model_metadata, input_example, requirements):
         """Log a copy of model_dir whose metadata says `version`, registering it."""
-        import json
         import shutil
         import tempfile
 
         from mlflow.models import infer_signature
 
         import pipeline.inference.mlflow_pyfunc as pyfunc_module
-        from pipeline import model_card
-        from pipeline.inference.predictor import META_FILE, ONNX_META_FILE, is_exported, open_predictor
+        from pipeline.inference.predictor import open_predictor
 
         with tempfile.TemporaryDirectory(prefix="cytopipe-log-") as tmp:
             staged = Path(tmp) / "model_dir"
             shutil.copytree(model_dir, staged)
-            meta_path = staged / (ONNX_META_FILE if is_exported(staged) else META_FILE)
-            meta = json.loads(meta_path.read_text())
-            meta["registered_version"] = version
-            meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-            card = staged / model_card.CARD_FILE
-            if card.is_file():  # the logged card names the version it is registered as
-                card.write_text(model_card.set_version(card.read_text(encoding="utf-8"), version), encoding="utf-8")
+            dataclasses.replace(ModelCard.read(staged), registered_version=version).write(staged,
+                                                                                         card_file(staged))
+            markdown = staged / card_markdown.CARD_FILE
+            if markdown.is_file():  # the logged card names the version it is registered as
+                markdown.write_text(card_markdown.set_version(markdown.read_text(encoding="utf-8"), version),
+                                    encoding="utf-8")
             output_example = pyfunc_module.predict_frame(open_predictor(staged), input_example)
             return self.mlflow.pyfunc.log_model(
                 name=name,
@@ -224,13 +234,10 @@ class Run:
             raise RuntimeError(f"{registered}: other versions were registered while logging; run the stage again")
         client.set_registered_model_alias(registered, alias or self.config.alias, version)
         client.set_model_version_tag(registered, version, "run_id", self.run_id)
-        from pipeline.inference.predictor import read_metadata
-
-        facts = read_metadata(model_dir).get("card")
+        facts = ModelCard.read(model_dir).card
         if facts:  # the registry UI shows the model card's summary as the version's description
-            from pipeline.model_card import summary_markdown
-
-            client.update_model_version(registered, version, description=summary_markdown(facts, registered, version))
+            client.update_model_version(registered, version,
+                                        description=card_markdown.summary_markdown(facts, registered, version))
         return info.model_uri, version
 
     def end(self, status: str = "FINISHED") -> None:

@@ -6,6 +6,7 @@ Randomness is keyed by (seed, epoch): a resumed run reproduces an uninterrupted 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,7 +14,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ import numpy as np
 from pipeline import atomic
 from pipeline.config import LabelMap, Params
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
+from pipeline.model_card import WEIGHTS_FILE, ModelCard, Preprocessing, file_sha256
+from pipeline.train_state import TrainState
 
 BEST = "best.pt"  # the best epoch's weights, also logged to MLflow
 
@@ -62,13 +65,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_states() -> dict:
-    import torch
-
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": np.random.get_state()[1].tolist()}
 
 
 def positive_index(labels: tuple[str, ...]) -> int | None:
@@ -196,13 +192,252 @@ def evaluate(model, loader, criterion, device, channels_last: bool):
     return total / len(t), p, t
 
 
+# ---------------------------------------------------------------- builders
+
+@dataclass(frozen=True)
+class ModelStart:
+    """How the model's weights start: the normalisation they expect, and for train.init_from
+    (model.init_from) the model they came from (None: ImageNet weights or a random init)."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    init: dict | None
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    rank_batch: int       # images per process and step (train.batch_size is the global batch)
+    drop_last: bool
+    steps_per_epoch: int
+    epochs: int
+
+
+@dataclass
+class TrainingParts:
+    """What every epoch uses, built once by _fit."""
+    model: object         # the bare model: what is checkpointed and saved
+    net: object           # what trains: the model, or its DistributedDataParallel wrapper
+    frozen: tuple         # modules kept in eval mode (train.freeze_blocks)
+    train_ds: object
+    val_loader: object
+    counts: np.ndarray    # train images per class
+    criterion: object
+    optimizer: object
+    scheduler: object
+    plan: EpochPlan
+
+
+def check_processes(cfg, dist) -> None:
+    if dist.enabled and cfg.balance == "sampler":
+        raise TrainingError("train.balance: sampler is not supported with several processes; use class_weights")
+    if cfg.batch_size % dist.world_size:
+        raise TrainingError(f"train.batch_size {cfg.batch_size} must divide by the {dist.world_size} processes "
+                            "(it is the global batch)")
+
+
+def seed_process(cfg, dist) -> None:
+    """Threads, deterministic kernels and every generator's seed, before anything draws."""
+    import torch
+
+    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed)
+
+
+def load_split(params: Params, split_csv: Path):
+    """(train rows, val rows, the split file's sha256); val is empty when train.fit_on is train+val."""
+    cfg = params.train
+    split = read_table(split_csv, SPLIT_COLUMNS)
+    split_sha = file_sha256(Path(split_csv))
+    fit_splits = ["train", "val"] if cfg.fit_on == "train+val" else ["train"]
+    train_rows = _cap(split[split["split"].isin(fit_splits)], cfg.max_images, cfg.seed)
+    val_rows = _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed) if cfg.fit_on == "train" \
+        else split.iloc[:0]
+    return train_rows, val_rows, split_sha
+
+
+def build_model(params: Params, labels: tuple[str, ...], warn):
+    """(model, ModelStart): the backbone with ImageNet (or no) weights, or a registered model's."""
+    from pipeline.models import backbones
+
+    mcfg = params.model
+    model = backbones.build_model(mcfg.arch, len(labels), None if mcfg.init_from else mcfg.weights, mcfg.drop_rate)
+    init = None
+    if mcfg.init_from:  # fine-tune a registered model (e.g. @champion on a new specimen) instead of ImageNet's
+        from pipeline.models.init_from import init_from_model
+        from pipeline.tracking import tracking_uri
+
+        init = init_from_model(model, mcfg.init_from, mcfg.arch, labels, tracking_uri(params.mlflow), warn)
+        mean, std = tuple(init.pop("mean")), tuple(init.pop("std"))  # what its weights were trained with
+    else:
+        mean, std = backbones.preprocessing(mcfg, model)
+    return model, ModelStart(mean, std, init)
+
+
+def build_datasets(params: Params, train_rows, val_rows, labels: tuple[str, ...], start: ModelStart):
+    from pipeline.data.dataset import CellDataset
+
+    cfg, root, size = params.train, params.data.root, params.model.image_size
+    train_ds = CellDataset.from_frame(train_rows, root, labels, size, cfg.augment, start.mean, start.std,
+                                      seed=cfg.seed, desc="cache train")
+    val_ds = CellDataset.from_frame(val_rows, root, labels, size, "eval", start.mean, start.std, desc="cache val")
+    return train_ds, val_ds
+
+
+def class_counts(train_ds, labels: tuple[str, ...]) -> np.ndarray:
+    counts = np.bincount(train_ds.targets, minlength=len(labels)).astype(float)
+    if (counts == 0).any():
+        missing = [labels[i] for i in np.flatnonzero(counts == 0)]
+        raise TrainingError(f"the train split has no image labelled {', '.join(missing)}")
+    return counts
+
+
+def build_criterion(counts: np.ndarray, cfg, device):
+    import torch
+
+    class_weights = counts.sum() / (len(counts) * counts)
+    return torch.nn.CrossEntropyLoss(
+        weight=torch.tensor(class_weights, dtype=torch.float32, device=device) if cfg.balance == "class_weights" else None,
+        label_smoothing=cfg.label_smoothing)
+
+
+def to_device(model, device, channels_last: bool) -> None:
+    import torch
+
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def build_optimizer(model, cfg):
+    """AdamW over the trainable parameters; no weight decay on norms and biases."""
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]  # norms and biases
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def plan_epochs(cfg, train_images: int, dist, log) -> EpochPlan:
+    rank_batch = cfg.batch_size // dist.world_size
+    rank_images = train_images // dist.world_size
+    drop_last = rank_images > rank_batch  # a batch of one breaks BatchNorm
+    steps_per_epoch = rank_images // rank_batch if drop_last else 1
+    epochs = planned_epochs(cfg.epochs, cfg.min_steps, steps_per_epoch)
+    if epochs > cfg.epochs:
+        log(f"{epochs} epochs instead of {cfg.epochs}: {steps_per_epoch} steps per epoch would give fewer than "
+            f"train.min_steps ({cfg.min_steps}) optimiser steps")
+    return EpochPlan(rank_batch, drop_last, steps_per_epoch, epochs)
+
+
+def build_scheduler(optimizer, plan: EpochPlan, warmup_epochs: float):
+    import torch
+
+    total_steps = plan.steps_per_epoch * plan.epochs
+    warmup = max(1, round(warmup_epochs * plan.steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total_steps))
+
+
+def build_sampler(train_ds, counts: np.ndarray, cfg, dist, epoch: int):
+    """(sampler, generator for the loader) of `epoch`, keyed by (seed, epoch).
+
+    Several processes: each takes its share (DistributedSampler); train.balance: sampler draws every
+    class equally often; otherwise a plain shuffle. Only the plain shuffle hands its generator to the
+    loader too, which draws its worker seed from it (the others from torch's global generator):
+    that is what DataLoader(shuffle=True, generator=...) did, so runs stay bit-identical.
+    """
+    import torch
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    if dist.enabled:
+        sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return sampler, None
+    if cfg.balance == "sampler":
+        weights = torch.tensor([1.0 / counts[t] for t in train_ds.targets], dtype=torch.double)
+        return WeightedRandomSampler(weights, len(train_ds), replacement=True, generator=gen), None
+    return RandomSampler(train_ds, generator=gen), gen
+
+
+def build_train_loader(train_ds, counts: np.ndarray, cfg, plan: EpochPlan, dist, epoch: int):
+    from torch.utils.data import DataLoader
+
+    sampler, generator = build_sampler(train_ds, counts, cfg, dist, epoch)
+    return DataLoader(train_ds, plan.rank_batch, sampler=sampler, drop_last=plan.drop_last,
+                      num_workers=cfg.num_workers, generator=generator)
+
+
+def build_val_loader(val_ds, cfg):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
+
+
+def wrap_parallel(model, device, dist):
+    """The model itself, or under torchrun its DistributedDataParallel wrapper."""
+    import torch
+
+    if not dist.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---------------------------------------------------------------- one epoch
+
+def validate(model, val_loader, train_loss: float, labels, positive_labels, device, channels_last: bool, dist):
+    """[train_loss, val_loss, val_auc, val_bacc] as rank 0 measured them, on every rank."""
+    import torch
+
+    if dist.is_main and len(val_loader.dataset):
+        val_loss, probs, targets = evaluate(model, val_loader, torch.nn.CrossEntropyLoss(), device, channels_last)
+        val = classification_metrics(probs, targets, labels, positive_labels)
+        numbers = [train_loss, val_loss, val["auc"], val["balanced_accuracy"]]
+    elif dist.is_main:  # train+val: nothing is held out
+        numbers = [train_loss, math.nan, math.nan, math.nan]
+    else:
+        numbers = [0.0] * 4
+    return dist.broadcast_floats(numbers)  # one early-stopping decision
+
+
+def run_epoch(epoch: int, parts: TrainingParts, params: Params, labels, device, dist) -> dict:
+    """Train one epoch, then validate: the epoch's history row."""
+    import torch
+
+    cfg = params.train
+    torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc., independent of where we resumed
+    parts.train_ds.set_epoch(epoch)
+    loader = build_train_loader(parts.train_ds, parts.counts, cfg, parts.plan, dist, epoch)
+    t0 = time.perf_counter()
+    lr = parts.optimizer.param_groups[0]["lr"]
+    train_loss, speed = train_one_epoch(parts.net, loader, parts.criterion, parts.optimizer, parts.scheduler, device,
+                                        cfg.channels_last, f"epoch {epoch}/{parts.plan.epochs}",
+                                        progress=dist.is_main, frozen=parts.frozen)
+    dist.sync_buffers(parts.model)  # BatchNorm statistics: rank 0's, so every rank holds the same model
+    train_loss, val_loss, val_auc, val_bacc = validate(parts.model, parts.val_loader, train_loss, labels,
+                                                       params.evaluate.positive_labels, device, cfg.channels_last, dist)
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
+            "val_balanced_accuracy": val_bacc, "lr": lr, "images_per_s": speed * dist.world_size,
+            "seconds": time.perf_counter() - t0}
+
+
+def epoch_line(row: dict, epochs: int, best: bool) -> str:
+    watched = (f"val_loss {row['val_loss']:.4f}  val_auc {row['val_auc']:.4f}  "
+               f"val_bacc {row['val_balanced_accuracy']:.4f}  "
+               if math.isfinite(row["val_auc"]) else "")  # train+val: nothing held out to show
+    return (f"epoch {row['epoch']:>2}/{epochs}  train_loss {row['train_loss']:.4f}  {watched}lr {row['lr']:.2e}  "
+            f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if best else ""))
+
+
 # ---------------------------------------------------------------- fit
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> tuple[dict | None, dict]:
+def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> tuple[TrainState | None, dict]:
     """(state to resume from or None, the folder's manifest). Rank 0 resets a folder it starts afresh."""
     from pipeline import checkpoints
 
@@ -211,10 +446,10 @@ def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> 
     if resume != "never" and manifest["checkpoints"] and not manifest["finished"]:
         try:
             loaded = checkpoints.load_latest(checkpoint_dir, warn=warn)
+            state = TrainState.from_checkpoint(loaded[0], str(checkpoint_dir / loaded[1].file)) if loaded else None
         except checkpoints.CheckpointError as exc:
             raise TrainingError(str(exc)) from None
-        state = loaded[0] if loaded else None
-        if state is not None and state.get("config_hash") != chash:
+        if state is not None and state.config_hash != chash:
             if resume == "require":
                 raise TrainingError(f"{checkpoint_dir}: cannot resume, the checkpoint was made with a different config")
             state = None
@@ -229,6 +464,18 @@ def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> 
                 old.unlink(missing_ok=True)
             checkpoints.update_manifest(checkpoint_dir, checkpoints=[], finished=False)
     return state, manifest
+
+
+def _start_tracking(tracker, state: TrainState, resumed: TrainState | None, split_sha: str, manifest: dict,
+                    checkpoint_dir: Path) -> None:
+    """Open the MLflow run (marking the one a killed training left RUNNING) and replay the resumed curve."""
+    from pipeline import checkpoints
+
+    tracker.start(state.config, split_sha, state.config_hash, resumed.to_checkpoint() if resumed else None,
+                  stale_run_id=manifest["mlflow_run_id"])
+    checkpoints.update_manifest(checkpoint_dir, mlflow_run_id=tracker.run_id)
+    for row in state.history:  # the resumed run carries the whole curve
+        tracker.log_epoch(row)
 
 
 def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, resume: str = "auto",
@@ -262,197 +509,98 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
 
 
 def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, warn, device, dist) -> FitResult:
-    import torch
-    from torch.utils.data import DataLoader, WeightedRandomSampler
-    from torch.utils.data.distributed import DistributedSampler
-
+    """Build in torchvision's reference order (the order random numbers are drawn in), then the epochs."""
     from pipeline import checkpoints
-    from pipeline.data.dataset import CellDataset
-    from pipeline.distributed import state_digest
-    from pipeline.inference.predictor import META_FILE, WEIGHTS_FILE, file_sha256
-    from pipeline.models.backbones import build_model, freeze_early_blocks, preprocessing
+    from pipeline.models.backbones import freeze_early_blocks
 
-    cfg, mcfg = params.train, params.model
-    if dist.enabled and cfg.balance == "sampler":
-        raise TrainingError("train.balance: sampler is not supported with several processes; use class_weights")
-    if cfg.batch_size % dist.world_size:
-        raise TrainingError(f"train.batch_size {cfg.batch_size} must divide by the {dist.world_size} processes "
-                            "(it is the global batch)")
-    torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(cfg.seed)
-
+    cfg = params.train
+    check_processes(cfg, dist)
+    seed_process(cfg, dist)
     label_map = LabelMap.load(params.data.label_map)
     labels = label_map.labels
-    split = read_table(split_csv, SPLIT_COLUMNS)
-    split_sha = file_sha256(Path(split_csv))
-    root = params.data.root
-    fit_splits = ["train", "val"] if cfg.fit_on == "train+val" else ["train"]
-    train_rows = _cap(split[split["split"].isin(fit_splits)], cfg.max_images, cfg.seed)
-    val_rows = _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed) if cfg.fit_on == "train" \
-        else split.iloc[:0]
-    model = build_model(mcfg.arch, len(labels), None if mcfg.init_from else mcfg.weights, mcfg.drop_rate)
-    init = None
-    if mcfg.init_from:  # fine-tune a registered model (e.g. @champion on a new specimen) instead of ImageNet's
-        from pipeline.models.init_from import init_from_model
-        from pipeline.tracking import tracking_uri
-
-        init = init_from_model(model, mcfg.init_from, mcfg.arch, labels, tracking_uri(params.mlflow), warn)
-        mean, std = tuple(init.pop("mean")), tuple(init.pop("std"))  # what its weights were trained with
-    else:
-        mean, std = preprocessing(mcfg, model)
+    train_rows, val_rows, split_sha = load_split(params, split_csv)
+    model, start = build_model(params, labels, warn)
     # Before the images are decoded: a backbone that cannot be frozen fails at once.
     frozen = tuple(freeze_early_blocks(model, cfg.freeze_blocks))
     # After init_from is resolved: when @champion moves, the same params are a different run.
-    chash = config_hash(params, split_sha, dist.world_size, init["weights_sha256"] if init else None)
-    state, manifest = _resume_state(checkpoint_dir, chash, resume, dist, warn)
-    train_ds = CellDataset.from_frame(train_rows, root, labels, mcfg.image_size, cfg.augment, mean, std,
-                                      seed=cfg.seed, desc="cache train")
-    val_ds = CellDataset.from_frame(val_rows, root, labels, mcfg.image_size, "eval", mean, std, desc="cache val")
-
-    counts = np.bincount(train_ds.targets, minlength=len(labels)).astype(float)
-    if (counts == 0).any():
-        missing = [labels[i] for i in np.flatnonzero(counts == 0)]
-        raise TrainingError(f"the train split has no image labelled {', '.join(missing)}")
-    class_weights = counts.sum() / (len(labels) * counts)
-    criterion = torch.nn.CrossEntropyLoss(
-        weight=torch.tensor(class_weights, dtype=torch.float32, device=device) if cfg.balance == "class_weights" else None,
-        label_smoothing=cfg.label_smoothing)
-    eval_criterion = torch.nn.CrossEntropyLoss()
-
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]  # norms and biases
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    rank_batch = cfg.batch_size // dist.world_size
-    rank_images = len(train_ds) // dist.world_size
-    drop_last = rank_images > rank_batch  # a batch of one breaks BatchNorm
-    steps_per_epoch = rank_images // rank_batch if drop_last else 1
-    epochs = planned_epochs(cfg.epochs, cfg.min_steps, steps_per_epoch)
-    if epochs > cfg.epochs:
-        log(f"{epochs} epochs instead of {cfg.epochs}: {steps_per_epoch} steps per epoch would give fewer than "
-            f"train.min_steps ({cfg.min_steps}) optimiser steps")
-    total_steps = steps_per_epoch * epochs
-    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, total_steps))
-
-    history: list[dict] = []
-    best_auc, best_epoch, bad_epochs, start_epoch, resumed_from = -1.0, 0, 0, 1, None
-    best_state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = list(state["history"])
-        best_auc, best_epoch, bad_epochs = state["best_val_auc"], state["best_epoch"], state["bad_epochs"]
-        best_state = state["best_model"]
-        start_epoch = resumed_from = state["epoch"] + 1
-        log(f"resuming from {checkpoint_dir} after epoch {state['epoch']} "
-            f"(best val AUC {best_auc:.4f} at epoch {best_epoch})")
-    net = model
-    if dist.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    config_dict = params.to_dict()
+    chash = config_hash(params, split_sha, dist.world_size, start.init["weights_sha256"] if start.init else None)
+    resumed, manifest = _resume_state(checkpoint_dir, chash, resume, dist, warn)
+    train_ds, val_ds = build_datasets(params, train_rows, val_rows, labels, start)
+    counts = class_counts(train_ds, labels)
+    criterion = build_criterion(counts, cfg, device)
+    to_device(model, device, cfg.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    plan = plan_epochs(cfg, len(train_ds), dist, log)
+    scheduler = build_scheduler(optimizer, plan, cfg.warmup_epochs)
+    if resumed is not None:
+        resumed.restore(model, optimizer, scheduler)
+        log(f"resuming from {checkpoint_dir} after epoch {resumed.epoch} "
+            f"(best val AUC {resumed.best_val_auc:.4f} at epoch {resumed.best_epoch})")
+    net = wrap_parallel(model, device, dist)
+    state = replace(resumed or TrainState(), config=params.to_dict(), config_hash=chash,
+                                world_size=dist.world_size)
     if tracker is not None:
-        tracker.start(config_dict, split_sha, chash, state, stale_run_id=manifest["mlflow_run_id"])
-        checkpoints.update_manifest(checkpoint_dir, mlflow_run_id=tracker.run_id)
-        for row in history:  # the resumed run carries the whole curve
-            tracker.log_epoch(row)
-
-    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
+        _start_tracking(tracker, state, resumed, split_sha, manifest, checkpoint_dir)
+    parts = TrainingParts(model, net, frozen, train_ds, build_val_loader(val_ds, cfg), counts, criterion, optimizer,
+                          scheduler, plan)
     stopped_early = False
-    for epoch in range(start_epoch, epochs + 1):
-        if cfg.keep == "best" and bad_epochs >= cfg.patience:
+    for epoch in range(state.epoch + 1, plan.epochs + 1):
+        if cfg.keep == "best" and state.bad_epochs >= cfg.patience:
             stopped_early = True
             break
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc., independent of where we resumed
-        train_ds.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        if dist.enabled:
-            sampler = DistributedSampler(train_ds, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(train_ds, rank_batch, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers)
-        elif cfg.balance == "sampler":
-            weights = torch.tensor([1.0 / counts[t] for t in train_ds.targets], dtype=torch.double)
-            sampler = WeightedRandomSampler(weights, len(train_ds), replacement=True, generator=gen)
-            loader = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=drop_last, num_workers=cfg.num_workers)
-        else:
-            loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=gen, drop_last=drop_last,
-                                num_workers=cfg.num_workers)
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, speed = train_one_epoch(net, loader, criterion, optimizer, scheduler, device,
-                                            cfg.channels_last, f"epoch {epoch}/{epochs}", progress=dist.is_main,
-                                            frozen=frozen)
-        dist.sync_buffers(model)  # BatchNorm statistics: rank 0's, so every rank holds the same model
-        if dist.is_main and len(val_ds):
-            val_loss, probs, targets = evaluate(model, val_loader, eval_criterion, device, cfg.channels_last)
-            val = classification_metrics(probs, targets, labels, params.evaluate.positive_labels)
-            numbers = [train_loss, val_loss, val["auc"], val["balanced_accuracy"]]
-        elif dist.is_main:  # train+val: nothing is held out
-            numbers = [train_loss, math.nan, math.nan, math.nan]
-        else:
-            numbers = [0.0] * 4
-        train_loss, val_loss, val_auc, val_bacc = dist.broadcast_floats(numbers)  # one early-stopping decision
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
-               "val_balanced_accuracy": val_bacc, "lr": lr, "images_per_s": speed * dist.world_size,
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        # keep: last takes every epoch (the schedule, not a held-out score, decides the model)
-        improved = cfg.keep == "last" or val_auc > best_auc
-        if improved:
-            best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
+        row = run_epoch(epoch, parts, params, labels, device, dist)
+        improved = state.record(row, model, cfg.keep)
         if dist.is_main:
-            checkpoints.save(checkpoint_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config_dict,
-                "config_hash": chash, "rng": rng_states(), "history": history,
-                "best_val_auc": best_auc, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "best_model": best_state, "world_size": dist.world_size,
-                "mlflow_run_id": getattr(tracker, "run_id", None)}, epoch)
+            state.capture(model, optimizer, scheduler, getattr(tracker, "run_id", None))
+            checkpoints.save(checkpoint_dir, state.to_checkpoint(), epoch)
         if tracker is not None:
             tracker.log_epoch(row)
-        watched = (f"val_loss {val_loss:.4f}  val_auc {val_auc:.4f}  val_bacc {val_bacc:.4f}  "
-                   if math.isfinite(val_auc) else "")  # train+val: nothing held out to show
-        log(f"epoch {epoch:>2}/{epochs}  train_loss {train_loss:.4f}  {watched}lr {lr:.2e}  "
-            f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if improved and cfg.keep == "best" else ""))
+        log(epoch_line(row, plan.epochs, improved and cfg.keep == "best"))
+    result = FitResult(state.history, state.best_epoch, state.best_val_auc, len(state.history), stopped_early,
+                       resumed.epoch + 1 if resumed else None, model_dir, checkpoint_dir)
+    _finish(result, state, model, params, label_map, start, chash, split_sha, dist)
+    return result
+
+
+def _finish(result: FitResult, state: TrainState, model, params: Params, label_map: LabelMap, start: ModelStart,
+            chash: str, split_sha: str, dist) -> None:
+    """Every rank must hold the same weights; rank 0 then writes the model dir and closes the checkpoint folder."""
+    from pipeline import checkpoints
+    from pipeline.distributed import state_digest
 
     digests = dist.gather_digests(state_digest(model.state_dict()))
-    result = FitResult(history, best_epoch, best_auc, len(history), stopped_early, resumed_from, model_dir,
-                       checkpoint_dir)
     if not dist.is_main:
-        return result
+        return
     if len(set(digests)) > 1:
         raise TrainingError(f"the {dist.world_size} processes ended with different weights: {digests}")
+    _write_model_dir(result.model_dir, result.checkpoint_dir, state, params, label_map, start, chash, split_sha,
+                     dist, digests)
+    checkpoints.update_manifest(result.checkpoint_dir, finished=True)
 
-    # ---- the model dir: best weights + everything inference needs
+
+def _write_model_dir(model_dir: Path, checkpoint_dir: Path, state: TrainState, params: Params, label_map: LabelMap,
+                     start: ModelStart, chash: str, split_sha: str, dist, digests: list[str]) -> None:
+    """The model dir: the best weights + everything inference needs (and best.pt for MLflow)."""
+    import torch
+
+    cfg, mcfg, labels = params.train, params.model, label_map.labels
+    best_state, best_epoch, history = state.best_model, state.best_epoch, state.history
+    mean, std, init = start.mean, start.std, start.init
     model_dir.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(checkpoint_dir / BEST) as tmp:
         torch.save(best_state, tmp)
     with atomic.atomic_path(model_dir / WEIGHTS_FILE) as tmp:
         torch.save(best_state, tmp)
     best_row = next(r for r in history if r["epoch"] == best_epoch)
-    meta = {"arch": mcfg.arch, "labels": list(labels), "positive_label": labels[1] if len(labels) == 2 else None,
-            "image_size": mcfg.image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic",
-            "resize": "long side to image_size, pad square by repeating the edge",
-            "label_map": label_map.path, "label_map_classes": label_map.classes,
-            "best_epoch": best_epoch, "fit_on": cfg.fit_on, "keep": cfg.keep,
-            "val_metrics": {k: _finite_or_none(best_row[k]) for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
-            "config_hash": chash, "split_sha256": split_sha, "init_from": init,
-            "training": {"world_size": dist.world_size, "backend": dist.backend,
-                         "final_weights_sha256_by_rank": digests},
-            "sha256": {WEIGHTS_FILE: file_sha256(model_dir / WEIGHTS_FILE)}}
-    atomic.write_json(model_dir / META_FILE, meta)
-    checkpoints.update_manifest(checkpoint_dir, finished=True)
-    return result
+    ModelCard(arch=mcfg.arch, labels=tuple(labels), positive_label=labels[1] if len(labels) == 2 else None,
+              preprocessing=Preprocessing(mcfg.image_size, tuple(mean), tuple(std)),
+              label_map=label_map.path, label_map_classes=label_map.classes,
+              best_epoch=best_epoch, fit_on=cfg.fit_on, keep=cfg.keep,
+              val_metrics={k: _finite_or_none(best_row[k]) for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
+              config_hash=chash, split_sha256=split_sha, init_from=init,
+              training={"world_size": dist.world_size, "backend": dist.backend,
+                        "final_weights_sha256_by_rank": digests},
+              sha256={WEIGHTS_FILE: file_sha256(model_dir / WEIGHTS_FILE)}).write(model_dir)
 
 
 # ---------------------------------------------------------------- the stage
@@ -497,9 +645,7 @@ def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, ch
     import yaml
 
     from pipeline.distributed import Context
-    from pipeline.inference.mlflow_pyfunc import input_example
-    from pipeline.inference.predictor import META_FILE, read_metadata
-    from pipeline.tracking import TrainingTracker
+    from pipeline.tracking import TrainingTracker, input_example
 
     if not Context.env_is_main():  # another rank of a torchrun job: train only, rank 0 reports
         result = fit(params, split_csv, model_dir, checkpoint_dir, resume)
@@ -517,12 +663,12 @@ def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, ch
                              (Path(reports_dir) / "history.csv", "plots"), (Path(checkpoint_dir) / BEST, "checkpoint")):
             r.log_artifact(path, folder)
         model_uri, version = r.log_model(Path(model_dir), input_example(params.data.root, split_csv))
-        meta = read_metadata(model_dir)
-        if meta.get("init_from"):  # which model this one was fine-tuned from
-            r.set_tags({f"init_from.{k}": str(v) for k, v in meta["init_from"].items()})
-        meta["mlflow"] = {"run_id": r.run_id, "model_uri": model_uri, "registered_model": params.mlflow.registered_model,
-                          "version": version, "alias": params.mlflow.alias}
-        atomic.write_json(Path(model_dir) / META_FILE, meta)
+        card = ModelCard.read(model_dir)
+        if card.init_from:  # which model this one was fine-tuned from
+            r.set_tags({f"init_from.{k}": str(v) for k, v in card.init_from.items()})
+        dataclasses.replace(card, mlflow={"run_id": r.run_id, "model_uri": model_uri,
+                                          "registered_model": params.mlflow.registered_model,
+                                          "version": version, "alias": params.mlflow.alias}).write(model_dir)
         result.run_ids.append(r.run_id)
     except KeyboardInterrupt:
         tracker.end("KILLED")

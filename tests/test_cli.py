@@ -52,7 +52,8 @@ def test_ingest_then_split_from_the_cli(tmp_path, binary_map):
             cls = "normal" if g % 2 else "cancer"
             make_image(src / cls / f"f{g}-{c}.png", seed=g * 10 + c)
     params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  source: {src}\n  label_map: {binary_map}\n  group:\n    regex: '^(f\\d+)-'\n"
+    params.write_text(f"data:\n  sources:\n    src:\n      path: {src}\n      label_map: {binary_map}\n"
+                      "      group:\n        regex: '^(f\\d+)-'\n"
                       "split:\n  seed: 0\n  fractions: {train: 0.5, val: 0.25, test: 0.25}\n  folds: 2\n")
     ingest = _cytopipe("ingest", "--params", str(params), "--out", "ing", cwd=tmp_path)
     assert ingest.returncode == 0, ingest.stderr

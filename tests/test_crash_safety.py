@@ -154,9 +154,9 @@ def test_sigkill_mid_epoch_resumes_and_ends_like_an_uninterrupted_run(make_proje
 
 def _assert_ranks_agree(project: Path) -> None:
     from pipeline.distributed import state_digest
-    from pipeline.inference.predictor import read_metadata
+    from pipeline.model_card import ModelCard
 
-    training = read_metadata(project / "models/train")["training"]
+    training = ModelCard.read(project / "models/train").training
     assert training["world_size"] == 2 and training["backend"] == "gloo"
     by_rank = training["final_weights_sha256_by_rank"]
     assert len(by_rank) == 2 and by_rank[0] == by_rank[1]

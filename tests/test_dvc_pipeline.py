@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.config import load_params
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,7 @@ def shipped_repo(tmp_path_factory):
     train+val (keep: last) and is calibrated on the cv stage's out-of-fold predictions; promotion
     minimums at 0 so that it earns @champion."""
     repo, env = _scratch_repo(tmp_path_factory.mktemp("shipped"), _herlev())
-    params = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())
+    params = load_params(repo / "configs" / "tiny.yaml").to_dict()  # an overlay: written out whole
     params["train"].update(fit_on="train+val", keep="last")
     params["promotion"].update(min_oof_auc_ci_low=0.0, min_auc=0.0, min_sensitivity=0.0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -204,7 +205,8 @@ def test_dvc_retrain_on_herlev_plus_a_harvest_from_the_registered_model(tmp_path
     from tests.test_harvest import LABELS, write_labels, write_slide
 
     repo, env = _scratch_repo(tmp_path, herlev_dir)
-    shutil.copy(repo / "configs" / "tiny.yaml", repo / "params.yaml")
+    tiny = load_params(repo / "configs" / "tiny.yaml").to_dict()  # an overlay on params.yaml: written out whole
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     _run(["dvc", "repro", "train"], repo, env)  # Herlev only: registers v1 @candidate
 
     slides = tmp_path / "slides"

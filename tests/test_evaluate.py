@@ -13,8 +13,10 @@ import pytest
 
 from pipeline import evaluate, tracking
 from pipeline.config import load_params
-from pipeline.inference.loading import resolve_model_dir
-from pipeline.inference.predictor import ModelDirError, TorchPredictor
+from pipeline.evaluate_folder import evaluate_folder
+from pipeline.registry import resolve_model_dir
+from pipeline.inference.predictor import TorchPredictor
+from pipeline.model_card import ModelDirError
 from tests.conftest import ROOT, tree_digest
 from tests.tiny_project import tiny_project
 
@@ -106,7 +108,7 @@ def test_registry_uri_resolves_to_the_calibrated_model(project):
     remote, local = TorchPredictor(model_dir), TorchPredictor(root / "models/calibrated")
     assert remote.calibration == local.calibration
     image = np.full((200, 200, 3), 180, dtype=np.uint8)
-    np.testing.assert_allclose(remote.predict_proba([image]), local.predict_proba([image]), atol=1e-6)
+    np.testing.assert_allclose(remote.score([image]).probs, local.score([image]).probs, atol=1e-6)
     import mlflow
 
     from pipeline.calibration import Band
@@ -122,12 +124,11 @@ def test_registry_uri_resolves_to_the_calibrated_model(project):
 
     from pipeline.ood import guard_calls
 
-    probs, ood_local, in_local = local.predict_scores(
-        [np.asarray(load_rgb(Path(params.data.source) / split["path"].iloc[0]))])
-    p_local = local.malignant_probability(probs)
+    scores = local.score([np.asarray(load_rgb(Path(params.data.source) / split["path"].iloc[0]))])
+    ood_local, in_local, p_local = scores.ood_score, scores.in_domain, scores.p_malignant
     np.testing.assert_allclose(served["p_malignant"], p_local, atol=1e-6)
     np.testing.assert_allclose(served["ood_score"].astype(float), ood_local, rtol=1e-5)
-    band = Band(local.calibration["threshold"], local.calibration["band_width"])
+    band = Band(local.calibration.threshold, local.calibration.band_width)
     assert served["call"].tolist() == guard_calls(band.call(p_local), in_local).tolist()
     with pytest.raises(ModelDirError, match="cannot load from MLflow"):
         resolve_model_dir("models:/no-such-model@champion", params.mlflow.tracking_uri)
@@ -149,7 +150,7 @@ def test_external_folder_with_a_bad_file_and_an_excluded_class(project, tmp_path
                       "  carcinoma_in_situ: malignant\n  debris: exclude\n")
     before = tree_digest(data)
     out_dir = tmp_path / "report"
-    report = evaluate.evaluate_folder(str(root / "models/calibrated"), data, labels, out_dir, params.evaluate)
+    report = evaluate_folder(str(root / "models/calibrated"), data, labels, out_dir, params.evaluate)
     assert report["n_scored"] == 10 and report["n_skipped"] == 1 and report["n_excluded"] == 2
     assert 0 <= report["metrics"]["roc_auc"]["value"] <= 1 and 0 < report["coverage"] <= 1
     assert {r["original_class"] for r in report["by_class"]} == {"normal_superficiel", "carcinoma_in_situ", "debris"}

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ExportConfig
-from pipeline.inference.predictor import INT8_FILE, ONNX_FILE, ModelDirError, OnnxPredictor, TorchPredictor
+from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
+from pipeline.model_card import INT8_FILE, ONNX_FILE, ModelDirError
 from tests.conftest import ROOT, tree_digest
 from tests.serving import frame, post, serve
 
@@ -79,10 +80,10 @@ def test_onnx_matches_torch_for_any_batch_and_tta(project, exported):
     torch_p = TorchPredictor(project["root"] / "models/calibrated", batch_size=3)
     onnx_p = OnnxPredictor(exported, batch_size=5, file=ONNX_FILE)
     for tta in (False, True):
-        np.testing.assert_allclose(onnx_p.predict_proba(images, tta=tta), torch_p.predict_proba(images, tta=tta),
+        np.testing.assert_allclose(onnx_p.score(images, tta=tta).probs, torch_p.score(images, tta=tta).probs,
                                    atol=1e-4)
-    single = np.concatenate([onnx_p.predict_proba([im], tta=False) for im in images])
-    np.testing.assert_allclose(single, onnx_p.predict_proba(images, tta=False), atol=1e-6)
+    single = np.concatenate([onnx_p.score([im], tta=False).probs for im in images])
+    np.testing.assert_allclose(single, onnx_p.score(images, tta=False).probs, atol=1e-6)
 
 
 def test_validation_fails_on_a_mismatched_model(project, tmp_path):
@@ -157,7 +158,7 @@ print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].t
     from PIL import Image
 
     onnx_p = OnnxPredictor(root / "models/exported")
-    want = onnx_p.malignant_probability(onnx_p.predict_proba([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    want = onnx_p.score([np.asarray(Image.open(f).convert("RGB")) for f in files]).p_malignant
     np.testing.assert_allclose(got["p"], want, atol=1e-6)
     assert got["v"] == [project["export"]["model_version"]] * 3 and got["e"] == [""] * 3
     # The logged signature names every output column, the per-row `error` included.
@@ -166,7 +167,7 @@ print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].t
 
 
 def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
-    from pipeline.evaluate import evaluate_folder
+    from pipeline.evaluate_folder import evaluate_folder
     from pipeline.inference.files import predict_paths
     from pipeline.inference.loading import load_predictor
 
@@ -180,8 +181,7 @@ def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
     a = pd.read_csv(out_onnx)
     from PIL import Image
 
-    want = predictor.malignant_probability(predictor.predict_proba([np.asarray(Image.open(f).convert("RGB"))
-                                                                    for f in files]))
+    want = predictor.score([np.asarray(Image.open(f).convert("RGB")) for f in files]).p_malignant
     np.testing.assert_allclose(a["p_malignant"], want, atol=1e-6)
     assert (a["model_version"].astype(str) == project["export"]["model_version"]).all()
 
@@ -223,17 +223,17 @@ def test_cam_on_demand_equals_cam_for_every_cell(project, exported):
     from PIL import Image
 
     from pipeline.inference.predictor import OnnxPredictor
-    from pipeline.inference.report import onnx_saliency_maps
+    from pipeline.report.saliency import onnx_saliency_maps
 
     predictor = OnnxPredictor(exported, batch_size=4)
     crops = [np.asarray(Image.open(f).convert("RGB")) for f in herlev_images(10)]
-    x = predictor.preprocess_array(crops)
+    x = predictor.preprocess(crops)
     target = predictor.labels.index(predictor.positive_labels[0])
     run = predictor.session.run
     logits_all, cam_all, feats_all = run(["logits", "cam", "features"], {predictor.input_name: x})
     gallery = [7, 2, 5]
     np.testing.assert_allclose(predictor.cams(x[gallery], target), cam_all[gallery, target], rtol=1e-5, atol=1e-5)
-    logits, feats = predictor.array_outputs(x)
+    logits, feats = predictor.outputs(x)
     np.testing.assert_allclose(logits, logits_all, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(feats, feats_all, rtol=1e-5, atol=1e-5)
     # The report's overlays for the gallery alone equal those cut from the all-cells pass.

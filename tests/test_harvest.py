@@ -16,7 +16,8 @@ from pipeline.cli import main
 from pipeline.config import DataSource, GroupRule, LabelMap, load_params
 from pipeline.data.ingest import ingest, ingest_sources, run_sources
 from pipeline.data.images import ImageLimits
-from pipeline.inference.slide import open_slide, read_crops
+from pipeline.wsi.crops import read_crops
+from pipeline.wsi.readers import open_slide
 from tests.conftest import ROOT
 from tests.test_slide import draw_cells, glass, write_pyramid
 from tests.tiny_project import tiny_project
@@ -140,7 +141,7 @@ def test_bad_label_rows_are_reported_and_skipped(slides, tmp_path, capsys):
 
 
 def write_two_source_params(path: Path, herlev_dir: Path, harvest_dir: Path) -> Path:
-    raw = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    raw = load_params(ROOT / "configs/tiny.yaml").to_dict()  # an overlay: written out whole
     raw["data"]["sources"] = {
         "herlev": {"path": str(herlev_dir), "label_map": str(ROOT / "configs/labels/herlev_binary.yaml"),
                    "group": {"regex": r"(\d+)-\d+-\d+"}},

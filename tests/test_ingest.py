@@ -6,6 +6,7 @@ import shutil
 
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, GroupRule, LabelMap
 from pipeline.data.images import ImageLimits
@@ -136,6 +137,62 @@ def test_csv_manifest_source_with_group_column(tmp_path, binary_map):
     result = ingest(csv, LabelMap.load(binary_map), GroupRule(regex=None, column="patient"))
     assert [r["group"] for r in result.rows] == ["p2", "p2", "p1"]
     assert result.rows[-1]["path"] == "imgs/normal/fovA-0.png"  # relative to the CSV's folder
+
+
+def _harvest_like_csv(folder, n_cells=4):
+    """A CSV manifest of one slide's cells, as `cytopipe harvest` writes it: file names cell<i>-x.png, which
+    a file-name rule such as RULE would split into one group per cell; the `group` column says slide7."""
+    for i in range(n_cells):
+        make_image(folder / ("normal" if i % 2 else "cancer") / f"cell{i}-x.png", seed=200 + i)
+    pd.DataFrame({"path": [f"{'normal' if i % 2 else 'cancer'}/cell{i}-x.png" for i in range(n_cells)],
+                  "class": ["normal" if i % 2 else "cancer" for i in range(n_cells)],
+                  "group": ["slide7"] * n_cells}).to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
+def test_csv_group_column_is_used_unless_a_rule_says_otherwise(tmp_path, binary_map):
+    csv = _harvest_like_csv(tmp_path / "harvest")
+    lm = LabelMap.load(binary_map)
+    assert {r["group"] for r in ingest(csv, lm, None).rows} == {"slide7"}  # no rule: the column
+    by_name = ingest(csv, lm, RULE).rows  # a rule given explicitly wins
+    assert sorted(r["group"] for r in by_name) == ["cell0", "cell1", "cell2", "cell3"]
+    (tmp_path / "plain.csv").write_text("path,class\nharvest/normal/cell1-x.png,normal\n")
+    assert ingest(tmp_path / "plain.csv", lm, None).rejects[0]["reason"].startswith("no group: file name")
+
+
+def test_cli_source_csv_keeps_its_groups_whatever_the_params_rule(tmp_path, binary_map):
+    """The reported bug: `ingest --source manifest.csv --label-map ...` applied params.yaml's group regex
+    (Herlev's: every harvested cell rejected; another project's: one group per cell, a slide leaked)."""
+    from pipeline.cli import main
+
+    csv = _harvest_like_csv(tmp_path / "harvest")
+    params = tmp_path / "params.yaml"
+    for rule in (r"(\d+)-\d+-\d+", r"^(\w+?)-"):  # Herlev's, and one that splits the slide's cells
+        params.write_text(yaml.safe_dump({"data": {"sources": {"first": {
+            "path": str(tmp_path / "elsewhere"), "label_map": str(binary_map), "group": {"regex": rule}}}}}))
+        assert main(["ingest", "--params", str(params), "--source", str(csv), "--label-map", str(binary_map),
+                     "--out", str(tmp_path / "out")]) == 0
+        manifest = pd.read_csv(tmp_path / "out/manifest.csv", dtype=str)
+        assert len(manifest) == 4 and set(manifest["group"]) == {"slide7"}, rule
+    assert main(["ingest", "--params", str(params), "--source", str(csv), "--label-map", str(binary_map),
+                 "--group-regex", r"^(\w+?)-", "--out", str(tmp_path / "out")]) == 0  # the flag says otherwise
+    assert pd.read_csv(tmp_path / "out/manifest.csv", dtype=str)["group"].nunique() == 4
+
+
+def test_a_second_source_does_not_take_the_first_sources_group_rule(tmp_path, binary_map):
+    from pipeline.config import load_params
+    from pipeline.data.ingest import ingest_sources
+
+    src = _good_dataset(tmp_path / "src")
+    csv = _harvest_like_csv(tmp_path / "harvest")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"sources": {
+        "first": {"path": str(src), "label_map": str(binary_map), "group": {"regex": RULE.regex}},
+        "second": {"path": str(csv), "label_map": str(binary_map)}}}}))
+    sources = load_params(params).data.sources
+    assert sources["first"].group == RULE and sources["second"].group is None  # its own: none written
+    rows = ingest_sources(tuple(sources.values()), progress=False).rows
+    assert {r["group"] for r in rows} == {"first:fovA", "first:fovB", "second:slide7"}
 
 
 def test_csv_manifest_missing_column(tmp_path, binary_map):

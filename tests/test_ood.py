@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from pipeline import ood
-from pipeline.inference.predictor import ModelDirError, OnnxPredictor, TorchPredictor
+from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
+from pipeline.model_card import ModelDirError
 from tests.conftest import ROOT
 
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
@@ -258,8 +259,8 @@ def test_synthetic_inputs_score_higher_than_cells(project, folder):
     # features of a black image to a low score, so its guard is checked on cells/noise only below.
     predictor = OnnxPredictor(model_dir, file="model.onnx") if folder.endswith("exported") else TorchPredictor(model_dir)
     # tta=None: the view setting the model (and its guard) was calibrated with.
-    _, s_cells, in_cells = predictor.predict_scores(test_cells(project))
-    _, s_ood, in_ood = predictor.predict_scores(synthetic_ood_images())
+    cells, odd = predictor.score(test_cells(project)), predictor.score(synthetic_ood_images())
+    s_cells, in_cells, s_ood, in_ood = cells.ood_score, cells.in_domain, odd.ood_score, odd.in_domain
     assert np.isfinite(s_cells).all() and np.isfinite(s_ood).all()
     # All but one synthetic input score above the median cell. Why not all: on this CPU the tiny
     # 2-epoch, 64 px model scores the black image 33.9 against a cell median of 57.4, identically
@@ -273,8 +274,9 @@ def test_int8_guard_flags_noise_and_stripes(project):
     predictor = OnnxPredictor(project["root"] / "models/exported")  # int8, as tiny.yaml serves it
     assert predictor.precision == "int8"
     images = synthetic_ood_images()
-    _, s_cells, _ = predictor.predict_scores(test_cells(project))
-    _, s_ood, in_ood = predictor.predict_scores(images[:6] + images[-3:])  # noise, stripes
+    s_cells = predictor.score(test_cells(project)).ood_score
+    odd = predictor.score(images[:6] + images[-3:])  # noise, stripes
+    s_ood, in_ood = odd.ood_score, odd.in_domain
     assert s_ood.min() > np.median(s_cells) and not in_ood.any()
 
 
@@ -287,8 +289,9 @@ def test_export_carries_the_guard_and_matches_torch(project):
     check = meta["validation"]["ood"]
     assert check["max_rel_diff"] <= check["rtol"] and check["in_domain_agreement"] == 1.0
     images = test_cells(project, 8) + synthetic_ood_images(2)
-    _, s_torch, in_torch = TorchPredictor(project["root"] / "models/calibrated").predict_scores(images, tta=False)
-    _, s_onnx, in_onnx = OnnxPredictor(exported, file="model.onnx").predict_scores(images, tta=False)
+    by_torch = TorchPredictor(project["root"] / "models/calibrated").score(images, tta=False)
+    by_onnx = OnnxPredictor(exported, file="model.onnx").score(images, tta=False)
+    s_torch, in_torch, s_onnx, in_onnx = by_torch.ood_score, by_torch.in_domain, by_onnx.ood_score, by_onnx.in_domain
     np.testing.assert_allclose(s_onnx, s_torch, rtol=1e-3)
     assert (in_onnx == in_torch).all()
 
@@ -317,7 +320,8 @@ def test_model_without_guard_still_works(project, tmp_path, capsys):
     (copy / "model.json").write_text(json.dumps(meta))
     (copy / ood.OOD_FILE).unlink()
     predictor = TorchPredictor(copy)
-    probs, scores, ok = predictor.predict_scores(synthetic_ood_images(2) + synthetic_ood_images(2), tta=False)
+    got = predictor.score(synthetic_ood_images(2) + synthetic_ood_images(2), tta=False)
+    probs, scores, ok = got.probs, got.ood_score, got.in_domain
     assert predictor.ood is None and np.isnan(scores).all() and ok.all() and probs.shape == (len(ok), 2)
     err = capsys.readouterr().err
     assert err.count("has no OOD guard") == 1  # one line, once per loaded model
@@ -409,7 +413,7 @@ def test_score_slide_excludes_out_of_domain_cells(project, tmp_path):
 
 
 def test_score_slide_gallery_items_carry_the_guard(project, tmp_path, monkeypatch):
-    from pipeline.inference import report
+    from pipeline.report import page as report
     from pipeline.inference.score_slide import score_slide
     from tests.test_slide import CELLS, SIZE, draw_cells, glass, write_pyramid
 

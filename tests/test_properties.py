@@ -31,7 +31,8 @@ from pipeline import config as cfgmod
 from pipeline.config import EXCLUDE, ConfigError, LabelMap, Params, load_params
 from pipeline.data.images import ImageError, ImageLimits, decode_rgb, load_rgb, read_bytes
 from pipeline.data.transforms import base_resize, normalize
-from pipeline.inference.slide import _ImageSource, crop_box, crop_boxes, read_crops, tile_crops
+from pipeline.wsi.crops import crop_box, crop_boxes, read_crops, tile_crops
+from pipeline.wsi.readers import _ImageSource
 from tests.test_slide import glass
 
 PROPS = settings(
@@ -460,14 +461,17 @@ def test_base_resize_keeps_a_centred_cell_centred(shape, extra):
 def _defaults() -> dict:
     """params.yaml with every section at its defaults: the starting point of the mutations."""
     doc = Params(cfgmod.DataConfig(), cfgmod.SplitConfig()).to_dict()
-    doc["data"]["group"] = {"regex": doc["data"]["group"]["regex"]}
+    herlev = doc["data"]["sources"]["herlev"]
+    herlev["group"] = {"regex": herlev["group"]["regex"]}
     return doc
 
 
 DEFAULTS = _defaults()
 SECTION_NAMES = list(DEFAULTS)
-FIELD_PATHS = [(s, k) for s in SECTION_NAMES for k in DEFAULTS[s]] + [("data", "group", "regex"),
-                                                                     ("data", "group", "column")]
+HERLEV_SOURCE = ("data", "sources", "herlev")
+FIELD_PATHS = [(s, k) for s in SECTION_NAMES for k in DEFAULTS[s]] + [
+    HERLEV_SOURCE + ("path",), HERLEV_SOURCE + ("label_map",), HERLEV_SOURCE + ("group", "regex"),
+    HERLEV_SOURCE + ("group", "column")]
 
 
 def assert_config_error(exc: ConfigError, path: Path) -> None:
@@ -656,9 +660,10 @@ def test_params_mutated_documents(scratch, edits):
             continue
         obj = getattr(params, name)
         for key, value in section.items():
-            if key == "group":
-                continue
             got = getattr(obj, key)
+            if key == "sources":  # each source's path and label map as written (group rules: below)
+                got = {n: (s.path, s.label_map) for n, s in got.items()}
+                value = {n: (s["path"], s["label_map"]) for n, s in value.items()}
             if isinstance(value, float) and math.isnan(value):
                 assert isinstance(got, float) and math.isnan(got)
             else:
@@ -668,9 +673,9 @@ def test_params_mutated_documents(scratch, edits):
     assert set(fr) == {"train", "val", "test"} and all(0 < v <= 1 for v in fr.values())
     assert abs(sum(fr.values()) - 1) <= 1e-6
     assert params.train.lr > 0 and params.slide.crop_margin >= 0 and math.isfinite(params.slide.crop_margin)
-    rule = params.data.group
-    assert (rule.regex is None) != (rule.column is None)
-    assert all(v is None or isinstance(v, str) for v in (rule.regex, rule.column))
+    for rule in (s.group for s in params.data.source_list() if s.group is not None):  # None: ingest decides
+        assert (rule.regex is None) != (rule.column is None)
+        assert all(v is None or isinstance(v, str) for v in (rule.regex, rule.column))
 
 
 @PROPS

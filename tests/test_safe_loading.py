@@ -85,7 +85,8 @@ def _sha256(path: Path) -> str:
 
 
 def test_a_malicious_model_file_with_a_matching_checksum_is_refused_and_never_runs(tmp_path):
-    from pipeline.inference.predictor import ModelDirError, TorchPredictor
+    from pipeline.inference.predictor import TorchPredictor
+    from pipeline.model_card import ModelDirError
 
     marker = tmp_path / "payload-ran"
     model_dir = tmp_path / "model"

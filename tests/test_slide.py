@@ -12,17 +12,11 @@ import pytest
 from PIL import Image
 
 from pipeline.config import SlideConfig
-from pipeline.inference.slide import (
-    CELL_COLUMNS,
-    SlideError,
-    crop_box,
-    detect_cells,
-    detect_slide,
-    foreground_mask,
-    foreground_regions,
-    open_slide,
-    read_crops,
-)
+from pipeline.wsi.crops import crop_box, read_crops
+from pipeline.wsi.detection import CELL_COLUMNS, detect_slide
+from pipeline.wsi.readers import SlideError, open_slide
+from pipeline.wsi.segmentation import detect_cells
+from pipeline.wsi.tiling import foreground_mask, foreground_regions
 from tests.conftest import SHARED_DATA
 
 REAL_SLIDE = SHARED_DATA / "slides" / "csf-breast-carcinoma-pap.tiff"
@@ -358,7 +352,7 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
 
 def test_tiled_jpeg_level_assembles_tiles_clips_and_leaves_glass_white(tmp_path):
     """A region cut across tile borders, partly beyond the level, and over an empty tile (count 0)."""
-    from pipeline.inference.tiff_levels import TiledJpegLevel
+    from pipeline.wsi.tiff_levels import TiledJpegLevel
 
     rng = np.random.default_rng(0)
     width, height, tile = 150, 100, 64  # 3 x 2 tiles, the last column and row partial
@@ -401,7 +395,8 @@ def test_real_slide_reduced_levels_match_openslide(real_slide):
     """Levels 1-5 of the CSF slide are cut from their own JPEG tiles: the same pixels as OpenSlide's
     where it does not resample (the origin), within its sub-pixel resampling elsewhere, and the cells
     found on a level-1 tile agree with those found on OpenSlide's read."""
-    from pipeline.inference.slide import _composite_white, detection_level
+    from pipeline.wsi.detection import detection_level
+    from pipeline.wsi.readers import _composite_white
 
     cfg = SlideConfig()
     with open_slide(real_slide) as src:

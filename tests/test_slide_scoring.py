@@ -11,8 +11,11 @@ import pytest
 
 from pipeline.config import ConfigError, SlideConfig
 from pipeline.inference.predictor import Predictor
-from pipeline.inference.slide import detect_slide, open_slide, read_crops, tile_crops
+from pipeline.model_card import ModelCard
 from pipeline.inference.slide_scoring import score_overlapped, score_parallel, score_phased, score_sequential, tile_groups
+from pipeline.wsi.crops import read_crops, tile_crops
+from pipeline.wsi.detection import detect_slide
+from pipeline.wsi.readers import open_slide
 from tests.test_slide import CELLS, DEBRIS, BLOB, SIZE, TILE, draw_cells, glass, write_pyramid
 
 
@@ -23,15 +26,15 @@ class PixelModel(Predictor):
     backend = "stub"
 
     def __init__(self, batch_size: int = 8, size: int = 32):
-        meta = {"labels": ["benign", "malignant"], "positive_label": "malignant", "image_size": size,
+        meta = {"arch": "stub", "labels": ["benign", "malignant"], "positive_label": "malignant", "image_size": size,
                 "mean": [0.5] * 3, "std": [0.5] * 3, "calibration": {"temperature": 1.0}}
-        super().__init__("stub", meta, batch_size)
+        super().__init__("stub", ModelCard.from_dict(meta), batch_size)
         self.weights = np.random.default_rng(0).standard_normal((2, 3 * size * size)).astype(np.float32) / size
         self.threads: set[str] = set()
 
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, None]:
         self.threads.add(threading.current_thread().name)
-        return batch.reshape(len(batch), -1) @ self.weights.T
+        return batch.reshape(len(batch), -1) @ self.weights.T, None
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,7 @@ def test_pipelined_equals_sequential(slide, cfg, schedule, workers, queue, batch
         cells_seq, scores_seq, _ = score_sequential(PixelModel(batch), src, run_cfg, tta=False, progress=False)
         model = PixelModel(batch)
         cells_pipe, scores_pipe, seconds = schedule(model, src, run_cfg, tta=False, progress=False)
+        scores_seq, scores_pipe = scores_seq.p_malignant, scores_pipe.p_malignant
     assert len(cells_seq) >= len(CELLS)
     pd.testing.assert_frame_equal(cells_pipe, cells_seq)
     np.testing.assert_allclose(scores_pipe, scores_seq, rtol=0, atol=1e-6)
@@ -96,7 +100,7 @@ def test_pipelined_blank_slide_and_model_errors(tmp_path, cfg, schedule):
     assert len(cells) == 0 and len(scores) == 0 and list(cells.columns)[0] == "cell_id"
 
     class Broken(PixelModel):
-        def _logits(self, batch):
+        def _forward(self, batch):
             raise RuntimeError("model exploded")
 
     slide = write_pyramid(tmp_path / "cells.tiff", draw_cells(glass(SIZE), CELLS))

@@ -76,7 +76,7 @@ def test_registered_model_reloads_with_equal_predictions(trained):
     paths = [root / p for p in split[split["split"] == "test"]["path"].head(6)]
     frame = pd.DataFrame({IMAGE_COLUMN: [encode_image_file(p) for p in paths]})
     served = model.predict(frame)
-    local = TorchPredictor(tmp / "model").predict_proba([np.asarray(load_rgb(p)) for p in paths])
+    local = TorchPredictor(tmp / "model").score([np.asarray(load_rgb(p)) for p in paths]).probs
     # The trained (not yet evaluated) model has no OOD guard: in domain, no score.
     assert list(served.columns) == ["prob_benign", "prob_malignant", "in_domain", "ood_score", "model_version", "error"]
     assert served["in_domain"].tolist() == [True] * len(paths) and served["ood_score"].isna().all()

@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_tiny_params(project: Path, herlev_dir: Path, **overrides) -> Path:
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    herlev = raw["data"].pop("sources")["herlev"]  # the one-source form, at the real data
-    raw["data"].update(source=str(herlev_dir), label_map=str(ROOT / herlev["label_map"]), group=herlev["group"])
+    """`project`/params.yaml: configs/tiny.yaml's effective values (an overlay on params.yaml, written out
+    whole so the copy stands alone), with the Herlev source at `herlev_dir`, plus `overrides`."""
+    from pipeline.config import load_params
+
+    raw = load_params(ROOT / "configs" / "tiny.yaml").to_dict()
+    herlev = raw["data"]["sources"]["herlev"]
+    herlev.update(path=str(herlev_dir), label_map=str(ROOT / herlev["label_map"]))
     raw["mlflow"]["tracking_uri"] = f"sqlite:///{project / 'mlflow.db'}"
     for dotted, value in overrides.items():
         section, key = dotted.split("__")

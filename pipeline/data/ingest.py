@@ -100,6 +100,28 @@ def discover_folder(source: Path, rejects: list[dict]) -> list[Candidate]:
     return candidates
 
 
+GROUP_COLUMN = "group"  # harvest writes it; a CSV manifest with it is grouped by it unless a rule says otherwise
+
+
+def _csv_columns(source: Path) -> list[str]:
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as fh:
+            return csv.DictReader(fh).fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise IngestError(f"{source}: cannot read CSV manifest ({exc})") from None
+
+
+def effective_group_rule(source: Path | str, group_rule: GroupRule | None) -> GroupRule:
+    """`group_rule`; without one (None), a CSV manifest's `group` column when it has one, else the
+    default file-name rule. Why: a harvested manifest's groups are slides, which no file name says."""
+    if group_rule is not None:
+        return group_rule
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv" and GROUP_COLUMN in _csv_columns(source):
+        return GroupRule(regex=None, column=GROUP_COLUMN)
+    return GroupRule()
+
+
 def discover_csv(source: Path, group_rule: GroupRule) -> list[Candidate]:
     """Rows of a CSV with columns path, class[, group]; paths relative to the CSV's folder."""
     root = source.parent
@@ -128,13 +150,13 @@ def discover_csv(source: Path, group_rule: GroupRule) -> list[Candidate]:
 def discover(source: Path | str, group_rule: GroupRule, rejects: list[dict]) -> list[Candidate]:
     source = Path(source)
     if not source.exists():
-        raise IngestError(f"{source}: not found (set data.source in params.yaml or pass --source)")
+        raise IngestError(f"{source}: not found (set data.sources in params.yaml or pass --source)")
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise IngestError(f"{source}: a source must be a folder of class subfolders or a .csv manifest")
         return discover_csv(source, group_rule)
     if group_rule.column:
-        raise ConfigError(f"data.group.column='{group_rule.column}' needs a CSV manifest source; {source} is a folder")
+        raise ConfigError(f"group.column '{group_rule.column}' needs a CSV manifest source; {source} is a folder")
     return discover_folder(source, rejects)
 
 
@@ -209,14 +231,16 @@ def _check_classes(candidates: list[Candidate], label_map: LabelMap) -> None:
 def ingest(
     source: Path | str,
     label_map: LabelMap,
-    group_rule: GroupRule,
+    group_rule: GroupRule | None,
     limits: ImageLimits = ImageLimits(),
     progress: bool | None = None,
 ) -> IngestResult:
-    """Validate every image under `source`; return manifest rows and rejects (pure: writes nothing)."""
+    """Validate every image under `source`; return manifest rows and rejects (pure: writes nothing).
+    `group_rule` None: see `effective_group_rule`."""
     from tqdm import tqdm
 
     result = IngestResult()
+    group_rule = effective_group_rule(source, group_rule)
     candidates = discover(source, group_rule, result.rejects)
     _check_classes(candidates, label_map)
     rows = []
@@ -352,7 +376,8 @@ def run_sources(sources: tuple[DataSource, ...], limits: ImageLimits, out_dir: s
     return summary
 
 
-def run(source: str, label_map_path: str, group_rule: GroupRule, limits: ImageLimits, out_dir: str) -> dict:
+def run(source: str, label_map_path: str, group_rule: GroupRule | None, limits: ImageLimits,
+        out_dir: str) -> dict:
     """The stage: ingest, write outputs, and fail if no image is usable."""
     label_map = LabelMap.load(label_map_path)
     result = ingest(source, label_map, group_rule, limits)

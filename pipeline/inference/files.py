@@ -16,9 +16,13 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline import atomic
 from pipeline.concurrency import in_order
 from pipeline.data.images import IMAGE_SUFFIXES, ImageError, load_rgb
-from pipeline.inference.loading import DEFAULT_MODEL  # noqa: F401  (re-exported for callers)
+from pipeline.inference.loading import load_predictor
+from pipeline.model_card import ModelDirError
+from pipeline.ood import OUT_OF_DOMAIN, method_of, one_blas_thread
+from pipeline.registry import DEFAULT_MODEL  # noqa: F401  (re-exported for callers)
 
 COLUMNS = ("path", "p_malignant", "call", "in_domain", "ood_score", "model_version", "error")
 OUT_SUFFIXES = (".csv", ".json")
@@ -117,8 +121,6 @@ def _finite(value: float | None) -> float | None:
 
 
 def ood_method_name(predictor) -> str | None:
-    from pipeline.ood import method_of
-
     return method_of(predictor.ood) if predictor.ood is not None else None
 
 
@@ -133,20 +135,52 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def score_chunk(predictor, chunk: list[tuple[Path, str | None]], model_version: str, tta: bool
+                ) -> tuple[list[dict], list[str]]:
+    """Read, decode, preprocess and score one batch: its rows (in input order) and skip notes."""
+    rows, images, slots, skipped = [], [], [], []
+    for path, reason in chunk:
+        if reason is None:
+            image, reason = _read(path)
+            if image is not None:
+                slots.append(len(rows))
+                images.append(image)
+        if reason is not None:
+            skipped.append(f"skipped: {path}: {reason}")
+        rows.append({"path": str(path), "p_malignant": None, "call": "", "in_domain": None,
+                     "ood_score": None, "model_version": model_version, "error": reason or ""})
+    if images:
+        scores = predictor.score_batch(predictor.preprocess(images), tta=tta)
+        for slot, value, call, score, ok in zip(slots, scores.p_malignant, scores.call, scores.ood_score,
+                                                scores.in_domain):
+            value = _finite(float(value))
+            rows[slot].update(p_malignant=value, call=str(call) if value is not None else "",
+                              in_domain=bool(ok), ood_score=_finite(float(score)),
+                              error="" if value is not None else "model returned a non-finite score")
+    return rows, skipped
+
+
+def write_rows(rows: list[dict], out_path: Path | None, header: dict) -> None:
+    """CSV on stdout or in a .csv file, or a .json document: `header` then the predictions."""
+    import pandas as pd
+
+    if out_path is None:
+        pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(sys.stdout, index=False)
+        sys.stdout.flush()
+    elif out_path.suffix.lower() == ".csv":
+        atomic.write_csv(out_path, pd.DataFrame(rows, columns=list(COLUMNS)))
+    else:
+        # NaN is already None; allow_nan=False guards against an invalid JSON file regardless.
+        atomic.write_text(out_path, json.dumps({**header, "predictions": rows}, indent=2, allow_nan=False) + "\n")
+
+
 def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | None, tracking_uri: str | None,
                   batch_size: int = 32, workers: int | None = None) -> int:
     """Score image files/folders; write CSV (stdout or .csv) or JSON (.json). Returns the exit code.
 
     `workers` threads (default: one per core) each read, decode and score their own batches, each
     running ONNX Runtime on cores / workers threads; rows come out in input order."""
-    import pandas as pd
     from tqdm import tqdm
-
-    from pipeline import atomic
-    from pipeline.calibration import Band
-    from pipeline.inference.loading import load_predictor
-    from pipeline.inference.predictor import ModelDirError
-    from pipeline.ood import OUT_OF_DOMAIN, guard_calls, one_blas_thread
 
     # Argument checks first: they cost nothing, loading a model does.
     out_path = Path(out) if out else None
@@ -158,81 +192,37 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
     workers = default_workers() if workers is None else workers
     if workers < 1:
         return _fail(f"workers must be >= 1, got {workers}", 2)
-
     try:
         threads = max(1, (os.cpu_count() or 1) // workers)
         predictor, model_version = load_predictor(model, tracking_uri, batch_size, threads=threads)
         predictor.positive_labels  # noqa: B018 - fail on a bad label config before reading any image
     except ModelDirError as exc:
         return _fail(str(exc), 1)
-
-    calibration = predictor.calibration
-    if not calibration:
-        print(f"warning: {model} has no calibration (run the evaluate stage); using threshold 0.5 and "
-              "no indeterminate band", file=sys.stderr)
-    band = Band(float(calibration.get("threshold", 0.5)), float(calibration.get("band_width", 0.0)))
-    use_tta = bool(calibration.get("tta", False)) if tta is None else bool(tta)
+    band, use_tta = predictor.band, predictor.calibration.tta if tta is None else bool(tta)
     if predictor.backend != "onnx":
         workers = 1  # eager torch already spreads one batch over every core
-
-    def read_and_score(chunk):
-        """Read, decode, preprocess and score one batch: its rows (in input order) and skip notes."""
-        chunk_rows, images, slots, skipped = [], [], [], []
-        for path, reason in chunk:
-            if reason is None:
-                image, reason = _read(path)
-                if image is not None:
-                    slots.append(len(chunk_rows))
-                    images.append(image)
-            if reason is not None:
-                skipped.append(f"skipped: {path}: {reason}")
-            chunk_rows.append({"path": str(path), "p_malignant": None, "call": "", "in_domain": None,
-                               "ood_score": None, "model_version": model_version, "error": reason or ""})
-        if images:
-            probs, ood_score, in_domain = predictor.array_scores(predictor.preprocess_array(images), tta=use_tta)
-            p = predictor.malignant_probability(probs)
-            calls = guard_calls(band.call(p), in_domain)
-            for slot, value, call, score, ok in zip(slots, p, calls, ood_score, in_domain):
-                value = _finite(float(value))
-                chunk_rows[slot].update(p_malignant=value, call=str(call) if value is not None else "",
-                                        in_domain=bool(ok), ood_score=_finite(float(score)),
-                                        error="" if value is not None else "model returned a non-finite score")
-        return chunk_rows, skipped
 
     entries = _expand(paths)
     rows: list[dict] = []
     with tqdm(total=len(entries), desc="predict", unit="img", disable=None, file=sys.stderr, leave=False) as bar, \
             one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool:
         # One batch queued beyond those in work: memory holds workers + 1 batches at most.
-        for chunk_rows, skipped in in_order(pool, read_and_score, _batches(entries, batch_size), workers + 1):
+        for chunk_rows, skipped in in_order(pool, lambda chunk: score_chunk(predictor, chunk, model_version, use_tta),
+                                            _batches(entries, batch_size), workers + 1):
             for line in skipped:
                 tqdm.write(line, file=sys.stderr)
             rows.extend(chunk_rows)
             bar.update(len(chunk_rows))
 
     scored = [r for r in rows if not r["error"]]
-    n_err = len(rows) - len(scored)
     if not scored:
         what = f"none of {len(rows)} file(s) could be scored" if rows else "no image files found"
         return _fail(f"{what} in {' '.join(paths)}; nothing written", 1)
-
-    if out_path is None:
-        pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(sys.stdout, index=False)
-        sys.stdout.flush()
-    elif out_path.suffix.lower() == ".csv":
-        atomic.write_csv(out_path, pd.DataFrame(rows, columns=list(COLUMNS)))
-    else:
-        doc = {"model": model, "model_version": model_version, "threshold": band.threshold,
-               "band": [band.lower, band.upper], "tta": use_tta,
-               "ood": {"method": ood_method_name(predictor), "threshold": ood_threshold(predictor)},
-               "predictions": rows}
-        # NaN is already None; allow_nan=False guards against an invalid JSON file regardless.
-        atomic.write_text(out_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
-
-    n_mal = sum(r["call"] == "malignant" for r in scored)
-    n_ind = sum(r["call"] == "indeterminate" for r in scored)
-    n_ood = sum(r["call"] == OUT_OF_DOMAIN for r in scored)
+    write_rows(rows, out_path, {"model": model, "model_version": model_version, "threshold": band.threshold,
+                                "band": [band.lower, band.upper], "tta": use_tta,
+                                "ood": {"method": ood_method_name(predictor), "threshold": ood_threshold(predictor)}})
+    counts = {call: sum(r["call"] == call for r in scored) for call in ("malignant", "indeterminate", OUT_OF_DOMAIN)}
     target = f" -> {out_path}" if out_path is not None else ""
-    print(f"predict: {len(scored)} scored, {n_mal} malignant, {n_ind} indeterminate, {n_ood} out of domain, "
-          f"{n_err} errors{target}", file=sys.stderr)
+    print(f"predict: {len(scored)} scored, {counts['malignant']} malignant, {counts['indeterminate']} indeterminate, "
+          f"{counts[OUT_OF_DOMAIN]} out of domain, {len(rows) - len(scored)} errors{target}", file=sys.stderr)
     return 0

@@ -28,21 +28,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+from pipeline.registry import UNREGISTERED
+
 IMAGE_COLUMN = "image"
 
 
 def encode_image_file(path) -> str:
     with open(path, "rb") as fh:
         return base64.b64encode(fh.read()).decode("ascii")
-
-
-def input_example(source: str, split_csv) -> pd.DataFrame:
-    """One real validation image, base64-encoded: the input example logged with the model."""
-    from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
-
-    split = read_table(split_csv, SPLIT_COLUMNS)
-    first = split[split["split"] == "val"]["path"].iloc[0]
-    return pd.DataFrame({IMAGE_COLUMN: [encode_image_file(source_root(source) / first)]})
 
 
 def _bad_input(message: str) -> MlflowException:
@@ -85,33 +78,24 @@ def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
     images, errors = decode_rows(model_input)
     good = np.array([image is not None for image in images])
     probs = np.full((len(images), len(predictor.labels)), np.nan)
+    p = np.full(len(images), np.nan)
+    calls = np.full(len(images), "error", dtype=object)
     ood_score = np.full(len(images), np.nan)
     in_domain = np.ones(len(images), dtype=bool)
     if good.any():
-        probs[good], ood_score[good], in_domain[good] = predictor.predict_scores(
-            [image for image in images if image is not None])
+        scores = predictor.score([image for image in images if image is not None])
+        probs[good], p[good], calls[good] = scores.probs, scores.p_malignant, scores.call
+        ood_score[good], in_domain[good] = scores.ood_score, scores.in_domain
     out = pd.DataFrame(probs, columns=[f"prob_{label}" for label in predictor.labels])
-    calibration = predictor.calibration
-    if calibration:
-        from pipeline.calibration import Band
-        from pipeline.ood import guard_calls
-
-        p = np.full(len(images), np.nan)
-        p[good] = predictor.malignant_probability(probs[good])
+    if predictor.calibrated:  # an uncalibrated model (the training run's) answers probabilities only
         out["p_malignant"] = p
-        calls = np.full(len(images), "error", dtype=object)
-        calls[good] = guard_calls(Band(calibration["threshold"], calibration["band_width"]).call(p[good]),
-                                  in_domain[good])
         out["call"] = calls
     out["in_domain"] = in_domain.astype(object)
-    out["ood_score"] = ood_score
     # None, not NaN: the server writes NaN as a bare token that strict JSON parsers reject.
-    out["ood_score"] = out["ood_score"].astype(object).where(np.isfinite(ood_score), None)
+    out["ood_score"] = pd.Series(ood_score).astype(object).where(np.isfinite(ood_score), None)
     if not good.all():
         for column in out.columns.drop("call", errors="ignore"):
             out[column] = out[column].astype(object).where(good, None)
-    from pipeline.inference.loading import UNREGISTERED
-
     out["model_version"] = predictor.registered_version or UNREGISTERED
     out["error"] = errors
     return out

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, ood
 from pipeline.config import SlideConfig
+from pipeline.data.transforms import base_resize
+from pipeline.inference.loading import load_predictor
+from pipeline.inference.slide_scoring import score_slide_cells
 
 
 SALIENCY = {"torch": "Grad-CAM (pytorch-grad-cam) at the last convolution, for the malignant output",
@@ -49,20 +52,13 @@ class LoadedModel:
     uri: str
     predictor: object
     version: str
-    calibration: dict
     load_s: float | None  # in the summary of the first slide scored only: it is paid once
 
 
 def load_model(model: str, cfg: SlideConfig, tracking_uri: str | None = None) -> LoadedModel:
-    from pipeline.inference.loading import load_predictor
-
     t = time.perf_counter()
     predictor, version = load_predictor(model, tracking_uri, cfg.batch_size, threads=cfg.model_threads())
-    calibration = predictor.calibration
-    if not calibration:
-        print(f"warning: {model} has no calibration; using threshold 0.5", file=sys.stderr)
-        calibration = {"threshold": 0.5, "band_width": 0.0, "temperature": 1.0, "tta": False}
-    return LoadedModel(model, predictor, version, calibration, time.perf_counter() - t)
+    return LoadedModel(model, predictor, version, time.perf_counter() - t)
 
 
 def _missing_dirs(path: Path) -> list[Path]:
@@ -88,7 +84,7 @@ def score_slides(slides: list[str], model: str, out_dir: Path, cfg: SlideConfig,
     others are scored. Returns the exit code: 0 when every slide was scored, 1 when any failed
     (a failed slide has no report, so the exit code is the only record a script gets), 2 for
     arguments that cannot work."""
-    from pipeline.inference.slide import SlideError
+    from pipeline.wsi.readers import SlideError
 
     out_dir = Path(out_dir)
     stems = [Path(s).stem for s in slides]
@@ -144,20 +140,14 @@ def score_loaded(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfi
 def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig, mpp: float | None,
                 top: int | None, tta: bool | None, log) -> dict:
     """Detect, score and write the report files into `out_dir` (the staging folder)."""
-    import pandas as pd
+    from pipeline.report.page import png_data_uri, render_html
+    from pipeline.report.saliency import heatmap_overlay, saliency_maps
+    from pipeline.wsi.crops import read_crops
+    from pipeline.wsi.readers import open_slide
 
-    from pipeline.calibration import Band
-    from pipeline.inference.report import heatmap_overlay, png_data_uri, render_html, saliency_maps
-    from pipeline.inference.slide import open_slide, read_crops
-    from pipeline.inference.slide_scoring import score_slide_cells
-
-    model, predictor, version, calibration = loaded.uri, loaded.predictor, loaded.version, loaded.calibration
-    band = Band(calibration["threshold"], calibration["band_width"])
-    use_tta = calibration.get("tta", False) if tta is None else tta
-    seconds: dict[str, float] = {}
-    if loaded.load_s is not None:
-        seconds["load model"] = loaded.load_s
-
+    predictor = loaded.predictor
+    use_tta = predictor.calibration.tta if tta is None else tta
+    seconds: dict[str, float] = {} if loaded.load_s is None else {"load model": loaded.load_s}
     t = time.perf_counter()
     source = open_slide(slide, mpp)
     seconds["open slide"] = time.perf_counter() - t
@@ -169,72 +159,26 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
         seconds.update(steps)
         log(f"score-slide: {len(cells)} cells detected and scored in {sum(steps.values()):.1f}s "
             f"({predictor.backend}; {inference_s:.1f}s in the model)")
-        from pipeline.ood import guard_calls, method_of
-
-        # Out-of-domain cells get "out of domain", never benign/malignant, and so drop out of the counts.
-        ood_score = cells["ood_score"].to_numpy(dtype=float) if len(cells) else np.zeros(0)
-        in_domain = predictor.in_domain(ood_score)
-        calls = guard_calls(band.call(scores), in_domain) if len(scores) else np.array([], dtype=str)
-
-        n_top = cfg.gallery if top is None else top
-        order = np.argsort(-scores, kind="stable")[:n_top]
+        order = np.argsort(-scores.p_malignant, kind="stable")[:cfg.gallery if top is None else top]
         t = time.perf_counter()
         top_cells = cells.iloc[order]
         crops = read_crops(source, top_cells, cfg.crop_margin) if len(order) else []
         cams = saliency_maps(predictor, crops)
         seconds["saliency"] = time.perf_counter() - t
-
         t = time.perf_counter()
         thumbnail, downsample = source.thumbnail(cfg.mask_max_px)
-        heat = heatmap_overlay(thumbnail, downsample, cells, scores, mark=len(order))
+        heat = heatmap_overlay(thumbnail, downsample, cells, scores.p_malignant, mark=len(order))
     out_dir = Path(out_dir)
-    table = pd.DataFrame({
-        **{k: cells[k].to_numpy() if len(cells) else [] for k in ("cell_id", "x", "y", "x0", "y0", "x1", "y1")},
-        "diameter_um": cells["diameter_um"].round(2).to_numpy() if len(cells) else [],
-        "area_um2": cells["area_um2"].round(1).to_numpy() if len(cells) else [],
-        "score": np.round(scores, 6), "call": calls, "ood_score": np.round(ood_score, 6), "in_domain": in_domain})  # x0..y1: the level-0 bounding box (harvest re-cuts it)
-    atomic.write_csv(out_dir / "cells.csv", table)
+    atomic.write_csv(out_dir / "cells.csv", cells_table(cells, scores))
     with atomic.atomic_path(out_dir / "heatmap.png") as tmp:
         from PIL import Image
 
         Image.fromarray(heat).save(tmp, format="PNG")
-
-    n = len(cells)
-    n_mal = int((calls == "malignant").sum())
-    n_ood = int((~in_domain).sum())
-    fraction_ood = n_ood / n if n else 0.0
-    k, k_in = min(cfg.top_k, n), min(cfg.top_k, int(in_domain.sum()))
-    meta_mlflow = predictor.meta.get("mlflow") or {}
-    summary = {
-        "slide": str(slide), "width": source.dimensions[0], "height": source.dimensions[1],
-        "mpp": source.mpp, "mpp_source": source.mpp_source,
-        "n_cells": n, "n_malignant": n_mal, "fraction_malignant": n_mal / n if n else 0.0,
-        "n_indeterminate": int((calls == "indeterminate").sum()),
-        "top_k": cfg.top_k, "top_k_mean": float(np.sort(scores)[::-1][:k].mean()) if k else None,
-        "top_k_mean_in_domain": float(np.sort(scores[in_domain])[::-1][:k_in].mean()) if k_in else None,
-        "slide_call": ood_slide_call("positive" if n_mal >= cfg.min_malignant_cells else "negative", fraction_ood, cfg)
-        if n else "no cells found",
-        "rule": slide_rule(cfg),
-        "n_out_of_domain": n_ood, "fraction_out_of_domain": fraction_ood, "max_ood_fraction": cfg.max_ood_fraction,
-        "ood_warning": bool(fraction_ood > cfg.max_ood_fraction),
-        "ood_method": method_of(predictor.ood) if predictor.ood is not None else None,
-        "threshold": band.threshold, "band": [band.lower, band.upper],
-        "temperature": float(calibration.get("temperature", 1.0)), "tta": bool(use_tta),
-        "model": {"uri": model, "version": version, "registered_model": meta_mlflow.get("registered_model"),
-                  "arch": predictor.meta.get("arch"), "card": predictor.meta.get("card")},
-        "seconds": seconds,
-        "inference": {"backend": predictor.backend, "precision": getattr(predictor, "precision", "fp32"),
-                      "seconds_in_model": inference_s,
-                      "cells_per_second": n / inference_s if n and inference_s > 0 else None,
-                      "schedule": cfg.schedule, "detect_workers": cfg.detect_workers,
-                      "crop_workers": cfg.crop_workers, "inference_workers": cfg.inference_workers,
-                      "model_threads": cfg.model_threads(),
-                      "batch_size": cfg.batch_size},
-        "saliency": SALIENCY[predictor.backend],
-    }
+    summary = slide_summary(loaded, slide, source, scores, cfg, use_tta, seconds, inference_s)
     gallery = [{"rank": r + 1, "cell_id": int(row.cell_id), "x": int(row.x), "y": int(row.y),
-                "diameter_um": float(row.diameter_um), "p_malignant": float(scores[i]), "call": str(calls[i]),
-                "in_domain": bool(in_domain[i]), "ood_score": float(ood_score[i]),
+                "diameter_um": float(row.diameter_um), "p_malignant": float(scores.p_malignant[i]),
+                "call": str(scores.call[i]), "in_domain": bool(scores.in_domain[i]),
+                "ood_score": float(scores.ood_score[i]),
                 "crop_uri": png_data_uri(np.asarray(predictor_crop(predictor, crops[r]))),
                 "cam_uri": png_data_uri(cams[r])}
                for r, (i, row) in enumerate(zip(order, top_cells.itertuples()))]
@@ -242,13 +186,61 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
     seconds["total"] = sum(v for key, v in seconds.items() if key != "total")
     atomic.write_text(out_dir / "report.html", render_html(summary, png_data_uri(heat), gallery))
     atomic.write_json(out_dir / "summary.json", summary)
-    if n == 0:
+    if not len(cells):
         log("score-slide: no cells found; the report says so")
     return summary
 
 
+def cells_table(cells, scores):
+    """cells.csv: one row per detected cell; x0..y1 is the level-0 bounding box (harvest re-cuts it).
+    Out-of-domain cells are called "out of domain", never benign/malignant."""
+    import pandas as pd
+
+    some = len(cells) > 0
+    return pd.DataFrame({
+        **{k: cells[k].to_numpy() if some else [] for k in ("cell_id", "x", "y", "x0", "y0", "x1", "y1")},
+        "diameter_um": cells["diameter_um"].round(2).to_numpy() if some else [],
+        "area_um2": cells["area_um2"].round(1).to_numpy() if some else [],
+        "score": np.round(scores.p_malignant, 6), "call": scores.call, "ood_score": np.round(scores.ood_score, 6),
+        "in_domain": scores.in_domain})
+
+
+def slide_summary(loaded: LoadedModel, slide: str, source, scores, cfg: SlideConfig, use_tta: bool,
+                  seconds: dict, inference_s: float) -> dict:
+    """summary.json: the slide call and its counts, the model, the timings (`seconds` is filled later)."""
+    predictor, card, band = loaded.predictor, loaded.predictor.card, loaded.predictor.band
+    p, calls, in_domain = scores.p_malignant, scores.call, scores.in_domain
+    n, n_mal, n_ood = len(p), int((calls == "malignant").sum()), int((~in_domain).sum())
+    fraction_ood = n_ood / n if n else 0.0
+    k, k_in = min(cfg.top_k, n), min(cfg.top_k, int(in_domain.sum()))
+    return {
+        "slide": str(slide), "width": source.dimensions[0], "height": source.dimensions[1],
+        "mpp": source.mpp, "mpp_source": source.mpp_source,
+        "n_cells": n, "n_malignant": n_mal, "fraction_malignant": n_mal / n if n else 0.0,
+        "n_indeterminate": int((calls == "indeterminate").sum()),
+        "top_k": cfg.top_k, "top_k_mean": float(np.sort(p)[::-1][:k].mean()) if k else None,
+        "top_k_mean_in_domain": float(np.sort(p[in_domain])[::-1][:k_in].mean()) if k_in else None,
+        "slide_call": ood_slide_call("positive" if n_mal >= cfg.min_malignant_cells else "negative", fraction_ood, cfg)
+        if n else "no cells found",
+        "rule": slide_rule(cfg),
+        "n_out_of_domain": n_ood, "fraction_out_of_domain": fraction_ood, "max_ood_fraction": cfg.max_ood_fraction,
+        "ood_warning": bool(fraction_ood > cfg.max_ood_fraction),
+        "ood_method": ood.method_of(predictor.ood) if predictor.ood is not None else None,
+        "threshold": band.threshold, "band": [band.lower, band.upper],
+        "temperature": float(predictor.calibration.temperature), "tta": bool(use_tta),
+        "model": {"uri": loaded.uri, "version": loaded.version,
+                  "registered_model": (card.mlflow or {}).get("registered_model"), "arch": card.arch, "card": card.card},
+        "seconds": seconds,
+        "inference": {"backend": predictor.backend, "precision": getattr(predictor, "precision", "fp32"),
+                      "seconds_in_model": inference_s,
+                      "cells_per_second": n / inference_s if n and inference_s > 0 else None,
+                      "schedule": cfg.schedule, "detect_workers": cfg.detect_workers,
+                      "crop_workers": cfg.crop_workers, "inference_workers": cfg.inference_workers,
+                      "model_threads": cfg.model_threads(), "batch_size": cfg.batch_size},
+        "saliency": SALIENCY[predictor.backend],
+    }
+
+
 def predictor_crop(predictor, crop: np.ndarray) -> np.ndarray:
     """The crop as the model saw it: long side scaled to the input size, padded square."""
-    from pipeline.data.transforms import base_resize
-
-    return base_resize(crop, predictor.meta["image_size"])
+    return base_resize(crop, predictor.card.image_size)

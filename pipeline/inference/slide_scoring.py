@@ -31,6 +31,8 @@ import pandas as pd
 
 from pipeline.concurrency import in_order
 from pipeline.config import SlideConfig
+from pipeline.inference.predictor import Scores
+
 
 class _Batcher:
     """Collects model-input crops and scores them in fixed-size batches, timing the model."""
@@ -39,16 +41,13 @@ class _Batcher:
         self.predictor, self.batch_size, self.tta = predictor, batch_size, tta
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
-        self.scores: list[np.ndarray] = []
-        self.ood: list[np.ndarray] = []
+        self.parts: list[Scores] = []
         self.busy = 0.0
 
     def _run(self, batch: np.ndarray) -> None:
         p = self.predictor
         t = time.perf_counter()
-        probs, ood_score, _ = p.array_scores(p.normalize_batch(batch), self.tta)
-        self.scores.append(p.malignant_probability(probs))
-        self.ood.append(ood_score)
+        self.parts.append(p.score_batch(p.normalize(batch), self.tta))
         self.busy += time.perf_counter() - t
 
     def add(self, crops: np.ndarray | None) -> None:
@@ -69,12 +68,10 @@ class _Batcher:
         self.pending = [crops[full:]] if full < len(crops) else []
         self.n_pending = len(crops) - full
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        """(P(malignant), OOD score) per cell, in the order added."""
+    def finish(self) -> Scores:
+        """Every cell's scores, in the order added."""
         self._drain(final=True)
-        if not self.scores:
-            return np.zeros(0), np.zeros(0)
-        return np.concatenate(self.scores), np.concatenate(self.ood)
+        return Scores.concat(self.parts, len(self.predictor.labels))
 
 
 def with_ood(cells: pd.DataFrame, ood_score: np.ndarray) -> pd.DataFrame:
@@ -90,33 +87,31 @@ def _bar(total: int, desc: str, progress: bool | None):
 
 
 def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(calibrated P(malignant), OOD score) per detected cell; crops are read and scored batch by batch."""
+                ) -> Scores:
+    """Every detected cell's scores; crops are read and scored batch by batch."""
     from tqdm import tqdm
 
-    from pipeline.inference.slide import read_crops
+    from pipeline.wsi.crops import read_crops
 
-    scores, ood = [], []
+    parts = []
     for start in tqdm(range(0, len(cells), cfg.batch_size), desc="score", unit="batch", file=sys.stderr,
                       disable=None if progress is None else not progress):
-        crops = read_crops(source, cells.iloc[start:start + cfg.batch_size], cfg.crop_margin)
-        probs, ood_score, _ = predictor.predict_scores(crops, tta)
-        scores.append(predictor.malignant_probability(probs))
-        ood.append(ood_score)
-    return (np.concatenate(scores), np.concatenate(ood)) if scores else (np.zeros(0), np.zeros(0))
+        parts.append(predictor.score(read_crops(source, cells.iloc[start:start + cfg.batch_size], cfg.crop_margin),
+                                     tta))
+    return Scores.concat(parts, len(predictor.labels))
 
 
 def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Detect all cells, then score them: (cells, scores, seconds)."""
-    from pipeline.inference.slide import detect_slide
+    from pipeline.wsi.detection import detect_slide
 
     seconds = {}
     t = time.perf_counter()
     cells = detect_slide(source, cfg, progress=progress)
     seconds["detect cells"] = time.perf_counter() - t
     t = time.perf_counter()
-    scores, ood = score_cells(predictor, source, cells, cfg, tta, progress)
-    cells = with_ood(cells, ood)
+    scores = score_cells(predictor, source, cells, cfg, tta, progress)
+    cells = with_ood(cells, scores.ood_score)
     seconds["crop + inference"] = time.perf_counter() - t
     seconds["inference"] = seconds["crop + inference"]  # reading crops is inside this loop
     return cells, scores, seconds
@@ -124,13 +119,14 @@ def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: b
 
 def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Reading + detection + cropping of each tile in worker threads, overlapping inference."""
-    from pipeline.inference.slide import detect_tile, finish_cells, plan_detection, tile_crops
+    from pipeline.wsi.crops import tile_crops
+    from pipeline.wsi.detection import detect_tile, finish_cells, plan_detection
 
     seconds = {}
     t0 = time.perf_counter()
     plan = plan_detection(source, cfg)
     seconds["plan tiles"] = time.perf_counter() - t0
-    size = predictor.meta["image_size"]
+    size = predictor.card.image_size
 
     def job(tile_no: int):
         part = detect_tile(source, plan, tile_no, cfg)
@@ -144,17 +140,18 @@ def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: b
             parts.append(part)
             batcher.add(crops)
             bar.update()
-        scores, ood = batcher.finish()
+        scores = batcher.finish()
     cells, rows = finish_cells(parts, source, cfg)
-    cells = with_ood(cells, ood[rows])
+    scores = scores.select(rows)
+    cells = with_ood(cells, scores.ood_score)
     seconds["detect + crop + inference (overlapped)"] = time.perf_counter() - t0 - seconds["plan tiles"]
     seconds["inference"] = batcher.busy
-    return cells, scores[rows], seconds
+    return cells, scores, seconds
 
 
 def _detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
     """(plan, parts): every tile detected by `detect_workers` threads (reading overlaps detection)."""
-    from pipeline.inference.slide import detect_tile, plan_detection
+    from pipeline.wsi.detection import detect_tile, plan_detection
 
     t0 = time.perf_counter()
     plan = plan_detection(source, cfg)
@@ -174,11 +171,12 @@ def _detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
 def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Detect every tile (worker threads; reading overlaps detection), then crop in a thread
     while the model scores (cropping overlaps inference)."""
-    from pipeline.inference.slide import finish_cells, tile_crops
+    from pipeline.wsi.crops import tile_crops
+    from pipeline.wsi.detection import finish_cells
 
     seconds = {}
     _, parts = _detect_all(source, cfg, progress, seconds)
-    size = predictor.meta["image_size"]
+    size = predictor.card.image_size
     t = time.perf_counter()
     batcher = _Batcher(predictor, cfg.batch_size, tta)
     with_cells = [p for p in parts if p is not None]
@@ -193,12 +191,13 @@ def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool 
         for crops in stream:
             batcher.add(crops)
             bar.update()
-        scores, ood = batcher.finish()
+        scores = batcher.finish()
     seconds["crop + inference"] = time.perf_counter() - t
     cells, rows = finish_cells(parts, source, cfg)
-    cells = with_ood(cells, ood[rows])
+    scores = scores.select(rows)
+    cells = with_ood(cells, scores.ood_score)
     seconds["inference"] = batcher.busy
-    return cells, scores[rows], seconds
+    return cells, scores, seconds
 
 
 def tile_groups(parts: list, min_cells: int) -> list[list]:
@@ -218,41 +217,39 @@ def tile_groups(parts: list, min_cells: int) -> list[list]:
 
 def score_parallel(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Detect every tile, then `inference_workers` threads each crop and score their own tiles."""
-    from pipeline.inference.slide import finish_cells, tile_crops
     from pipeline.ood import one_blas_thread
+    from pipeline.wsi.crops import tile_crops
+    from pipeline.wsi.detection import finish_cells
 
     seconds = {}
     _, parts = _detect_all(source, cfg, progress, seconds)
-    size = predictor.meta["image_size"]
+    size = predictor.card.image_size
     groups = tile_groups(parts, 2 * cfg.batch_size)
 
     def crop_and_score(group):
         batcher = _Batcher(predictor, cfg.batch_size, tta)
         batcher.add(np.concatenate([tile_crops(source, part, cfg.crop_margin, size) for part in group]))
-        return (*batcher.finish(), batcher.busy, len(group))
+        return batcher.finish(), batcher.busy, len(group)
 
     t = time.perf_counter()
-    scores, ood, busy = [], [], 0.0
+    scores, busy = [], 0.0
     with _bar(sum(len(g) for g in groups), "score", progress) as bar, one_blas_thread(), \
             ThreadPoolExecutor(max_workers=cfg.inference_workers, thread_name_prefix="score") as pool:
-        for group_scores, group_ood, group_busy, n_tiles in in_order(pool, crop_and_score, groups,
-                                                                      cfg.inference_workers + 1):
+        for group_scores, group_busy, n_tiles in in_order(pool, crop_and_score, groups, cfg.inference_workers + 1):
             scores.append(group_scores)
-            ood.append(group_ood)
             busy += group_busy
             bar.update(n_tiles)
     seconds["crop + inference"] = time.perf_counter() - t
-    scores = np.concatenate(scores) if scores else np.zeros(0)
-    ood = np.concatenate(ood) if ood else np.zeros(0)
     cells, rows = finish_cells(parts, source, cfg)
-    cells = with_ood(cells, ood[rows])
+    scores = Scores.concat(scores, len(predictor.labels)).select(rows)
+    cells = with_ood(cells, scores.ood_score)
     # The model's share of the phase: its time summed over the workers, per worker.
     seconds["inference"] = busy / cfg.inference_workers
-    return cells, scores[rows], seconds
+    return cells, scores, seconds
 
 
 def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """(cells, scores, seconds) by `cfg.schedule`; seconds["inference"] is the time in the model.
+    """(cells, Scores, seconds) by `cfg.schedule`; seconds["inference"] is the time in the model.
     `cells` has an `ood_score` column (the domain-shift guard's score per cell)."""
     run = {"parallel": score_parallel, "phased": score_phased, "overlapped": score_overlapped,
            "sequential": score_sequential}[cfg.schedule]

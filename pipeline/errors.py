@@ -1,0 +1,11 @@
+"""The one base of every error cytopipe reports to a user as a one-line message.
+
+The CLI catches `CytopipeError` and prints it; anything else is a bug and keeps its traceback.
+Subclasses stay where their module raises them, and keep their historical builtin base
+(ValueError / RuntimeError) so that callers catching those still work.
+"""
+from __future__ import annotations
+
+
+class CytopipeError(Exception):
+    """An expected failure with a message written for the user (file and reason in one line)."""
