@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.data.manifest import source_root
+from pipeline.data.transforms import PRESETS
 from pipeline.typed_yaml import (ConfigError, Section, key_names, load_section, plain, read_document, read_yaml,
                                  setting, shown)
 
@@ -187,8 +189,6 @@ class DataConfig(Section):
     def root(self) -> Path:
         """The folder manifest paths are relative to: the only source's (its folder, or its CSV's
         folder), or with several sources the working folder (the project), which they are joined to."""
-        from pipeline.data.manifest import source_root
-
         return Path(".") if self.multi_source else source_root(self.source)
 
 
@@ -274,8 +274,6 @@ class TrainConfig(Section):
     device: str = setting("auto", choices=DEVICES)
 
     def validate(self) -> None:
-        from pipeline.data.transforms import PRESETS  # lazily: it imports albumentations
-
         if self.augment not in PRESETS:
             raise self.invalid("augment", f"must be one of {', '.join(PRESETS)}, got {shown(self.augment)}")
         if self.fit_on == "train+val" and self.keep == "best":

@@ -25,6 +25,7 @@ from pipeline import atomic, ood
 from pipeline.calibration import choose_threshold, fit_temperature, malignant_probability
 from pipeline.config import Params
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
+from pipeline.errors import CytopipeError
 from pipeline.inference.predictor import TorchPredictor
 from pipeline.measurement import load_images
 from pipeline.metrics import metrics_with_ci
@@ -33,7 +34,7 @@ OOF_FILE = "oof.csv"
 FEATURES_FILE = "oof_features.npz"
 
 
-class CvError(RuntimeError):
+class CvError(CytopipeError, RuntimeError):
     """Cross-validation cannot run as configured. One line."""
 
 

@@ -12,6 +12,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from pipeline.errors import CytopipeError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -139,7 +141,7 @@ def torchrun_args(forward_argv: list[str], nproc: int, nnodes: int = 1, rdzv_end
     return args + ["-m", "pipeline.cli", *forward_argv]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(CytopipeError, RuntimeError):
     """A distributed launch that cannot start or whose workers failed. One line."""
 
 

@@ -28,6 +28,7 @@ from pipeline.card_markdown import CARD_FILE
 from pipeline.config import ExportConfig, Params
 from pipeline.data.images import ImageError, load_rgb
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
+from pipeline.errors import CytopipeError
 from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
 from pipeline.model_card import INT8_FILE, ONNX_FILE, WEIGHTS_FILE, ModelCard, OnnxExport, file_sha256
 
@@ -46,7 +47,7 @@ PREPROCESSING = {
 }
 
 
-class ExportError(RuntimeError):
+class ExportError(CytopipeError, RuntimeError):
     """The export could not be made or did not match the torch model."""
 
 

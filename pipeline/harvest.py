@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import CytopipeError
+
 LABELS = ("malignant", "benign", "unsure", "not_a_cell")  # the report's buttons
 LABEL_COLUMNS = ("cell_id", "x", "y", "label")  # of the report's export; reviewer, timestamp, slide optional
 CELL_COLUMNS = ("cell_id", "x", "y", "x0", "y0", "x1", "y1")  # of score-slide's cells.csv
@@ -30,7 +32,7 @@ MANIFEST = "manifest.csv"
 XY_TOLERANCE = 1.0  # px: the export may round the centroid
 
 
-class HarvestError(RuntimeError):
+class HarvestError(CytopipeError, RuntimeError):
     """Harvest cannot proceed (bad input file, unknown label, bad slide id)."""
 
 

@@ -56,6 +56,18 @@ def is_model_dir(path: Path | str) -> bool:
     return (Path(path) / META_FILE).is_file() or (Path(path) / ONNX_META_FILE).is_file()
 
 
+def export_source(model_dir: Path | str) -> dict:
+    """The torch model an exported folder came from ({registered_model, version, ...}), read from
+    its metadata.json alone: all that following an export back to its weights needs."""
+    path = Path(model_dir) / ONNX_META_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"{path}: cannot read ({exc})") from None
+    source = raw.get("source") if isinstance(raw, dict) else None
+    return source if isinstance(source, dict) else {}
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a uint8 RGB image becomes the network's input (pipeline/data/transforms.py applies it)."""

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import CytopipeError
 from pipeline.model_card import OOD_FILE  # noqa: F401 - the file name lives with the card
 
 METHODS = ("mahalanobis", "knn", "energy")
 OUT_OF_DOMAIN = "out of domain"  # the call an out-of-domain cell gets instead of benign/malignant
 
 
-class OodError(ValueError):
+class OodError(CytopipeError, ValueError):
     """Bad OOD inputs or an unusable ood.npz. One line."""
 
 

@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +196,8 @@ def evaluate(model, loader, criterion, device, channels_last: bool):
 
 @dataclass(frozen=True)
 class ModelStart:
-    """How the model's weights start: the normalisation they expect, and for train.init_from
-    (model.init_from) the model they came from (None: ImageNet weights or a random init)."""
+    """How the model's weights start: the normalisation they expect and, with model.init_from,
+    the registered model they came from (None: ImageNet weights or a random init)."""
     mean: tuple[float, ...]
     std: tuple[float, ...]
     init: dict | None
@@ -205,6 +205,7 @@ class ModelStart:
 
 @dataclass(frozen=True)
 class EpochPlan:
+    """How the train images divide into steps and epochs, per process."""
     rank_batch: int       # images per process and step (train.batch_size is the global batch)
     drop_last: bool
     steps_per_epoch: int
@@ -509,7 +510,8 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
 
 
 def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, warn, device, dist) -> FitResult:
-    """Build in torchvision's reference order (the order random numbers are drawn in), then the epochs."""
+    """Build everything, then run the epochs. Each build may draw random numbers or fail early:
+    the order of the builds is part of the result (same seed, same metrics), keep it."""
     from pipeline import checkpoints
     from pipeline.models.backbones import freeze_early_blocks
 
@@ -537,7 +539,7 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
         log(f"resuming from {checkpoint_dir} after epoch {resumed.epoch} "
             f"(best val AUC {resumed.best_val_auc:.4f} at epoch {resumed.best_epoch})")
     net = wrap_parallel(model, device, dist)
-    state = replace(resumed or TrainState(), config=params.to_dict(), config_hash=chash,
+    state = dataclasses.replace(resumed or TrainState(), config=params.to_dict(), config_hash=chash,
                                 world_size=dist.world_size)
     if tracker is not None:
         _start_tracking(tracker, state, resumed, split_sha, manifest, checkpoint_dir)

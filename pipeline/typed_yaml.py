@@ -30,23 +30,18 @@ _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x8
 
 
 class ConfigError(CytopipeError, ValueError):
-    """A configuration problem, reported as one line."""
+    """A configuration problem, reported as one line. `key` and `reason` are set when a section refuses
+    one of its own values (`Section.invalid`): the message then names the key from the section's usual
+    place (`train.epochs`), and the loader says it again from where the file put it."""
 
-    def __init__(self, message: object = ""):
+    def __init__(self, message: object = "", key: str | None = None, reason: str | None = None):
         # Line breaks inside names taken from the file are shown escaped, as repr() would.
         super().__init__(str(message).translate(_LINE_BREAKS))
-
-
-class FieldError(ConfigError):
-    """A value a config object refuses (its own checks). The message names the key from the section's
-    usual place (`train.epochs`); the loader says it again from where the file put it."""
-
-    def __init__(self, section: str, key: str | None, message: str):
-        self.key, self.message = key, message
-        super().__init__(f"{dotted(section, key)}: {message}")
+        self.key, self.reason = key, reason
 
     def at(self, where: str) -> str:
-        return f"{dotted(where, self.key)}: {self.message}"
+        """The message for the section found at dotted place `where`."""
+        return f"{dotted(where, self.key)}: {self.reason}" if self.reason is not None else f"{where}: {self}"
 
 
 def dotted(*parts: str | None) -> str:
@@ -152,8 +147,8 @@ class Section:
     def validate(self) -> None:
         """Rules across fields; a section that has any raises `self.invalid(...)`."""
 
-    def invalid(self, key: str | None, message: str) -> FieldError:
-        return FieldError(self.KEY, key, message)
+    def invalid(self, key: str | None, message: str) -> ConfigError:
+        return ConfigError(f"{dotted(self.KEY, key)}: {message}", key, message)
 
 
 # --------------------------------------------------------------------------- loading
@@ -196,10 +191,8 @@ def load_section(cls: type[T], raw: Any, file: str, where: str = "", key: str | 
     values.update({f.name: key for f in fields(cls) if f.metadata.get("from_key")})
     try:
         return cls(**values)
-    except FieldError as exc:
-        raise ConfigError(f"{file}: {exc.at(where)}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"{file}: {where or 'top level'}: {exc}") from None
+    except ConfigError as exc:  # the section's own checks: nested sections were built above
+        raise ConfigError(f"{file}: {exc.at(where or 'top level')}") from None
 
 
 def _check_keys(cls: type, raw: dict, settable: dict[str, Field], file: str, where: str) -> None:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, GroupRule, LabelMap, Params, TrainConfig, load_params, read_yaml
+from pipeline.typed_yaml import Section, load_section, plain, setting
 from tests.conftest import ROOT
 
 
@@ -191,3 +193,34 @@ def test_overlay_errors_name_the_file_at_fault(tmp_path, base, overlay, message)
     with pytest.raises(ConfigError, match=message) as info:
         load_params(_write(tmp_path / "over.yaml", overlay))
     assert len(str(info.value).splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the generic loader itself
+
+
+# At module level: type hints are resolved in the module's namespace.
+@dataclass(frozen=True)
+class Inner(Section):
+    KEY = "inner"
+    name: str = setting(from_key=True)
+    size: int | None = setting(None, ge=1)
+
+
+@dataclass(frozen=True)
+class Outer(Section):
+    KEY = "outer"
+    shape: tuple[int, ...] = (1, 2)
+    scale: float = 1.0
+    items: dict[str, Inner] = setting(factory=dict)
+
+
+def test_loader_reads_any_section_by_its_type_hints():
+    got = load_section(Outer, {"shape": [3, 4, 5], "scale": 2, "items": {"a": {"size": 7}, "b": None}}, "f.yaml")
+    assert got == Outer((3, 4, 5), 2.0, {"a": Inner("a", 7), "b": Inner("b")}) and isinstance(got.scale, float)
+    assert plain(got) == {"shape": [3, 4, 5], "scale": 2.0, "items": {"a": {"size": 7}, "b": {"size": None}}}
+    for raw, message in [({"shape": [1, "x"]}, r"^f\.yaml: shape\[1\]: expected int, got 'x'$"),
+                         ({"shape": 3}, r"^f\.yaml: shape: expected a list of int, got 3$"),
+                         ({"items": {"a": {"size": 0}}}, r"^f\.yaml: items\.a\.size: must be >= 1, got 0$"),
+                         ({"items": {"a": {"name": "b"}}}, r"^f\.yaml: unknown key\(s\) in 'items\.a': name")]:
+        with pytest.raises(ConfigError, match=message):
+            load_section(Outer, raw, "f.yaml")

@@ -262,4 +262,4 @@ def test_init_from_an_onnx_export_follows_it_to_its_torch_version(tiny, tmp_path
                                                                    "version": "1"}}))
     folder, meta, version = _torch_model_dir(str(tmp_path), f"sqlite:///{root / 'mlflow.db'}")
     assert version == "1" and (folder / "model.pt").is_file()
-    assert meta["sha256"]["model.pt"] == json.loads((root / "models/train/model.json").read_text())["sha256"]["model.pt"]
+    assert meta.sha256["model.pt"] == json.loads((root / "models/train/model.json").read_text())["sha256"]["model.pt"]

@@ -28,7 +28,8 @@ def make_split(tmp: Path, herlev_dir: Path, label_map: str = "configs/labels/her
     split.to_csv(tmp / "split.csv", index=False)
     params = dataclasses.replace(
         params,
-        data=dataclasses.replace(params.data, source=str(herlev_dir), label_map=str(ROOT / label_map)),
+        data=dataclasses.replace(params.data, sources={name: dataclasses.replace(
+            src, path=str(herlev_dir), label_map=str(ROOT / label_map)) for name, src in params.data.sources.items()}),
         mlflow=dataclasses.replace(params.mlflow, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}"),
     )
     return params, tmp / "split.csv", tmp / "ingest" / "manifest.csv"

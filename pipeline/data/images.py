@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import CytopipeError
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 
 # Modes that become RGB without losing information (16-bit is scaled to 8-bit, which
@@ -27,7 +29,7 @@ _LOSSLESS_MODES = frozenset({"RGB", "L", "LA", "RGBA", "P", "PA", "1", "I;16", "
 _CONVERTED_MODES = frozenset({"CMYK"})
 
 
-class ImageError(ValueError):
+class ImageError(CytopipeError, ValueError):
     """An image that cannot be used. `str()` is one line: '<path>: <reason>'."""
 
     def __init__(self, path: Path | str, reason: str):

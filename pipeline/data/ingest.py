@@ -12,12 +12,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.config import EXCLUDE, ConfigError, DataSource, GroupRule, LabelMap
 from pipeline.data.images import IMAGE_SUFFIXES, ImageError, ImageLimits, decode_rgb, read_bytes, sha256_bytes
-from pipeline.data.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS, source_root
+from pipeline.data.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS, read_table, source_root
+from pipeline.errors import CytopipeError
 
 
-class IngestError(RuntimeError):
+class IngestError(CytopipeError, RuntimeError):
     """The stage cannot produce a manifest (bad source, or no usable image at all)."""
 
 
@@ -278,8 +280,6 @@ def write_outputs(result: IngestResult, out_dir: Path | str, source: str, label_
     """Write manifest.csv, rejects.csv and summary.json into `out_dir`, atomically."""
     import pandas as pd
 
-    from pipeline import atomic
-
     out_dir = Path(out_dir)
     # Several sources: each row also names its source.
     extra = (SOURCE_COLUMN,) if any(SOURCE_COLUMN in r for r in result.rows[:1] + result.rejects[:1]) else ()
@@ -342,8 +342,6 @@ def ingest_sources(sources: tuple[DataSource, ...], limits: ImageLimits = ImageL
 
 def read_source_outputs(src: DataSource, folder: Path | str) -> IngestResult:
     """A per-source ingest's outputs (`run_source`) back as an IngestResult."""
-    from pipeline.data.manifest import read_table
-
     folder = Path(folder)
     rows = read_table(folder / "manifest.csv", MANIFEST_COLUMNS).to_dict("records")
     rejects = read_table(folder / "rejects.csv", REJECT_COLUMNS).to_dict("records")

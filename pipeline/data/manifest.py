@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import CytopipeError
+
 MANIFEST_COLUMNS = ("path", "sha256", "width", "height", "mode", "original_class", "label", "group")
 REJECT_COLUMNS = ("path", "original_class", "reason")
 SPLIT_COLUMNS = MANIFEST_COLUMNS + ("split", "fold")
@@ -10,7 +12,7 @@ SPLIT_COLUMNS = MANIFEST_COLUMNS + ("split", "fold")
 _STRING_COLUMNS = ("path", "sha256", "mode", "original_class", "label", "group", "split")
 
 
-class ManifestError(ValueError):
+class ManifestError(CytopipeError, ValueError):
     """A manifest file that is missing or malformed."""
 
 

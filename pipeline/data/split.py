@@ -12,9 +12,10 @@ from pathlib import Path
 
 from pipeline.config import SPLITS, SplitConfig
 from pipeline.data.manifest import MANIFEST_COLUMNS, SPLIT_COLUMNS, read_table
+from pipeline.errors import CytopipeError
 
 
-class SplitError(RuntimeError):
+class SplitError(CytopipeError, RuntimeError):
     """The data cannot be split as asked, or a split broke an invariant."""
 
 

@@ -95,10 +95,6 @@ class Predictor:
     def calibrated(self) -> bool:
         return self.card.calibration is not None
 
-    def use_calibration(self, calibration: Calibration) -> None:
-        """Score with another calibration (the evaluate stage compares single view and TTA)."""
-        self.card = dataclasses.replace(self.card, calibration=calibration)
-
     @property
     def band(self) -> Band:
         return Band(self.calibration.threshold, self.calibration.band_width)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import CytopipeError
+
 BUILTIN_IMAGENET = "imagenet"
 
 
-class WeightsError(ValueError):
+class WeightsError(CytopipeError, ValueError):
     """A weights file that is missing, unreadable or does not fit the architecture (one line)."""
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.model_card import META_FILE, WEIGHTS_FILE, ModelCard, ModelDirError, is_exported
+from pipeline.model_card import META_FILE, WEIGHTS_FILE, ModelCard, ModelDirError, export_source, is_exported
 from pipeline.models.backbones import WeightsError, _reset_classifier, classifier_prefix
 from pipeline.registry import pin_registered, resolve_model_dir
 
@@ -21,7 +21,7 @@ def _torch_model_dir(uri: str, tracking_uri: str | None) -> tuple[Path, ModelCar
         folder = resolve_model_dir(pinned, tracking_uri)
         if not (folder / META_FILE).is_file() and is_exported(folder):
             # An ONNX export: its card names the torch version it came from.
-            source = ModelCard.read(folder).export.source or {}
+            source = export_source(folder)
             if not source.get("registered_model") or not source.get("version"):
                 raise WeightsError(f"model.init_from: {uri} is an ONNX export that names no source torch model")
             version = str(source["version"])

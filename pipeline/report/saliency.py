@@ -68,14 +68,14 @@ def onnx_saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
 
     from pipeline.data.transforms import base_resize
 
-    if not crops or "cam" not in predictor.meta.get("outputs", []):
-        return [base_resize(c, predictor.meta["image_size"]) for c in crops]
-    size = predictor.meta["image_size"]
+    size = predictor.card.image_size
+    if not crops or "cam" not in predictor.card.outputs:
+        return [base_resize(c, size) for c in crops]
     target = predictor.labels.index(predictor.positive_labels[0])
     out = []
     for start in range(0, len(crops), predictor.batch_size):
         chunk = crops[start:start + predictor.batch_size]
-        maps = predictor.cams(predictor.preprocess_array(chunk), target)
+        maps = predictor.cams(predictor.preprocess(chunk), target)
         for crop, m in zip(chunk, maps):
             m = m - m.min()
             m = cv2.resize(m / (1e-7 + m.max()), (size, size))
@@ -97,10 +97,10 @@ def saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
 
     if not crops:
         return []
-    size = predictor.meta["image_size"]
+    size = predictor.card.image_size
     target = predictor.labels.index(predictor.positive_labels[0])
     model = predictor.model
-    batch = torch.stack([predictor.preprocess(c) for c in crops])
+    batch = torch.from_numpy(predictor.preprocess(crops))
     with GradCAM(model=model, target_layers=[_cam_layer(model)]) as cam:
         maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(target)] * len(crops))
     model.eval()

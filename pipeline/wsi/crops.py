@@ -8,6 +8,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from pipeline.data.transforms import base_resize
 from pipeline.wsi.readers import SlideSource
 
 
@@ -73,8 +74,6 @@ def _read_under(source: SlideSource, boxes, bounds: tuple[int, int, int, int]) -
 def tile_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float, size: int) -> np.ndarray:
     """Model-input crops (n, size, size, 3) uint8 for cells of one tile, cut from ONE level-0
     read of their joint bounding box: the same pixels as `read_crops`, far fewer reads."""
-    from pipeline.data.transforms import base_resize
-
     boxes = crop_boxes(cells_df, margin, source.dimensions)
     if not boxes:
         return np.zeros((0, size, size, 3), np.uint8)

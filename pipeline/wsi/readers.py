@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.images import ImageError, load_rgb
+from pipeline.wsi.tiff_levels import direct_levels
 
 # Rows of the smallest level read at once when no level is small enough for a thumbnail.
 _STRIP_ROWS = 1024
@@ -86,8 +87,6 @@ class _OpenSlideSource(SlideSource):
         # by a non-integer downsample (12x slower) and reads level 0 4x slower (pipeline/wsi/tiff_levels.py).
         self._direct = {}
         if self.properties.get("openslide.vendor") == "generic-tiff":
-            from pipeline.wsi.tiff_levels import direct_levels
-
             self._direct = direct_levels(path, self.level_dimensions)
 
     def _read(self, x, y, level, w, h):

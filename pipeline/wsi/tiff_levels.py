@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image  # imported once here, not per tile: readers.py imports this module only for a generic TIFF
+from PIL import Image  # imported once here, not per tile
 
 _JPEG = 7
 _PHOTOMETRIC_RGB_OR_YCBCR = (2, 6)
