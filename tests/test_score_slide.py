@@ -64,7 +64,7 @@ def test_cells_are_found_scored_and_summarised(scored):
     top_in = np.sort(cells.loc[inside, "score"].to_numpy())[::-1][:summary["top_k"]].mean() if inside.any() else None
     assert summary["top_k_mean_in_domain"] == (pytest.approx(top_in, abs=1e-5) if inside.any() else None)
     assert {"plan tiles", "detect cells", "crop + inference", "saliency", "report", "total"} <= set(summary["seconds"])
-    assert summary["inference"]["backend"] == "torch" and summary["inference"]["schedule"] == "phased"
+    assert summary["inference"]["backend"] == "torch" and summary["inference"]["schedule"] == "parallel"
     assert summary["inference"]["cells_per_second"] > 0 and summary["saliency"].startswith("Grad-CAM")
     assert json.loads((out / "summary.json").read_text())["n_cells"] == len(cells)
     assert Image.open(out / "heatmap.png").size[0] > 0

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.images import ImageError, load_rgb
+from pipeline.errors import CytopipeError
 from pipeline.wsi.tiff_levels import direct_levels
 
 # Rows of the smallest level read at once when no level is small enough for a thumbnail.
 _STRIP_ROWS = 1024
 
 
-class SlideError(RuntimeError):
+class SlideError(CytopipeError, RuntimeError):
     """A slide that cannot be used. `str()` is one line: '<path>: <reason>'."""
 
     def __init__(self, path: Path | str, reason: str):
