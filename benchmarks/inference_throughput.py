@@ -64,8 +64,9 @@ def bare_onnx(model: Path, batch: int, n_cells: int, outputs=PIPELINE_OUTPUTS, g
               threads: int = 0, rounds: int = 3, runs: int = 1) -> float:
     """Cells/s of session.run alone on random, already-normalised tensors (median of rounds), asking
     the served graph (or `graph`) for `outputs`; `runs` threads call one session at once."""
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
     from pipeline.inference.predictor import OnnxPredictor, onnx_session
 

@@ -96,8 +96,8 @@ def main() -> None:
     from pipeline import ood
     from pipeline.config import load_params
     from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
-    from pipeline.measurement import load_images
     from pipeline.inference.predictor import TorchPredictor
+    from pipeline.measurement import load_images
 
     params = load_params(args.params)
     torch.set_num_threads(params.train.num_threads or 2)

@@ -24,7 +24,7 @@ def design_effect(oof_csv: Path, positive_labels: list[str], labels: list[str], 
     import pandas as pd
 
     from pipeline.calibration import malignant_probability
-    from pipeline.cv import logit_columns
+    from pipeline.measurement import logit_columns
     from pipeline.metrics import group_bootstrap_ci
 
     oof = pd.read_csv(oof_csv, dtype={"group": str})

@@ -34,7 +34,7 @@ def oof_evidence(oof, view: str, n_boot: int = 1000) -> dict:
     """AUC [CI] and specificity at the sensitivity-0.95 threshold of one view's logits; binary
     truth from Herlev's grouping of the original classes, so binary and 7-class runs compare."""
     from pipeline.calibration import choose_threshold, malignant_probability
-    from pipeline.cv import logit_columns
+    from pipeline.measurement import logit_columns
     from pipeline.metrics import metrics_with_ci
 
     labels = labels_of(oof)

@@ -62,8 +62,8 @@ def main() -> None:
     import shutil
 
     import pandas as pd
-
     from inference_throughput import bare_ceiling, predict_folder
+
     from pipeline.config import load_params
     from pipeline.inference.score_slide import score_slide
 

@@ -26,7 +26,7 @@ def subset(manifest, split, n_benign: int, n_malignant: int, seed: int, folds: i
     import pandas as pd
 
     from pipeline.config import SplitConfig
-    from pipeline.data.split import assign_groups, _group_counts
+    from pipeline.data.split import _group_counts, assign_groups
 
     dev = manifest[manifest["path"].isin(split.loc[split["split"] != "test", "path"])]
     parts = [dev[dev["label"] == "benign"].sample(n_benign, random_state=seed),

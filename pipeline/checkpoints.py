@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import atomic
+from pipeline.errors import CytopipeError
+from pipeline.model_card import file_sha256
 
 MANIFEST = "checkpoints.json"
 KEEP = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CytopipeError, RuntimeError):
     """No usable checkpoint, or the folder is in use. One line."""
 
 
@@ -36,7 +38,6 @@ class Entry:
 
 
 def _sha256(path: Path) -> str:
-    from pipeline.model_card import file_sha256
 
     return file_sha256(path)
 

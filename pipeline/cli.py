@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.errors import CytopipeError
 from pipeline.registry import DEFAULT_MODEL  # light: the model card module and no MLflow until a URI needs it
 
 DESCRIPTION = """\
@@ -382,27 +383,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.config import ConfigError
-    from pipeline.data.images import ImageError
-    from pipeline.data.ingest import IngestError
-    from pipeline.data.manifest import ManifestError
-    from pipeline.data.split import SplitError
-    from pipeline.cv import CvError
-    from pipeline.measurement import EvaluationError
-    from pipeline.export import ExportError
-    from pipeline.model_card import ModelDirError
-    from pipeline.models.backbones import WeightsError
-    from pipeline.wsi.readers import SlideError
-    from pipeline.train import TrainingError
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.distributed import LaunchError
-    from pipeline.harvest import HarvestError
-
-    return CheckpointError, LaunchError, ConfigError, ImageError, IngestError, ManifestError, SplitError, ModelDirError, WeightsError, TrainingError, \
-        EvaluationError, CvError, SlideError, ExportError, HarvestError
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -410,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cytopipe {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _expected_errors() as exc:
+    except CytopipeError as exc:  # every error written for the user, in one line
         print(f"cytopipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

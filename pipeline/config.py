@@ -15,8 +15,17 @@ from pathlib import Path
 
 from pipeline.data.manifest import source_root
 from pipeline.data.transforms import PRESETS
-from pipeline.typed_yaml import (ConfigError, Section, key_names, load_section, plain, read_document, read_yaml,
-                                 setting, shown)
+from pipeline.typed_yaml import (
+    ConfigError,
+    Section,
+    key_names,
+    load_section,
+    plain,
+    read_document,
+    read_yaml,
+    setting,
+    shown,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 EXCLUDE = "exclude"

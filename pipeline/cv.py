@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, ood
+from pipeline import atomic, ood, tracking
 from pipeline.calibration import choose_threshold, fit_temperature, malignant_probability
 from pipeline.config import Params
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 from pipeline.errors import CytopipeError
 from pipeline.inference.predictor import TorchPredictor
-from pipeline.measurement import load_images
+from pipeline.measurement import load_images, logit_columns
 from pipeline.metrics import metrics_with_ci
+from pipeline.train import fit
 
 OOF_FILE = "oof.csv"
 FEATURES_FILE = "oof_features.npz"
@@ -51,10 +52,6 @@ def fold_params(params: Params) -> Params:
     epochs = params.cv.epochs or params.train.epochs
     train = dataclasses.replace(params.train, epochs=epochs, fit_on="train", keep="last")
     return dataclasses.replace(params, train=train)
-
-
-def logit_columns(labels, prefix: str = "logit_") -> list[str]:
-    return [f"{prefix}{label}" for label in labels]
 
 
 def _check_labels(labels, positive_labels) -> None:
@@ -154,8 +151,6 @@ def run(params: Params, split_csv: Path, reports_dir: Path, work_dir: Path, log=
     epochs.csv and metrics.json into reports_dir."""
     import pandas as pd
 
-    from pipeline import tracking
-    from pipeline.train import fit
 
     split = read_table(split_csv, SPLIT_COLUMNS)
     folds = sorted(int(f) for f in set(split.loc[split["split"] != "test", "fold"]) if int(f) >= 0)

@@ -19,21 +19,30 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, card_markdown, ood
-from pipeline.calibration import Band, malignant_probability
+from pipeline import atomic, card_markdown, ood, tracking
+from pipeline.calibration import Band, choose_threshold, fit_temperature, malignant_probability, nll, softmax
 from pipeline.config import EvaluateConfig, OodConfig, Params
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 from pipeline.inference.predictor import TorchPredictor
-from pipeline.measurement import (EvaluationError, flat_metrics, load_images, measure, positive_targets, summary_line,
-                                  write_plots)
+from pipeline.measurement import (
+    EvaluationError,
+    flat_metrics,
+    load_images,
+    logit_columns,
+    measure,
+    positive_targets,
+    summary_line,
+    write_plots,
+)
+from pipeline.metrics import expected_calibration_error
 from pipeline.model_card import WEIGHTS_FILE, Calibration, ModelCard, OodGuard, file_sha256
+from pipeline.promotion import Evidence, decide
+from pipeline.tracking import input_example
 
 
 def calibrate(logits: np.ndarray, label_idx: np.ndarray, y_pos: np.ndarray, predictor, cfg: EvaluateConfig,
               tta: bool) -> dict:
     """Temperature + threshold + band from validation logits; returns the model's `calibration` block."""
-    from pipeline.calibration import choose_threshold, fit_temperature, nll, softmax
-    from pipeline.metrics import expected_calibration_error
 
     temperature = fit_temperature(logits, label_idx)
     idx = [predictor.labels.index(x) for x in cfg.positive_labels]
@@ -86,7 +95,6 @@ def read_oof(oof_csv: Path, labels: list[str], positive_labels: list[str]) -> He
     """The cv stage's oof.csv as calibration evidence for a model with these labels."""
     import pandas as pd
 
-    from pipeline.cv import logit_columns
 
     try:
         oof = pd.read_csv(oof_csv, dtype={"group": str})
@@ -279,7 +287,6 @@ def _log_summary(log, held: HeldOut, heldout: dict, results: dict, calibration: 
 def promotion_decision(test_metrics: dict, params: Params, heldout: dict | None = None) -> tuple[bool, str]:
     """(promote?, reason): pipeline/promotion.py's rule on the held-out result (`measure()` of the
     out-of-fold predictions) and the test AUC and sensitivity."""
-    from pipeline.promotion import Evidence, decide
 
     auc = (heldout or {}).get("metrics", {}).get("roc_auc", {})
     evidence = Evidence(auc.get("value"), auc.get("ci_low"), (heldout or {}).get("source", "out-of-fold"),
@@ -316,8 +323,6 @@ def write_card(params: Params, model_dir: Path, reports_dir: Path, split_csv: Pa
 def run(params: Params, model_dir: Path, split_csv: Path, out_model_dir: Path, reports_dir: Path,
         oof_csv: Path | None = None) -> dict:
     """The stage: evaluate, then log to the training run, register the calibrated model, promote."""
-    from pipeline import tracking
-    from pipeline.tracking import input_example
 
     out = evaluate_split(params, model_dir, split_csv, out_model_dir, reports_dir, oof_csv=oof_csv)
     test_values = {k: v["value"] for k, v in out["result"]["metrics"].items()}

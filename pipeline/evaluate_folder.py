@@ -13,8 +13,7 @@ from pipeline import atomic, ood
 from pipeline.config import EXCLUDE, ConfigError, EvaluateConfig, GroupRule, LabelMap
 from pipeline.data.ingest import discover
 from pipeline.inference.predictor import open_predictor
-from pipeline.measurement import (EvaluationError, load_images, measure, positive_targets, summary_line,
-                                  write_plots)
+from pipeline.measurement import EvaluationError, load_images, measure, positive_targets, summary_line, write_plots
 from pipeline.metrics import calls_by_class
 from pipeline.registry import resolve_model_dir
 

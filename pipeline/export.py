@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, ood
+from pipeline import atomic, ood, tracking
 from pipeline.card_markdown import CARD_FILE
 from pipeline.config import ExportConfig, Params
 from pipeline.data.images import ImageError, load_rgb
@@ -31,6 +31,7 @@ from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 from pipeline.errors import CytopipeError
 from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
 from pipeline.model_card import INT8_FILE, ONNX_FILE, WEIGHTS_FILE, ModelCard, OnnxExport, file_sha256
+from pipeline.tracking import input_example
 
 INPUT_NAME = "input"
 OUTPUTS = ("logits", "cam", "features")  # features: the pooled penultimate layer the OOD guard scores
@@ -339,7 +340,6 @@ def register(params: Params, out_dir: Path, source_card: ModelCard, input_exampl
     version's aliases (candidate, and champion when it held it) to the new version."""
     from mlflow import MlflowClient
 
-    from pipeline import tracking
 
     name = params.mlflow.registered_model
     source = source_card.mlflow or {}
@@ -381,7 +381,6 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports
     """The stage: export + validate, register in MLflow, record the registered version on disk."""
     import time
 
-    from pipeline.tracking import input_example
 
     cfg = params.export
     images, _ = validation_images(params, split_csv, cfg.validation_images)

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import atomic
 from pipeline.errors import CytopipeError
+from pipeline.wsi.crops import read_crops
+from pipeline.wsi.readers import open_slide
 
 LABELS = ("malignant", "benign", "unsure", "not_a_cell")  # the report's buttons
 LABEL_COLUMNS = ("cell_id", "x", "y", "label")  # of the report's export; reviewer, timestamp, slide optional
@@ -114,8 +117,6 @@ def _png(rgb) -> bytes:
 def harvest(slide: Path | str, cells: pd.DataFrame, labels: pd.DataFrame, margin: float, slide_id: str,
             labels_path: Path | str = "labels.csv") -> Harvest:
     """Cut every labelled cell from `slide` as scoring does and encode it as PNG (pure: writes nothing)."""
-    from pipeline.wsi.crops import read_crops
-    from pipeline.wsi.readers import open_slide
 
     matched, skipped = match_labels(labels, cells, labels_path)
     out = Harvest(slide_id, skipped=skipped)
@@ -153,7 +154,6 @@ def write_harvest(out_dir: Path | str, result: Harvest) -> pd.DataFrame:
     """Write the crops, drop this slide's crops a previous run left that are no longer labelled,
     then replace manifest.csv: every file is written atomically and the manifest last, so it
     never names a file that is not complete."""
-    from pipeline import atomic
 
     out_dir = Path(out_dir)
     existing = read_manifest(out_dir)

@@ -42,6 +42,11 @@ def load_images(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
     return images, errors
 
 
+def logit_columns(labels, prefix: str = "logit_") -> list[str]:
+    """The columns of out-of-fold logits in the cv stage's oof.csv (`tta_logit_` for the 8-view mean)."""
+    return [f"{prefix}{label}" for label in labels]
+
+
 def positive_targets(labels: list[str], positive_labels: list[str]) -> np.ndarray:
     return np.array([label in positive_labels for label in labels], dtype=int)
 

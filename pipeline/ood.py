@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import atomic
 from pipeline.errors import CytopipeError
 from pipeline.model_card import OOD_FILE  # noqa: F401 - the file name lives with the card
 
@@ -232,7 +233,6 @@ def to_bytes(params: dict) -> bytes:
 
 def save(path: Path | str, params: dict) -> None:
     """Write ood.npz atomically."""
-    from pipeline import atomic
 
     with atomic.atomic_path(Path(path)) as tmp:
         Path(tmp).write_bytes(to_bytes(params))

@@ -18,6 +18,7 @@ from typing import Iterator
 from pipeline import card_markdown
 from pipeline.config import MlflowConfig
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table, source_root
+from pipeline.inference.predictor import open_predictor
 from pipeline.model_card import ModelCard, card_file, file_sha256
 
 LIBRARIES = ("torch", "torchvision", "timm", "albumentations", "mlflow", "numpy", "scikit-learn", "dvc")
@@ -186,7 +187,6 @@ class Run:
         from mlflow.models import infer_signature
 
         import pipeline.inference.mlflow_pyfunc as pyfunc_module
-        from pipeline.inference.predictor import open_predictor
 
         with tempfile.TemporaryDirectory(prefix="cytopipe-log-") as tmp:
             staged = Path(tmp) / "model_dir"

@@ -19,16 +19,24 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic
+from pipeline import atomic, checkpoints
+from pipeline.checkpoints import FolderLock
 from pipeline.config import LabelMap, Params
+from pipeline.data.dataset import CellDataset
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
+from pipeline.distributed import Context, state_digest
+from pipeline.errors import CytopipeError
 from pipeline.model_card import WEIGHTS_FILE, ModelCard, Preprocessing, file_sha256
+from pipeline.models import backbones
+from pipeline.models.backbones import freeze_early_blocks, keep_frozen_eval
+from pipeline.models.init_from import init_from_model
+from pipeline.tracking import TrainingTracker, input_example, tracking_uri
 from pipeline.train_state import TrainState
 
 BEST = "best.pt"  # the best epoch's weights, also logged to MLflow
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CytopipeError, RuntimeError):
     """Training cannot go on (non-finite loss, unusable checkpoint...). One line."""
 
 
@@ -149,7 +157,6 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, chan
     import torch
     from tqdm import tqdm
 
-    from pipeline.models.backbones import keep_frozen_eval
 
     model.train()
     keep_frozen_eval(frozen)
@@ -258,14 +265,11 @@ def load_split(params: Params, split_csv: Path):
 
 def build_model(params: Params, labels: tuple[str, ...], warn):
     """(model, ModelStart): the backbone with ImageNet (or no) weights, or a registered model's."""
-    from pipeline.models import backbones
 
     mcfg = params.model
     model = backbones.build_model(mcfg.arch, len(labels), None if mcfg.init_from else mcfg.weights, mcfg.drop_rate)
     init = None
     if mcfg.init_from:  # fine-tune a registered model (e.g. @champion on a new specimen) instead of ImageNet's
-        from pipeline.models.init_from import init_from_model
-        from pipeline.tracking import tracking_uri
 
         init = init_from_model(model, mcfg.init_from, mcfg.arch, labels, tracking_uri(params.mlflow), warn)
         mean, std = tuple(init.pop("mean")), tuple(init.pop("std"))  # what its weights were trained with
@@ -275,7 +279,6 @@ def build_model(params: Params, labels: tuple[str, ...], warn):
 
 
 def build_datasets(params: Params, train_rows, val_rows, labels: tuple[str, ...], start: ModelStart):
-    from pipeline.data.dataset import CellDataset
 
     cfg, root, size = params.train, params.data.root, params.model.image_size
     train_ds = CellDataset.from_frame(train_rows, root, labels, size, cfg.augment, start.mean, start.std,
@@ -440,7 +443,6 @@ def _warn(message: str) -> None:
 
 def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> tuple[TrainState | None, dict]:
     """(state to resume from or None, the folder's manifest). Rank 0 resets a folder it starts afresh."""
-    from pipeline import checkpoints
 
     manifest = checkpoints.read_manifest(checkpoint_dir)
     state = None
@@ -470,7 +472,6 @@ def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> 
 def _start_tracking(tracker, state: TrainState, resumed: TrainState | None, split_sha: str, manifest: dict,
                     checkpoint_dir: Path) -> None:
     """Open the MLflow run (marking the one a killed training left RUNNING) and replay the resumed curve."""
-    from pipeline import checkpoints
 
     tracker.start(state.config, split_sha, state.config_hash, resumed.to_checkpoint() if resumed else None,
                   stale_run_id=manifest["mlflow_run_id"])
@@ -490,8 +491,6 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
     """
     import torch
 
-    from pipeline.checkpoints import FolderLock
-    from pipeline.distributed import Context
 
     device = _device(params.train.device)
     dist = Context.from_env(cuda=device.type == "cuda")
@@ -512,8 +511,6 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
 def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, warn, device, dist) -> FitResult:
     """Build everything, then run the epochs. Each build may draw random numbers or fail early:
     the order of the builds is part of the result (same seed, same metrics), keep it."""
-    from pipeline import checkpoints
-    from pipeline.models.backbones import freeze_early_blocks
 
     cfg = params.train
     check_processes(cfg, dist)
@@ -567,8 +564,6 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
 def _finish(result: FitResult, state: TrainState, model, params: Params, label_map: LabelMap, start: ModelStart,
             chash: str, split_sha: str, dist) -> None:
     """Every rank must hold the same weights; rank 0 then writes the model dir and closes the checkpoint folder."""
-    from pipeline import checkpoints
-    from pipeline.distributed import state_digest
 
     digests = dist.gather_digests(state_digest(model.state_dict()))
     if not dist.is_main:
@@ -646,8 +641,6 @@ def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, ch
     """The stage: fit with MLflow tracking, write reports, log and register the model."""
     import yaml
 
-    from pipeline.distributed import Context
-    from pipeline.tracking import TrainingTracker, input_example
 
     if not Context.env_is_main():  # another rank of a torchrun job: train only, rank 0 reports
         result = fit(params, split_csv, model_dir, checkpoint_dir, resume)

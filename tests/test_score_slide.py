@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.inference.score_slide import score_slide
-from tests.conftest import ROOT, SHARED_DATA, tree_digest
+from tests.conftest import SHARED_DATA, tree_digest
 from tests.test_slide import CELLS, MPP, SIZE, draw_cells, glass, write_pyramid
 from tests.tiny_project import tiny_project
 

@@ -10,6 +10,7 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.config import SPLITS, SplitConfig
 from pipeline.data.manifest import MANIFEST_COLUMNS, SPLIT_COLUMNS, read_table
 from pipeline.errors import CytopipeError
@@ -127,7 +128,6 @@ def summary(frame, folds: int) -> dict:
 
 def run(manifest_path: str | Path, config: SplitConfig, out_dir: str | Path) -> dict:
     """The stage: read the manifest, split, check, write split.csv + summary.json, print the table."""
-    from pipeline import atomic
 
     frame = split_frame(read_table(manifest_path, MANIFEST_COLUMNS), config)
     out_dir = Path(out_dir)

@@ -7,7 +7,6 @@ inference see, so train and test share one geometry. Normalisation is the model'
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 PRESETS = ("train", "train_light", "eval")

@@ -28,6 +28,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+from pipeline.data.images import ImageError, decode_rgb
+from pipeline.inference.predictor import open_predictor
 from pipeline.registry import UNREGISTERED
 
 IMAGE_COLUMN = "image"
@@ -44,7 +46,6 @@ def _bad_input(message: str) -> MlflowException:
 
 def _decode_row(i: int, value) -> tuple[np.ndarray | None, str]:
     """(RGB array, "") for a good row; (None, "row i: reason") for a bad one."""
-    from pipeline.data.images import ImageError, decode_rgb
 
     if not isinstance(value, (str, bytes)) or not value:
         return None, f"row {i}: empty or not a string; expected base64-encoded image bytes"
@@ -103,7 +104,6 @@ def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
 
 class CytologyModel(PythonModel):
     def load_context(self, context):
-        from pipeline.inference.predictor import open_predictor
 
         self.predictor = open_predictor(context.artifacts["model_dir"])
 

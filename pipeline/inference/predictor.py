@@ -16,8 +16,8 @@ import numpy as np
 from pipeline import ood
 from pipeline.calibration import Band, softmax
 from pipeline.data.transforms import base_resize, normalize
-from pipeline.model_card import (INT8_FILE, WEIGHTS_FILE, Calibration, ModelCard, ModelDirError, card_file,
-                                 is_exported)
+from pipeline.model_card import INT8_FILE, WEIGHTS_FILE, Calibration, ModelCard, ModelDirError, card_file, is_exported
+from pipeline.models.backbones import build_model
 
 
 def load_guard(model_dir: Path, card: ModelCard) -> dict | None:
@@ -198,7 +198,6 @@ class TorchPredictor(Predictor):
     def __init__(self, model_dir: Path | str, batch_size: int = 32):
         import torch
 
-        from pipeline.models.backbones import build_model
 
         model_dir = Path(model_dir)
         super().__init__(model_dir, ModelCard.read(model_dir), batch_size)

@@ -24,7 +24,10 @@ from pipeline.config import SlideConfig
 from pipeline.data.transforms import base_resize
 from pipeline.inference.loading import load_predictor
 from pipeline.inference.slide_scoring import score_slide_cells
-
+from pipeline.report.page import png_data_uri, render_html
+from pipeline.report.saliency import heatmap_overlay, saliency_maps
+from pipeline.wsi.crops import read_crops
+from pipeline.wsi.readers import SlideError, open_slide
 
 SALIENCY = {"torch": "Grad-CAM (pytorch-grad-cam) at the last convolution, for the malignant output",
             "onnx": "CAM: the classifier's malignant weights on the last feature map (computed in the ONNX "
@@ -84,7 +87,6 @@ def score_slides(slides: list[str], model: str, out_dir: Path, cfg: SlideConfig,
     others are scored. Returns the exit code: 0 when every slide was scored, 1 when any failed
     (a failed slide has no report, so the exit code is the only record a script gets), 2 for
     arguments that cannot work."""
-    from pipeline.wsi.readers import SlideError
 
     out_dir = Path(out_dir)
     stems = [Path(s).stem for s in slides]
@@ -140,10 +142,6 @@ def score_loaded(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfi
 def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig, mpp: float | None,
                 top: int | None, tta: bool | None, log) -> dict:
     """Detect, score and write the report files into `out_dir` (the staging folder)."""
-    from pipeline.report.page import png_data_uri, render_html
-    from pipeline.report.saliency import heatmap_overlay, saliency_maps
-    from pipeline.wsi.crops import read_crops
-    from pipeline.wsi.readers import open_slide
 
     predictor = loaded.predictor
     use_tta = predictor.calibration.tta if tta is None else tta

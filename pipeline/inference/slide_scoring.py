@@ -32,6 +32,9 @@ import pandas as pd
 from pipeline.concurrency import in_order
 from pipeline.config import SlideConfig
 from pipeline.inference.predictor import Scores
+from pipeline.ood import one_blas_thread
+from pipeline.wsi.crops import read_crops, tile_crops
+from pipeline.wsi.detection import detect_slide, detect_tile, finish_cells, plan_detection
 
 
 class _Batcher:
@@ -91,7 +94,6 @@ def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, pr
     """Every detected cell's scores; crops are read and scored batch by batch."""
     from tqdm import tqdm
 
-    from pipeline.wsi.crops import read_crops
 
     parts = []
     for start in tqdm(range(0, len(cells), cfg.batch_size), desc="score", unit="batch", file=sys.stderr,
@@ -103,7 +105,6 @@ def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, pr
 
 def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Detect all cells, then score them: (cells, scores, seconds)."""
-    from pipeline.wsi.detection import detect_slide
 
     seconds = {}
     t = time.perf_counter()
@@ -119,8 +120,6 @@ def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: b
 
 def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Reading + detection + cropping of each tile in worker threads, overlapping inference."""
-    from pipeline.wsi.crops import tile_crops
-    from pipeline.wsi.detection import detect_tile, finish_cells, plan_detection
 
     seconds = {}
     t0 = time.perf_counter()
@@ -151,7 +150,6 @@ def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: b
 
 def _detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
     """(plan, parts): every tile detected by `detect_workers` threads (reading overlaps detection)."""
-    from pipeline.wsi.detection import detect_tile, plan_detection
 
     t0 = time.perf_counter()
     plan = plan_detection(source, cfg)
@@ -171,8 +169,6 @@ def _detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
 def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Detect every tile (worker threads; reading overlaps detection), then crop in a thread
     while the model scores (cropping overlaps inference)."""
-    from pipeline.wsi.crops import tile_crops
-    from pipeline.wsi.detection import finish_cells
 
     seconds = {}
     _, parts = _detect_all(source, cfg, progress, seconds)
@@ -217,9 +213,6 @@ def tile_groups(parts: list, min_cells: int) -> list[list]:
 
 def score_parallel(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
     """Detect every tile, then `inference_workers` threads each crop and score their own tiles."""
-    from pipeline.ood import one_blas_thread
-    from pipeline.wsi.crops import tile_crops
-    from pipeline.wsi.detection import finish_cells
 
     seconds = {}
     _, parts = _detect_all(source, cfg, progress, seconds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import CytopipeError
+from pipeline.models.pretrained import BUILTIN, PREPROCESSING, imagenet_weights
 
 BUILTIN_IMAGENET = "imagenet"
 
@@ -93,7 +94,6 @@ def build_model(arch: str, num_classes: int, weights: str | None, drop_rate: flo
     """A classifier with `num_classes` outputs, initialised as `weights` says."""
     model = _create(arch, num_classes, drop_rate)
     if weights == BUILTIN_IMAGENET:
-        from pipeline.models.pretrained import BUILTIN, imagenet_weights
 
         family, _, name = arch.partition("/")
         if family != "timm" or name not in BUILTIN:
@@ -145,7 +145,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def preprocessing(model_cfg, model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation (mean, std) the backbone was trained with."""
     if model_cfg.weights == BUILTIN_IMAGENET:
-        from pipeline.models.pretrained import PREPROCESSING
 
         return tuple(PREPROCESSING["mean"]), tuple(PREPROCESSING["std"])
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}

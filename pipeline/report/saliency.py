@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.data.transforms import base_resize
+
 
 def heatmap_overlay(thumbnail: np.ndarray, downsample: float, cells, scores: np.ndarray, mark: int = 0,
                     bin_px: int = 24) -> np.ndarray:
@@ -66,7 +68,6 @@ def onnx_saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
     """CAM from the exported graph's `cam` output, scaled like Grad-CAM (min-max, then resized)."""
     import cv2
 
-    from pipeline.data.transforms import base_resize
 
     size = predictor.card.image_size
     if not crops or "cam" not in predictor.card.outputs:
@@ -93,7 +94,6 @@ def saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from pipeline.data.transforms import base_resize
 
     if not crops:
         return []
