@@ -19,8 +19,9 @@ Rows:
   ceiling with the same outputs.
 Targets (issue 14): both ratios >= 0.9, the whole CSF slide <= 60 s, peak RSS < 2 GiB.
 
---sweep also scores the slide with the other schedules and splits of the cores between
-detection, cropping and model runs, to choose slide.schedule and its workers.
+--sweep also scores the slide with other splits of the cores and with the schedules the shipped
+one was measured against (benchmarks/slide_schedules.py; the whole-slide wall time of those
+counts detection + crop + inference, without the report).
 
 The ceiling is the faster of two ways to run the bare graph: one run on every core, or one
 single-thread run per core side by side (on 2 cores the second: single-threaded runs never wait at
@@ -242,8 +243,8 @@ def main() -> None:
         rows.append(("slide steps (s)", steps))
         if args.sweep:
             sweep = [sweep_row(s, "(default)")]
-            for overrides in SWEEP:
-                sweep.append(sweep_row(score_slide_child(args.model, args.slide, args.params, overrides)))
+            for summary in sweep_runs(args.model, args.slide, args.params):
+                sweep.append(sweep_row(summary))
                 print(f"sweep: {sweep[-1]}", file=sys.stderr, flush=True)
     width = max(len(k) for k, _ in rows)
     print(f"\n{'measure':<{width}}  value")
@@ -257,11 +258,52 @@ def main() -> None:
             print("{:<20} {:>6} {:>4} {:>7} {:>4} {:>7.1f} {:>14.1f} {:>8.2f}".format(*row))
 
 
-# Other schedules and splits of the cores tried by --sweep (the default run comes first).
-SWEEP = ({"schedule": "parallel", "inference_workers": 3},
-         {"schedule": "phased", "detect_workers": 2, "crop_workers": 1},
-         {"schedule": "overlapped", "detect_workers": 1},
-         {"schedule": "sequential", "detect_workers": 2})
+# Splits of the cores and other schedules tried by --sweep (the default run comes first): the
+# shipped schedule through score-slide, the others (benchmarks/slide_schedules.py) on one
+# ONNX Runtime run over every core.
+SWEEP = ({"inference_workers": 3}, {"schedule": "phased", "detect_workers": 2, "crop_workers": 1},
+         {"schedule": "overlapped", "detect_workers": 1}, {"schedule": "sequential", "detect_workers": 2})
+
+
+def schedule_child(model: Path, slide: Path, params: Path, schedule: str, detect_workers: int,
+                   crop_workers: int = 1) -> dict:
+    """Detect and score the slide with one of benchmarks/slide_schedules.py in a child process."""
+    code = f"""
+import dataclasses, json, os, resource, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from benchmarks.slide_schedules import SCHEDULES
+from pipeline.config import load_params
+from pipeline.inference.loading import load_predictor
+from pipeline.wsi.readers import open_slide
+cfg = dataclasses.replace(load_params({str(params)!r}).slide, detect_workers={detect_workers})
+predictor, _ = load_predictor({str(model)!r}, None, cfg.batch_size, threads=os.cpu_count())
+extra = {{"crop_workers": {crop_workers}}} if {schedule!r} == "phased" else {{}}
+t = time.perf_counter()
+with open_slide({str(slide)!r}) as source:
+    cells, scores, seconds = SCHEDULES[{schedule!r}](predictor, source, cfg, None, False, **extra)
+wall = time.perf_counter() - t
+print(json.dumps({{"n_cells": len(cells), "seconds": seconds, "wall_seconds": wall,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "inference": {{"schedule": {schedule!r}, "detect_workers": {detect_workers},
+                                "crop_workers": {crop_workers}, "inference_workers": 1,
+                                "model_threads": os.cpu_count(),
+                                "cells_per_second": len(cells) / max(seconds["inference"], 1e-9)}}}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"schedule {schedule} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sweep_runs(model: Path, slide: Path, params: Path):
+    """One summary per SWEEP entry, as it comes."""
+    for entry in SWEEP:
+        entry = dict(entry)
+        schedule = entry.pop("schedule", "parallel")
+        if schedule == "parallel":
+            yield score_slide_child(model, slide, params, entry)
+        else:
+            yield schedule_child(model, slide, params, schedule, **entry)
 
 
 def scoring_phase_rate(summary: dict) -> float:
@@ -273,11 +315,11 @@ def scoring_phase_rate(summary: dict) -> float:
 
 def sweep_row(summary: dict, note: str = "") -> tuple:
     info = summary["inference"]
-    parallel = info["schedule"] == "parallel"
-    return (f"{info['schedule']} {note}".strip(), info["detect_workers"],
-            info["crop_workers"] if info["schedule"] == "phased" else "-",
-            info.get("inference_workers", 1) if parallel else 1, info.get("model_threads", "?"),
-            summary["wall_seconds"], scoring_phase_rate(summary), summary["peak_rss_gib"])
+    schedule = info.get("schedule", "parallel")
+    return (f"{schedule} {note}".strip(), info["detect_workers"],
+            info["crop_workers"] if schedule == "phased" else "-", info.get("inference_workers", 1),
+            info.get("model_threads", "?"), summary["wall_seconds"], scoring_phase_rate(summary),
+            summary["peak_rss_gib"])
 
 
 if __name__ == "__main__":

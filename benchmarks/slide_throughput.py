@@ -80,7 +80,7 @@ def main() -> None:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     info = summary["inference"]
     print(f"slide {args.slide.name}: {summary['width']}x{summary['height']} px, {summary['n_cells']} cells, "
-          f"tta={summary['tta']}; model {args.model} ({info['backend']}), schedule {info['schedule']}")
+          f"tta={summary['tta']}; model {args.model} ({info['backend']}), {info['inference_workers']} scoring workers x {info['model_threads']} threads")
     print(f"{'step':<44}{'seconds':>9}")
     for step, s in summary["seconds"].items():
         print(f"{step:<44}{s:>9.1f}")

@@ -341,7 +341,6 @@ class CvConfig(Section):
     epochs: int = setting(0, ge=0)
 
 
-SCHEDULES = ("parallel", "phased", "overlapped", "sequential")  # pipeline/inference/slide_scoring.py
 
 
 @dataclass(frozen=True)
@@ -349,6 +348,9 @@ class SlideConfig(Section):
     """Whole-slide scoring: foreground mask, cell detection, crop recipe, slide-level rule."""
 
     KEY = "slide"
+    RETIRED_KEYS = {key: "one schedule ships (detect, then inference_workers threads each crop and score their "
+                         "tiles); the alternatives are measured by benchmarks/slide_schedules.py"
+                    for key in ("schedule", "crop_workers")}
 
     mask_max_px: int = 2048  # the foreground mask uses the first level whose long side is <= this
     tile_px: int = setting(2048, ge=1)  # level-0 region size for detection (plus an overlap of one max cell)
@@ -361,21 +363,18 @@ class SlideConfig(Section):
     top_k: int = 10  # slide summary: mean score of the k most suspicious cells
     min_malignant_cells: int = 3  # slide call: positive when at least this many cells are called malignant
     gallery: int = 24  # default --top: cells shown in the report
-    schedule: str = setting("parallel", choices=SCHEDULES)
-    detect_workers: int = setting(2, ge=1)  # threads that read and detect tiles (and, overlapped, crop them)
-    crop_workers: int = setting(1, ge=0)  # phased: threads cutting crops ahead of the model (0: between batches)
+    detect_workers: int = setting(2, ge=1)  # threads that read and detect tiles
     queue_tiles: int = setting(4, ge=1)  # bound on tiles waiting for inference (memory stays flat)
-    inference_workers: int = setting(2, ge=1)  # parallel: threads that each crop and score their own tiles
+    inference_workers: int = setting(2, ge=1)  # threads that each crop and score their own tiles
     inference_threads: int = setting(0, ge=0)  # ONNX Runtime intra-op threads per run (0: the cores / the runs)
     max_ood_fraction: float = setting(0.3, ge=0, le=1)  # summary warns when more cells than this are out of domain
 
     def model_threads(self) -> int:
         """ONNX Runtime threads per model run: `inference_threads`, else the cores shared out among the
-        runs at once (`inference_workers` under the parallel schedule, one otherwise)."""
+        `inference_workers` runs at once."""
         if self.inference_threads:
             return self.inference_threads
-        runs = self.inference_workers if self.schedule == "parallel" else 1
-        return max(1, (os.cpu_count() or 1) // runs)
+        return max(1, (os.cpu_count() or 1) // self.inference_workers)
 
 
 OOD_METHODS = ("mahalanobis", "knn", "energy")  # pipeline/ood.py

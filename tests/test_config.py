@@ -79,7 +79,7 @@ def test_group_rule_needs_exactly_one_source_and_a_capture():
     ("evaluate:\n  band_width: 1\n", r"evaluate\.band_width: must be in \[0, 1\), got 1\.0"),
     ("evaluate:\n  positive_labels: [malignant, 3]\n", r"evaluate\.positive_labels\[1\]: expected str, got 3"),
     ("model:\n  weights: 3\n", r"model\.weights: expected str or null, got 3"),
-    ("slide:\n  schedule: eager\n", r"slide\.schedule: must be one of parallel, phased, overlapped, sequential"),
+    ("slide:\n  schedule: eager\n", r"slide\.schedule: no longer read; one schedule ships"),
     ("slide: [1]\n", r"slide: expected a mapping, got \[1\]"),
     ("trian:\n  epochs: 1\n", r"unknown section\(s\): trian \(known: data, split, model"),
     ("data:\n  sources: {}\n", r"data\.sources: needs at least one source"),

@@ -1,4 +1,5 @@
-"""Every slide-scoring schedule (parallel, phased, overlapped, sequential) gives the same cells and scores,
+"""The shipped slide schedule and the ones it was measured against (benchmarks/slide_schedules.py:
+phased, overlapped, sequential) give the same cells and scores,
 on a synthetic pyramidal slide, with a small deterministic model standing in for the network."""
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from pipeline.config import ConfigError, SlideConfig
 from pipeline.inference.predictor import Predictor
 from pipeline.model_card import ModelCard
-from pipeline.inference.slide_scoring import score_overlapped, score_parallel, score_phased, score_sequential, tile_groups
+from benchmarks.slide_schedules import score_overlapped, score_phased, score_sequential
+from pipeline.inference.slide_scoring import score_slide_cells as score_parallel
+from pipeline.inference.slide_scoring import tile_groups
 from pipeline.wsi.crops import read_crops, tile_crops
 from pipeline.wsi.detection import detect_slide
 from pipeline.wsi.readers import open_slide
@@ -66,12 +69,13 @@ def test_tile_crops_are_the_model_input_of_read_crops(slide, cfg):
 @pytest.mark.parametrize("schedule", [score_parallel, score_phased, score_overlapped])
 @pytest.mark.parametrize("workers,queue,batch,crop", [(1, 4, 5, 0), (2, 1, 5, 1), (2, 3, 64, 2), (3, 2, 3, 1)])
 def test_pipelined_equals_sequential(slide, cfg, schedule, workers, queue, batch, crop):
-    run_cfg = dataclasses.replace(cfg, detect_workers=workers, queue_tiles=queue, batch_size=batch, crop_workers=crop,
+    run_cfg = dataclasses.replace(cfg, detect_workers=workers, queue_tiles=queue, batch_size=batch,
                                   inference_workers=workers)
+    extra = {"crop_workers": crop} if schedule is score_phased else {}
     with open_slide(slide) as src:
         cells_seq, scores_seq, _ = score_sequential(PixelModel(batch), src, run_cfg, tta=False, progress=False)
         model = PixelModel(batch)
-        cells_pipe, scores_pipe, seconds = schedule(model, src, run_cfg, tta=False, progress=False)
+        cells_pipe, scores_pipe, seconds = schedule(model, src, run_cfg, tta=False, progress=False, **extra)
         scores_seq, scores_pipe = scores_seq.p_malignant, scores_pipe.p_malignant
     assert len(cells_seq) >= len(CELLS)
     pd.testing.assert_frame_equal(cells_pipe, cells_seq)
@@ -110,15 +114,23 @@ def test_pipelined_blank_slide_and_model_errors(tmp_path, cfg, schedule):
 
 def test_slide_config_rejects_bad_pipeline_values():
     for field, value in (("detect_workers", 0), ("queue_tiles", 0), ("batch_size", 0), ("inference_threads", -1),
-                         ("crop_workers", -1), ("inference_workers", 0),
-                         ("schedule", "eager")):
+                         ("inference_workers", 0)):
         with pytest.raises(ConfigError, match=f"slide.{field}"):
             SlideConfig(**{field: value})
 
 
+def test_a_retired_schedule_key_says_where_the_schedules_went(tmp_path):
+    from pipeline.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("slide:\n  schedule: phased\n")
+    with pytest.raises(ConfigError, match=r"slide\.schedule: no longer read; .*benchmarks/slide_schedules\.py"):
+        load_params(path)
+
+
 def test_model_threads_share_the_cores_among_the_runs(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert SlideConfig(schedule="parallel", inference_workers=2).model_threads() == 4
-    assert SlideConfig(schedule="parallel", inference_workers=16).model_threads() == 1
-    assert SlideConfig(schedule="phased", inference_workers=2).model_threads() == 8
-    assert SlideConfig(schedule="parallel", inference_threads=3).model_threads() == 3
+    assert SlideConfig(inference_workers=2).model_threads() == 4
+    assert SlideConfig(inference_workers=16).model_threads() == 1
+    assert SlideConfig(inference_workers=1).model_threads() == 8
+    assert SlideConfig(inference_threads=3).model_threads() == 3

@@ -232,8 +232,7 @@ def slide_summary(loaded: LoadedModel, slide: str, source, scores, cfg: SlideCon
         "inference": {"backend": predictor.backend, "precision": getattr(predictor, "precision", "fp32"),
                       "seconds_in_model": inference_s,
                       "cells_per_second": n / inference_s if n and inference_s > 0 else None,
-                      "schedule": cfg.schedule, "detect_workers": cfg.detect_workers,
-                      "crop_workers": cfg.crop_workers, "inference_workers": cfg.inference_workers,
+                      "detect_workers": cfg.detect_workers, "inference_workers": cfg.inference_workers,
                       "model_threads": cfg.model_threads(), "batch_size": cfg.batch_size},
         "saliency": SALIENCY[predictor.backend],
     }

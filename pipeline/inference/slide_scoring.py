@@ -1,24 +1,17 @@
-"""Detect and score every cell of a slide, by one of four schedules (`slide.schedule`):
+"""Detect and score every cell of a slide.
 
-- `parallel`: detect every tile as `phased` does; then `inference_workers` threads each cut the
-  crops of their own group of tiles and score them, each running the model on its own
-  cores / inference_workers ONNX Runtime threads. On 2 cores, two 1-thread runs side by side beat
-  one 2-thread run (bare graph 552 vs 484 cells/s; crop + inference of the CSF slide 40.8 vs 47.3 s,
-  measured in one run): single-threaded runs never wait at the barriers of a parallel operator,
-  and cutting crops fills the gaps.
-- `overlapped`: `detect_workers` threads each take a tile, read it, detect its cells and cut
-  their crops from one level-0 read, while the main thread feeds the crops to the model.
-- `phased`: the same threads first detect every tile (reading overlaps detection); then crops
-  are cut tile by tile and scored, by `crop_workers` threads reading ahead of the model or
-  (0) in the model's own thread between batches. On a 2-core machine, anything running beside
-  a 2-thread model stalls it (its threads meet at barriers), so the measured best keeps the
-  model alone on the cores (benchmarks/inference_throughput.py --sweep).
-- `sequential`: detect everything, then read and score crops one batch at a time.
+Every tile is detected first by `detect_workers` threads (reading overlaps detection); then
+`inference_workers` threads each cut the crops of their own group of tiles and score them, each
+running the model on cores / inference_workers ONNX Runtime threads. On 2 cores, two 1-thread runs
+side by side beat one 2-thread run (bare graph 552 vs 484 cells/s; crop + inference of the CSF
+slide 40.8 vs 47.3 s, measured in one run): single-threaded runs never wait at the barriers of a
+parallel operator, and cutting crops fills the gaps. The schedules it was measured against
+(phased, overlapped, sequential) live in benchmarks/slide_schedules.py, with a test that all give
+the same cells and scores.
 
-In every schedule at most `queue_tiles` tiles are in flight, so memory stays flat however big
-the slide; the model runs in batches of `batch_size` in the calling thread (OpenSlide, OpenCV
-and ONNX Runtime release the GIL). Tiles are consumed in order and the final table comes from
-the same `finish_cells`, so all schedules give the same cells and scores.
+At most `queue_tiles` tiles are read ahead, so memory stays flat however big the slide; OpenSlide,
+OpenCV and ONNX Runtime release the GIL. Tiles are consumed in order and the final table comes
+from `finish_cells`, so the result does not depend on the number of workers.
 """
 from __future__ import annotations
 
@@ -34,10 +27,10 @@ from pipeline.config import SlideConfig
 from pipeline.inference.predictor import Scores
 from pipeline.ood import one_blas_thread
 from pipeline.wsi.crops import read_crops, tile_crops
-from pipeline.wsi.detection import detect_slide, detect_tile, finish_cells, plan_detection
+from pipeline.wsi.detection import detect_tile, finish_cells, plan_detection
 
 
-class _Batcher:
+class Batcher:
     """Collects model-input crops and scores them in fixed-size batches, timing the model."""
 
     def __init__(self, predictor, batch_size: int, tta: bool):
@@ -82,7 +75,7 @@ def with_ood(cells: pd.DataFrame, ood_score: np.ndarray) -> pd.DataFrame:
     return cells.assign(ood_score=np.asarray(ood_score, dtype=float))
 
 
-def _bar(total: int, desc: str, progress: bool | None):
+def progress_bar(total: int, desc: str, progress: bool | None):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tile", file=sys.stderr,
@@ -103,59 +96,14 @@ def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, pr
     return Scores.concat(parts, len(predictor.labels))
 
 
-def score_sequential(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """Detect all cells, then score them: (cells, scores, seconds)."""
-
-    seconds = {}
-    t = time.perf_counter()
-    cells = detect_slide(source, cfg, progress=progress)
-    seconds["detect cells"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scores = score_cells(predictor, source, cells, cfg, tta, progress)
-    cells = with_ood(cells, scores.ood_score)
-    seconds["crop + inference"] = time.perf_counter() - t
-    seconds["inference"] = seconds["crop + inference"]  # reading crops is inside this loop
-    return cells, scores, seconds
-
-
-def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """Reading + detection + cropping of each tile in worker threads, overlapping inference."""
-
-    seconds = {}
-    t0 = time.perf_counter()
-    plan = plan_detection(source, cfg)
-    seconds["plan tiles"] = time.perf_counter() - t0
-    size = predictor.card.image_size
-
-    def job(tile_no: int):
-        part = detect_tile(source, plan, tile_no, cfg)
-        return part, (tile_crops(source, part, cfg.crop_margin, size) if part is not None else None)
-
-    batcher = _Batcher(predictor, cfg.batch_size, tta)
-    parts: list[pd.DataFrame | None] = []
-    with _bar(len(plan.tiles), f"score {source.path.name}", progress) as bar, \
-            ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
-        for part, crops in in_order(pool, job, range(len(plan.tiles)), cfg.queue_tiles):
-            parts.append(part)
-            batcher.add(crops)
-            bar.update()
-        scores = batcher.finish()
-    cells, rows = finish_cells(parts, source, cfg)
-    scores = scores.select(rows)
-    cells = with_ood(cells, scores.ood_score)
-    seconds["detect + crop + inference (overlapped)"] = time.perf_counter() - t0 - seconds["plan tiles"]
-    seconds["inference"] = batcher.busy
-    return cells, scores, seconds
-
-
-def _detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
+def detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
     """(plan, parts): every tile detected by `detect_workers` threads (reading overlaps detection)."""
 
     t0 = time.perf_counter()
     plan = plan_detection(source, cfg)
     seconds["plan tiles"] = time.perf_counter() - t0
     t = time.perf_counter()
-    with _bar(len(plan.tiles), f"cells {source.path.name}", progress) as bar, \
+    with progress_bar(len(plan.tiles), f"cells {source.path.name}", progress) as bar, \
             ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
         parts = []
         for part in in_order(pool, lambda i: detect_tile(source, plan, i, cfg), range(len(plan.tiles)),
@@ -164,36 +112,6 @@ def _detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
             bar.update()
     seconds["detect cells"] = time.perf_counter() - t
     return plan, parts
-
-
-def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """Detect every tile (worker threads; reading overlaps detection), then crop in a thread
-    while the model scores (cropping overlaps inference)."""
-
-    seconds = {}
-    _, parts = _detect_all(source, cfg, progress, seconds)
-    size = predictor.card.image_size
-    t = time.perf_counter()
-    batcher = _Batcher(predictor, cfg.batch_size, tta)
-    with_cells = [p for p in parts if p is not None]
-
-    def crop(part):
-        return tile_crops(source, part, cfg.crop_margin, size)
-
-    with _bar(len(with_cells), "score", progress) as bar, \
-            ThreadPoolExecutor(max_workers=max(1, cfg.crop_workers), thread_name_prefix="crop") as pool:
-        # crop_workers 0: cut crops between model batches, so nothing preempts the model's threads.
-        stream = in_order(pool, crop, with_cells, cfg.queue_tiles) if cfg.crop_workers else map(crop, with_cells)
-        for crops in stream:
-            batcher.add(crops)
-            bar.update()
-        scores = batcher.finish()
-    seconds["crop + inference"] = time.perf_counter() - t
-    cells, rows = finish_cells(parts, source, cfg)
-    scores = scores.select(rows)
-    cells = with_ood(cells, scores.ood_score)
-    seconds["inference"] = batcher.busy
-    return cells, scores, seconds
 
 
 def tile_groups(parts: list, min_cells: int) -> list[list]:
@@ -211,22 +129,23 @@ def tile_groups(parts: list, min_cells: int) -> list[list]:
     return groups + ([current] if current else [])
 
 
-def score_parallel(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """Detect every tile, then `inference_workers` threads each crop and score their own tiles."""
+def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
+    """(cells, Scores, seconds): detect every tile, then `inference_workers` threads each crop and score
+    their own tiles. seconds["inference"] is the model's share; `cells` has an `ood_score` column."""
 
     seconds = {}
-    _, parts = _detect_all(source, cfg, progress, seconds)
+    _, parts = detect_all(source, cfg, progress, seconds)
     size = predictor.card.image_size
     groups = tile_groups(parts, 2 * cfg.batch_size)
 
     def crop_and_score(group):
-        batcher = _Batcher(predictor, cfg.batch_size, tta)
+        batcher = Batcher(predictor, cfg.batch_size, tta)
         batcher.add(np.concatenate([tile_crops(source, part, cfg.crop_margin, size) for part in group]))
         return batcher.finish(), batcher.busy, len(group)
 
     t = time.perf_counter()
     scores, busy = [], 0.0
-    with _bar(sum(len(g) for g in groups), "score", progress) as bar, one_blas_thread(), \
+    with progress_bar(sum(len(g) for g in groups), "score", progress) as bar, one_blas_thread(), \
             ThreadPoolExecutor(max_workers=cfg.inference_workers, thread_name_prefix="score") as pool:
         for group_scores, group_busy, n_tiles in in_order(pool, crop_and_score, groups, cfg.inference_workers + 1):
             scores.append(group_scores)
@@ -241,9 +160,3 @@ def score_parallel(predictor, source, cfg: SlideConfig, tta: bool, progress: boo
     return cells, scores, seconds
 
 
-def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
-    """(cells, Scores, seconds) by `cfg.schedule`; seconds["inference"] is the time in the model.
-    `cells` has an `ood_score` column (the domain-shift guard's score per cell)."""
-    run = {"parallel": score_parallel, "phased": score_phased, "overlapped": score_overlapped,
-           "sequential": score_sequential}[cfg.schedule]
-    return run(predictor, source, cfg, tta, progress)
