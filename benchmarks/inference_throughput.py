@@ -112,6 +112,7 @@ def stage_breakdown(model: Path, images: Path, batch: int, n_files: int = 512) -
     from pipeline.data.transforms import base_resize
     from pipeline.inference.predictor import OnnxPredictor
     from pipeline.ood import guard_calls, in_domain
+    from pipeline.ood import score as score_ood
 
     predictor = OnnxPredictor(model, batch_size=batch)
     files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n_files]
@@ -133,7 +134,7 @@ def stage_breakdown(model: Path, images: Path, batch: int, n_files: int = 512) -
         resized = timed("resize", lambda: np.stack([base_resize(im, size) for im in decoded]))
         x = timed("normalise", predictor.normalize, resized)
         logits, feats = timed("model (logits + features)", predictor.outputs, x)
-        scores = timed("OOD score", predictor.ood_scores, logits, feats)
+        scores = timed("OOD score", score_ood, predictor.ood, feats, logits)
         timed("probabilities + calls", lambda: guard_calls(band.call(malignant_probability(
             logits, predictor.labels, positive, predictor.calibration.temperature)), in_domain(predictor.ood, scores)))
     return {step: 1000 * s / len(files) for step, s in spent.items()}

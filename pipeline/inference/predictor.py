@@ -153,7 +153,7 @@ class Predictor:
 
     # ---------------------------------------------------------------- scores
 
-    def ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    def _ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         """OOD score per row (higher = further from the training domain); NaN without a guard."""
         if self.ood is None:
             self._warn_once("ood", f"has no OOD guard ({ood.OOD_FILE}; rerun the evaluate stage): "
@@ -164,13 +164,13 @@ class Predictor:
                                 f"{ood.method_of(self.ood)} OOD guard")
         return ood.score(self.ood, features, logits)
 
-    def scores_from(self, logits: np.ndarray, features: np.ndarray | None) -> Scores:
+    def _scores_from(self, logits: np.ndarray, features: np.ndarray | None) -> Scores:
         """Calibrated probabilities, P(malignant), the guarded band call and the OOD score."""
         if not self.calibrated:
             self._warn_once("calibration", "has no calibration (run the evaluate stage); using temperature 1, "
                                            "threshold 0.5 and no indeterminate band")
         probs = softmax(logits, float(self.calibration.temperature))
-        ood_score = self.ood_scores(logits, features)
+        ood_score = self._ood_scores(logits, features)
         in_domain = ood.in_domain(self.ood, ood_score)
         if not self.calibrated and not self.card.positive_labels():
             # A multi-class model before the evaluate stage names no malignant label: probabilities only.
@@ -181,7 +181,7 @@ class Predictor:
 
     def score_batch(self, batch: np.ndarray, tta: bool | None = None) -> Scores:
         """Scores for a normalised NCHW batch; tta=None uses the setting the model was calibrated with."""
-        return self.scores_from(*self.outputs(batch, self.calibration.tta if tta is None else tta))
+        return self._scores_from(*self.outputs(batch, self.calibration.tta if tta is None else tta))
 
     def score(self, images: list[np.ndarray], tta: bool | None = None) -> Scores:
         """Scores for uint8 RGB images of any sizes, in batches of `batch_size`."""
