@@ -1,6 +1,8 @@
 # The two commands a newcomer needs:
 #   make run    create .venv if missing, then run the DVC pipeline on the reference data
-#   make test   create .venv if missing, then run the test suite
+#   make test   create .venv if missing, then run the test suite (every layer; what CI runs)
+# and, while working:
+#   make test-fast   the unit layer only (tests/unit: no training, no ../shared/data), in about a minute
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -11,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test env clean-env
+.PHONY: run test test-fast env clean-env
 
 env: $(STAMP)
 
@@ -33,6 +35,9 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/python -m pytest
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m unit tests/unit
 
 clean-env:
 	rm -rf $(VENV)

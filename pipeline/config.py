@@ -1,7 +1,7 @@
 """params.yaml and configs/*.yaml -> typed, validated dataclasses.
 
 The dataclasses below are the schema, and their defaults are params.yaml's values (one set of
-defaults: tests/test_config.py holds the two equal). pipeline/typed_yaml.py loads a file into them
+defaults: tests/unit/test_config.py holds the two equal). pipeline/typed_yaml.py loads a file into them
 by their fields' type hints and limits; each section's `validate()` adds the rules across fields.
 Everything is validated once, here, so stages can trust their inputs. Errors name the file and the key.
 """

@@ -26,7 +26,7 @@ def rng_states() -> dict:
 class TrainState:
     """Enough to go on after `epoch` as if training had never stopped. The defaults are a fresh start.
 
-    Only tensors, plain containers and numbers: it loads with torch.load(weights_only=True).
+    Only tensors, plain containers and numbers: it loads with weights_only=True (no unpickling).
     The field order is the order of the checkpoint's keys.
     """
     model: dict | None = None            # state dicts, set by capture()

@@ -1,9 +1,17 @@
-"""Shared fixtures: synthetic images in tmp_path, and the real reference data (required)."""
+"""Shared fixtures: synthetic images in tmp_path, the real reference data (required), the session's one
+tiny project, and the layer markers.
+
+Layers (by folder; `make test-fast` runs the first):
+  tests/unit/         no model training, no ../shared/data        -> marker `unit`
+  tests/integration/  the tiny project, training, real data       -> marker `integration`
+  tests/e2e/          dvc, notebooks, browser, REST, torchrun, kills -> marker `e2e`
+"""
 from __future__ import annotations
 
 import hashlib
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -14,6 +22,26 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 HEAVY_MODULES = ("torch", "timm", "mlflow", "albumentations")
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with the layer its folder names (tests/unit -> `unit`, ...)."""
+    for item in items:
+        try:
+            layer = Path(item.fspath).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
+
+
+def herlev_images(n: int) -> list[Path]:
+    """n real Herlev images, taken from the class folders in turn."""
+    herlev = SHARED_DATA / "herlev"
+    per_class = [sorted(c.glob("*.jpg")) for c in sorted(p for p in herlev.iterdir() if p.is_dir())]
+    return [per_class[i % len(per_class)][i // len(per_class)] for i in range(n)]
 
 
 def make_image(path: Path, size=(40, 32), mode="RGB", seed=0, fmt=None) -> Path:
@@ -76,16 +104,70 @@ def binary_map(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def exported_project(tmp_path_factory):
-    """One exported tiny project per test module (see tests/tiny_project.exported_tiny_project)."""
-    from tests.tiny_project import exported_tiny_project
+MLFLOW_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
-    with exported_tiny_project(tmp_path_factory) as built:
-        yield built
+
+def forget_mlflow_store() -> None:
+    """Forget the MLflow store this process used last. mlflow.set_tracking_uri / set_registry_uri keep it in
+    module globals and export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI (for subprocesses); cytopipe reads
+    MLFLOW_TRACKING_URI before params.yaml, and an MlflowClient(tracking_uri) without a registry_uri asks
+    the remembered registry. With one tiny project per session, not per module, the store of one test
+    would otherwise answer the next one's questions."""
+    for var in MLFLOW_VARS:
+        os.environ.pop(var, None)
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_env():
+    """Commands use the project's own sqlite store, not one named in the environment (the user's
+    MLFLOW_TRACKING_URI included) or remembered from an earlier test: every test starts and ends with no
+    MLflow store set (forget_mlflow_store)."""
+    forget_mlflow_store()
+    yield
+    forget_mlflow_store()
+
+
+# --------------------------------------------------------------------------- the session's tiny project
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """The one tiny project of the session (tests/tiny_project.py: ingest -> split -> train -> evaluate on
+    configs/tiny.yaml, promotion minimums at 0 so that the model holds @champion): (root, evaluate
+    result, params). Shared, so read-only: a test that writes into it (files, MLflow runs, registered
+    versions, aliases) takes `tiny_project_copy` instead."""
+    from tests.tiny_project import PROMOTED
+    from tests.tiny_project import tiny_project as built
+
+    with built(tmp_path_factory, **PROMOTED) as project:
+        forget_mlflow_store()  # set while building
+        yield project
+
+
+@pytest.fixture(scope="session")
+def exported_project(tiny_project, tmp_path_factory):
+    """`tiny_project`, copied (with its MLflow store) and exported to ONNX, the export registered as a new
+    version that takes over @champion: {"root", "evaluate", "export", "params"}. Read-only, like
+    `tiny_project`, which it leaves untouched (there @champion stays the calibrated torch model)."""
+    from tests.tiny_project import copy_project, export_tiny_project
+
+    root, evaluated, _ = tiny_project
+    copy = copy_project(root, tmp_path_factory.mktemp("exported") / "project")
+    forget_mlflow_store()  # the export registers in the copy's store (its params.yaml), nowhere else
+    project = export_tiny_project(copy, evaluated)
+    forget_mlflow_store()
+    return project
 
 
 @pytest.fixture
-def no_mlflow_env(monkeypatch):
-    """Commands use the project's own sqlite store, not one named in the environment."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def tiny_project_copy(tiny_project, tmp_path_factory):
+    """A private copy of `tiny_project` (its files and MLflow store, every recorded path moved) for a
+    test that writes into it: (root, evaluate result, params read from the copy)."""
+    from tests.tiny_project import loaded_copy
+
+    return loaded_copy(tiny_project, tmp_path_factory.mktemp("project-copy") / "project")

@@ -170,6 +170,10 @@ def test_model_card_is_generated_from_the_metrics_files_and_champion_is_set(ship
     champion = client.get_model_version_by_alias("cytology-classifier", "champion")
     assert str(champion.version) == json.loads((exported / "metadata.json").read_text())["registered_version"]
     assert f"version {champion.version}: promoted" in champion.description
+    # MLflow resolves models:/ in the process's registry, whatever tracking_uri says: point it at this repo's
+    # store (with none set it would open ./mlflow.db; once it asked whichever store an earlier test left set).
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{repo / 'mlflow.db'}")
     logged = Path(mlflow.artifacts.download_artifacts(f"models:/cytology-classifier/{champion.version}",
                                                       tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"))
     card_logged = next(logged.rglob("model_card.md")).read_text()
@@ -202,7 +206,7 @@ def test_dvc_retrain_on_herlev_plus_a_harvest_from_the_registered_model(tmp_path
     """Adapt to a new specimen: a first run registers a model; then a harvested source is added to
     data.sources and model.init_from points at that model; `dvc repro` retrains from it on both."""
     from pipeline import harvest
-    from tests.test_harvest import LABELS, write_labels, write_slide
+    from tests.harvest_slides import LABELS, write_labels, write_slide
 
     repo, env = _scratch_repo(tmp_path, herlev_dir)
     tiny = load_params(repo / "configs" / "tiny.yaml").to_dict()  # an overlay on params.yaml: written out whole

@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom against a tiny project, and are committed without outputs."""
+"""The notebooks run top to bottom against the session's tiny project (committed without outputs:
+tests/unit/test_notebooks.py)."""
 from __future__ import annotations
 
 import json
@@ -9,23 +10,16 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.tiny_project import build_tiny_project
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-HERLEV = ROOT.parent / "shared" / "data" / "herlev"
-NAMES = ["01_data_exploration.ipynb", "02_error_analysis.ipynb"]
 
 
 @pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory) -> Path:
-    if not (HERLEV / "MANIFEST.csv").is_file():
-        pytest.fail(f"reference data missing: {HERLEV} (the notebook tests build a tiny project from it)")
-    project = tmp_path_factory.mktemp("tiny-project")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        build_tiny_project(project, HERLEV)
-    return project
+def tiny_project(tiny_project) -> Path:
+    """The session's tiny project (read only: the notebooks only read it), as its folder."""
+    root, _, _ = tiny_project
+    return root
 
 
 def execute(nb, timeout: int = 300):
@@ -78,12 +72,3 @@ def test_error_analysis_runs(tiny_project, monkeypatch):
     assert pngs >= 2  # score histogram and reliability diagram, plus one grid per kind of error that occurred
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_without_outputs(name):
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    nbformat.validate(nb)
-    assert nb.metadata["kernelspec"]["name"] == "python3"
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [], f"{name}: a cell has outputs (strip them before committing)"
-            assert cell.execution_count is None, f"{name}: a cell has an execution count"

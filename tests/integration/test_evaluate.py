@@ -18,15 +18,13 @@ from pipeline.registry import resolve_model_dir
 from pipeline.inference.predictor import TorchPredictor
 from pipeline.model_card import ModelDirError
 from tests.conftest import ROOT, tree_digest
-from tests.tiny_project import tiny_project
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    # Minimums of 0 so that this tiny model is promoted; the refusal is tested below.
-    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0,
-                     promotion__min_oof_auc_ci_low=0.0) as built:
-        yield built
+def project(tiny_project):
+    # The session's tiny project: minimums of 0, so that this tiny model is promoted; the refusal is
+    # tested below, on a copy (tiny_project_copy) like every test here that logs to MLflow.
+    return tiny_project
 
 
 def test_stage_writes_calibrated_model_and_reports(project):
@@ -68,10 +66,10 @@ def test_metrics_and_files_are_logged_to_the_training_run(project):
     assert {"evaluation/metrics.json", "evaluation/roc.csv", "evaluation/reliability.csv"} <= logged
 
 
-def test_promotion_sets_champion_only_when_minimums_are_met(project):
+def test_promotion_sets_champion_only_when_minimums_are_met(tiny_project_copy):
     import mlflow
 
-    root, out, params = project
+    root, out, params = tiny_project_copy  # registers a version and moves @candidate
     client = mlflow.MlflowClient(params.mlflow.tracking_uri)
     name = params.mlflow.registered_model
     champion = client.get_model_version_by_alias(name, "champion")
@@ -172,12 +170,12 @@ def test_cli_folder_mode_errors_are_one_line(project, tmp_path):
     assert "not a model folder" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
-def test_cross_validation_logs_parent_and_child_runs(project, tmp_path):
+def test_cross_validation_logs_parent_and_child_runs(tiny_project_copy, tmp_path):
     import mlflow
 
     from pipeline import cv
 
-    root, _, params = project
+    root, _, params = tiny_project_copy  # logs a parent run and one child run per fold
     summary = cv.run(params, root / "data/split/split.csv", tmp_path / "cv", tmp_path / "work", log=lambda *_: None)
     assert summary["folds"] == params.split.folds
     assert 0 <= summary["auc_mean"] <= 1 and summary["auc_sd"] >= 0

@@ -1,8 +1,8 @@
-"""Export stage and the ONNX Runtime path: validation, integrity, registry, every inference
-command, and REST serving with `mlflow models serve` (on a tiny trained project)."""
+"""Export stage and the ONNX Runtime path: validation, integrity, registry, and every inference
+command (on the session's exported tiny project; REST serving with `mlflow models serve`:
+tests/e2e/test_rest_serving.py)."""
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import subprocess
@@ -16,10 +16,8 @@ import pytest
 from pipeline.config import ExportConfig
 from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
 from pipeline.model_card import INT8_FILE, ONNX_FILE, ModelDirError
-from tests.conftest import ROOT, tree_digest
-from tests.serving import frame, post, serve
+from tests.conftest import ROOT, herlev_images
 
-HERLEV = ROOT.parent / "shared" / "data" / "herlev"
 MODEL = "models:/cytology-classifier@champion"
 
 
@@ -34,12 +32,6 @@ pytestmark = pytest.mark.usefixtures("no_mlflow_env")
 @pytest.fixture
 def exported(project) -> Path:
     return project["root"] / "models/exported"
-
-
-def herlev_images(n: int) -> list[Path]:
-    """n real images, taken from the class folders in turn."""
-    per_class = [sorted(c.glob("*.jpg")) for c in sorted(p for p in HERLEV.iterdir() if p.is_dir())]
-    return [per_class[i % len(per_class)][i // len(per_class)] for i in range(n)]
 
 
 def test_export_folder_metadata_and_validation(project, exported):
@@ -243,60 +235,3 @@ def test_cam_on_demand_equals_cam_for_every_cell(project, exported):
     assert len(shown) == len(from_all) == len(gallery)
     for a, b in zip(shown, from_all):  # uint8 overlays of maps equal to ~1e-6: at most one grey level apart
         assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
-
-
-# --------------------------------------------------------------------------- REST serving
-
-
-@pytest.fixture
-def server(project):
-    with serve(project["root"], MODEL) as port:
-        yield port
-
-
-def test_rest_server_matches_predict_and_reports_bad_rows(project, server, tmp_path):
-    from pipeline.inference.files import predict_paths
-    from pipeline.inference.mlflow_pyfunc import encode_image_file
-
-    files = herlev_images(8)
-    before = tree_digest(HERLEV)
-    status, body = post(server, frame([encode_image_file(f) for f in files]))
-    assert status == 200, body
-    served = pd.DataFrame(body["predictions"])
-    out = tmp_path / "predict.json"
-    assert predict_paths([str(f) for f in files], MODEL, str(out), None,
-                         f"sqlite:///{project['root'] / 'mlflow.db'}") == 0
-    rows = json.loads(out.read_text())["predictions"]
-    np.testing.assert_allclose(served["p_malignant"], [r["p_malignant"] for r in rows], atol=1e-5)
-    assert list(served["call"]) == [r["call"] for r in rows]
-    assert list(served["in_domain"]) == [r["in_domain"] for r in rows]
-    np.testing.assert_allclose(served["ood_score"], [r["ood_score"] for r in rows], rtol=1e-5)
-    assert list(served["model_version"]) == [r["model_version"] for r in rows] == \
-        [project["export"]["model_version"]] * 8
-    assert list(served["error"]) == [""] * 8
-
-    # A bad row is reported in its own `error` and skipped; the good rows around it are scored.
-    bad = {"!!!not base64!!!": "row 1: not valid base64",
-           base64.b64encode(b"plain text, no pixels").decode(): "row 2: not an image",
-           "": "row 3: empty"}
-    good = encode_image_file(files[0])
-    status, body = post(server, frame([good, *bad, good]))
-    assert status == 200, body
-    got = body["predictions"]
-    assert len(got) == 5
-    for r, message in zip(got[1:4], bad.values()):
-        assert r["error"].startswith(message) and "\n" not in r["error"], r
-        assert r["call"] == "error" and r["p_malignant"] is None and r["prob_malignant"] is None
-    for r in (got[0], got[4]):
-        assert r["error"] == "" and r["p_malignant"] == pytest.approx(rows[0]["p_malignant"], abs=1e-5)
-
-    # A request that is malformed as a whole still fails as a whole.
-    whole = {"no rows": (frame([]), "no rows"), "empty body": (b"", "JSON"),
-             "no image column": ({"dataframe_split": {"columns": ["picture"], "data": [[good]]}}, "image")}
-    for what, (payload, message) in whole.items():
-        status, body = post(server, payload)
-        assert 400 <= status < 500, (what, status, body)
-        assert message in body.get("message", ""), (what, body)
-    status, body = post(server, frame([good]))  # still serving
-    assert status == 200 and body["predictions"][0]["p_malignant"] == pytest.approx(rows[0]["p_malignant"], abs=1e-5)
-    assert tree_digest(HERLEV) == before

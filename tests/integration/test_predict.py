@@ -14,7 +14,6 @@ from PIL import Image
 from pipeline.calibration import Band
 from pipeline.inference.files import COLUMNS, DEFAULT_MODEL, collect_paths, predict_paths
 from tests.conftest import ROOT, tree_digest
-from tests.tiny_project import tiny_project
 
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
 GOOD = ["a_good.jpg", "sub/g_good.JPG", "sub/h_good.png", "z_good.jpg"]
@@ -26,11 +25,10 @@ ORDER = ["a_good.jpg", "b_empty.jpg", "c_text.png", "d_trunc.jpg", "e_broken.jpg
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    # Minimums of 0 so that the tiny model gets @champion.
-    with tiny_project(tmp_path_factory, promotion__min_auc=0.0, promotion__min_sensitivity=0.0,
-                     promotion__min_oof_auc_ci_low=0.0) as (root, _, _p):
-        yield root
+def project(tiny_project):
+    # The session's tiny project: minimums of 0, so the tiny model has @champion (read only here).
+    root, _, _p = tiny_project
+    return root
 
 
 pytestmark = pytest.mark.usefixtures("no_mlflow_env")

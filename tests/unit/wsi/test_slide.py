@@ -1,5 +1,5 @@
 """Whole-slide reading and cell detection: synthetic pyramidal TIFFs, a plain field image,
-broken files, and a region of the real CSF slide."""
+broken files, and direct reads of reduced levels (the real CSF slide: tests/integration/test_real_slide.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,64 +17,7 @@ from pipeline.wsi.detection import CELL_COLUMNS, detect_slide
 from pipeline.wsi.readers import SlideError, open_slide
 from pipeline.wsi.segmentation import detect_cells
 from pipeline.wsi.tiling import foreground_mask, foreground_regions
-from tests.conftest import SHARED_DATA
-
-REAL_SLIDE = SHARED_DATA / "slides" / "csf-breast-carcinoma-pap.tiff"
-MPP = 0.25
-SIZE = (3000, 2400)  # w, h of the synthetic slide
-TILE = 1024  # core grid used by the tests: boundaries at x = 1024, 2048 and y = 1024, 2048
-
-# (cx, cy, radius px). Several straddle a tile boundary; the last two touch each other.
-CELLS = [
-    (300, 300, 30), (1024, 500, 35), (2048, 1024, 40), (600, 1024, 25), (1500, 1500, 20),
-    (2600, 600, 32), (400, 1900, 38), (1030, 2040, 28), (2700, 2100, 22), (1700, 300, 30),
-    (2300, 1700, 30), (2355, 1700, 30),
-]
-# Not cells: specks below min_cell_um and a blob above max_cell_um (80 um across).
-DEBRIS = [(1200, 1200, 4), (2500, 300, 3)]
-BLOB = (512, 1536, 160)
-
-
-def glass(size, seed=0) -> np.ndarray:
-    w, h = size
-    return np.random.default_rng(seed).integers(240, 251, (h, w, 3), dtype=np.uint8)
-
-
-def draw_disc(img: np.ndarray, cx: float, cy: float, r: float, colour) -> None:
-    y0, y1 = max(0, int(cy - r - 1)), min(img.shape[0], int(cy + r + 2))
-    x0, x1 = max(0, int(cx - r - 1)), min(img.shape[1], int(cx + r + 2))
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    img[y0:y1, x0:x1][(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = colour
-
-
-def draw_cells(img: np.ndarray, cells, debris=(), blob=None) -> np.ndarray:
-    for i, (cx, cy, r) in enumerate(cells):
-        draw_disc(img, cx, cy, r, (170, 120, 190))  # cytoplasm
-        if i % 2 == 0:
-            draw_disc(img, cx, cy, r / 2, (70, 40, 110))  # nucleus
-    for cx, cy, r in debris:
-        draw_disc(img, cx, cy, r, (60, 40, 90))
-    if blob is not None:
-        draw_disc(img, *blob, (150, 150, 200))
-    return img
-
-
-def write_pyramid(path: Path, level0: np.ndarray, mpp: float | None = MPP, compression: str | None = None) -> Path:
-    """Tiled pyramidal TIFF, levels as successive IFDs (reduced ones flagged), as
-    OpenSlide's generic-tiff reads it; resolution in px/cm gives openslide.mpp-x/y."""
-    import tifffile
-
-    res = {} if mpp is None else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-    with tifffile.TiffWriter(path) as tw:
-        level = level0
-        while True:
-            tw.write(level, tile=(256, 256), photometric="rgb", subfiletype=0 if level is level0 else 1,
-                     compression=compression, **res)
-            if max(level.shape[:2]) <= 512:
-                break
-            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-            level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-    return path
+from tests.slides import BLOB, CELLS, DEBRIS, MPP, SIZE, TILE, draw_cells, glass, write_pyramid
 
 
 @pytest.fixture(scope="module")
@@ -285,54 +228,6 @@ def test_open_slide_errors(tmp_path, synthetic_slide):
         assert "\n" not in str(info.value)
 
 
-# --------------------------------------------------------------------------- the real slide
-
-
-@pytest.fixture(scope="module")
-def real_slide() -> Path:
-    if not REAL_SLIDE.is_file():
-        pytest.fail(f"reference slide missing: {REAL_SLIDE} (tests need ../shared/data from the project root)")
-    return REAL_SLIDE
-
-
-def test_real_slide_region(real_slide):
-    cfg = SlideConfig()
-    with open_slide(real_slide) as src:
-        assert src.mpp == 0.25 and src.mpp_source == "slide properties"
-        assert src.dimensions == (27740, 28423) and src.level_count == 6
-        thumb, ds = src.thumbnail(cfg.mask_max_px)
-        assert max(thumb.shape[:2]) <= cfg.mask_max_px and ds == pytest.approx(16, rel=0.01)
-        mask = foreground_mask(thumb)
-        assert 0.02 < mask.mean() < 0.8
-
-        # The most covered 2048 px tile.
-        regions = foreground_regions(mask, ds, src.dimensions, 2048, 0)
-        assert regions
-
-        def coverage(r):
-            x, y, w, h = (int(v / ds) for v in r)
-            return mask[y:y + h, x:x + w].mean()
-
-        x, y, w, h = max(regions, key=coverage)
-        assert (w, h) == (2048, 2048)
-        pixels = src.read_region(x, y, w, h)
-        cells = detect_cells(pixels, src.mpp, cfg)
-        assert len(cells) > 5
-        diameters = np.array([c["diameter_um"] for c in cells])
-        assert ((diameters >= cfg.min_cell_um) & (diameters <= cfg.max_cell_um)).all()
-        assert np.mean((diameters >= 5) & (diameters <= 30)) >= 0.8
-
-        frame = pd.DataFrame(cells)
-        frame[["x0", "x1"]] += x
-        frame[["y0", "y1"]] += y
-        W, H = src.dimensions
-        for row in frame.to_dict("records"):
-            bx, by, bw, bh = crop_box(row, cfg.crop_margin, src.dimensions)
-            assert 0 <= bx and 0 <= by and bx + bw <= W and by + bh <= H and bw == bh > 0
-        crops = read_crops(src, frame.head(5), cfg.crop_margin)
-        assert len(crops) == min(5, len(frame)) and all(c.ndim == 3 for c in crops)
-
-
 # --------------------------------------------------------------------------- direct reads of reduced levels
 
 
@@ -389,36 +284,3 @@ def test_tiled_jpeg_level_assembles_tiles_clips_and_leaves_glass_white(tmp_path)
 def test_uncompressed_pyramid_is_read_by_openslide_only(synthetic_slide):
     with open_slide(synthetic_slide) as src:
         assert src._direct == {}  # not JPEG: nothing to gain, OpenSlide reads every level
-
-
-def test_real_slide_reduced_levels_match_openslide(real_slide):
-    """Levels 1-5 of the CSF slide are cut from their own JPEG tiles: the same pixels as OpenSlide's
-    where it does not resample (the origin), within its sub-pixel resampling elsewhere, and the cells
-    found on a level-1 tile agree with those found on OpenSlide's read."""
-    from pipeline.wsi.detection import detection_level
-    from pipeline.wsi.readers import _composite_white
-
-    cfg = SlideConfig()
-    with open_slide(real_slide) as src:
-        assert sorted(src._direct) == [0, 1, 2, 3, 4, 5]
-        for x, y in ((0, 0), (12345, 6789), (27700, 28400)):  # level 0: OpenSlide's pixels, bit for bit
-            ours = src.read_region(x, y, 300, 257)
-            theirs = _composite_white(np.asarray(src._slide.read_region((x, y), 0, (300, 257))))
-            np.testing.assert_array_equal(ours, theirs)
-        for level in (1, 4):
-            ours = src.read_region(0, 0, 300, 200, level=level)
-            theirs = _composite_white(np.asarray(src._slide.read_region((0, 0), level, (300, 200))))
-            np.testing.assert_array_equal(ours, theirs)
-        level = detection_level(src, cfg)
-        assert level == 1
-        x, y, w, h = 12000, 12000, 1144, 1144  # level-1 pixels of a region with cells
-        ours = src.read_region(x, y, w, h, level=level)
-        theirs = _composite_white(np.asarray(src._slide.read_region((x, y), level, (w, h))))
-        assert np.abs(ours.astype(int) - theirs.astype(int)).mean() < 1.5
-        mpp = src.mpp * src.level_downsamples[level]
-        found = [pd.DataFrame(detect_cells(p, mpp, cfg)) for p in (ours, theirs)]
-        assert len(found[1]) > 20
-        from scipy.spatial import cKDTree
-
-        dist, _ = cKDTree(found[0][["cx", "cy"]].to_numpy()).query(found[1][["cx", "cy"]].to_numpy())
-        assert np.mean(dist * mpp <= 4.0) >= 0.95

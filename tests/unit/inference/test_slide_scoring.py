@@ -19,7 +19,7 @@ from pipeline.inference.slide_scoring import tile_groups
 from pipeline.wsi.crops import read_crops, tile_crops
 from pipeline.wsi.detection import detect_slide
 from pipeline.wsi.readers import open_slide
-from tests.test_slide import CELLS, DEBRIS, BLOB, SIZE, TILE, draw_cells, glass, write_pyramid
+from tests.slides import BLOB, CELLS, DEBRIS, SIZE, TILE, draw_cells, glass, write_pyramid
 
 
 class PixelModel(Predictor):

@@ -1,0 +1,78 @@
+"""The report of `cytopipe score-slide` in Chromium: it renders without errors, and the labels exported
+from it are those of cells.csv (on the session's tiny project)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.inference.score_slide import score_slide
+from tests.conftest import tree_digest
+from tests.report_pages import CHROMIUM, HEADER, chromium, export_csv, open_page
+from tests.slides import CELLS, SIZE, draw_cells, glass, write_pyramid
+
+
+@pytest.fixture(scope="module")
+def project(tiny_project):
+    root, _, params = tiny_project  # the session's tiny project: read only here
+    return root, params
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slides")
+    cells = write_pyramid(folder / "cells.tiff", draw_cells(glass(SIZE), CELLS))
+    blank = write_pyramid(folder / "blank.tiff", glass(SIZE, seed=3))
+    return cells, blank
+
+
+@pytest.fixture(scope="module")
+def scored(project, slides, tmp_path_factory):
+    root, params = project
+    out = tmp_path_factory.mktemp("report")
+    before = tree_digest(slides[0].parent)
+    summary = score_slide(str(slides[0]), str(root / "models/calibrated"), out, params.slide, top=8,
+                          log=lambda *_: None)
+    assert tree_digest(slides[0].parent) == before  # the slide is never modified
+    return out, summary
+
+
+def test_report_renders_in_chromium_without_errors(scored):
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing: `make test` installs it as root (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    out, _ = scored
+    errors = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((out / "report.html").as_uri())
+        widths = page.eval_on_selector_all(".gallery img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        heat = page.eval_on_selector("img.thumb", "i => i.naturalWidth")
+        browser.close()
+    assert len(widths) == 16 and all(w > 0 for w in widths), widths
+    assert heat > 0
+    assert errors == []
+
+
+def test_labels_exported_from_the_report_match_cells_csv(scored):
+    """What `cytopipe harvest` reads back: the exported cell_id, x, y are those of cells.csv."""
+    out, summary = scored
+    cells = pd.read_csv(out / "cells.csv").set_index("cell_id")
+    with chromium() as browser:
+        page = open_page(browser.new_context(accept_downloads=True), (out / "report.html").as_uri())
+        ids = page.eval_on_selector_all(".cell", "cs => cs.map(c => c.dataset.cellId)")
+        page.click(f".cell[data-cell-id='{ids[0]}'] button[data-label='malignant']")
+        page.click(f".cell[data-cell-id='{ids[-1]}'] button[data-label='not_a_cell']")
+        name, rows = export_csv(page)
+        assert page.errors == []
+    assert name == f"{Path(summary['slide']).stem}-labels.csv" and rows[0] == HEADER
+    assert [(r[0], r[3]) for r in rows[1:]] == [(ids[0], "malignant"), (ids[-1], "not_a_cell")]
+    for r in rows[1:]:
+        assert (int(r[1]), int(r[2])) == tuple(cells.loc[int(r[0]), ["x", "y"]]) and r[6] == summary["slide"]
