@@ -171,3 +171,48 @@ def tiny_project_copy(tiny_project, tmp_path_factory):
     from tests.tiny_project import loaded_copy
 
     return loaded_copy(tiny_project, tmp_path_factory.mktemp("project-copy") / "project")
+
+
+# ---------------------------------------------------------------- shared read-only inputs
+# Scored once per session: tests/integration/test_score_slide.py and tests/e2e/test_score_slide_report.py
+# read the same report, and test_bad_inputs / test_rest_serving the same bad-input corpus.
+
+
+@pytest.fixture(scope="session")
+def slides(tmp_path_factory):
+    """A synthetic slide with drawn cells, and a blank one (tests/slides.py)."""
+    from tests.slides import CELLS, SIZE, draw_cells, glass, write_pyramid
+
+    folder = tmp_path_factory.mktemp("slides")
+    cells = write_pyramid(folder / "cells.tiff", draw_cells(glass(SIZE), CELLS))
+    blank = write_pyramid(folder / "blank.tiff", glass(SIZE, seed=3))
+    return cells, blank
+
+
+@pytest.fixture(scope="session")
+def scored(tiny_project, slides, tmp_path_factory):
+    """(report folder, summary) of score-slide on the drawn slide with the session's calibrated model."""
+    from pipeline.inference.score_slide import score_slide
+
+    root, _, params = tiny_project
+    out = tmp_path_factory.mktemp("report")
+    before = tree_digest(slides[0].parent)
+    summary = score_slide(str(slides[0]), str(root / "models/calibrated"), out, params.slide, top=8,
+                          log=lambda *_: None)
+    assert tree_digest(slides[0].parent) == before  # the slide is never modified
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The bad-input corpus (tests/corpus.py), built once and never modified by any test."""
+    from tests.corpus import build_corpus
+
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def state_before(corpus) -> tuple[dict, dict]:
+    from tests.corpus import corpus_state
+
+    return corpus_state(corpus)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.conftest import SHARED_DATA, herlev_images, tree_digest
-from tests.corpus import (ACCEPTED, CALLS, REJECTED, SENDABLE, Run, _zero_bytes, build_corpus, corpus_state,
+from tests.corpus import (ACCEPTED, CALLS, REJECTED, SENDABLE, Run, _zero_bytes, corpus_state,
                           run_predict)
 from tests.serving import frame, post, serve
 
@@ -84,16 +83,6 @@ def test_rest_server_matches_predict_and_reports_bad_rows(project, server, tmp_p
 
 
 # --------------------------------------------------------------------------- the bad-input corpus (test_bad_inputs)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def state_before(corpus) -> tuple[dict, dict]:
-    return corpus_state(corpus)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import without_root_file_access
 from tests.corpus import (ACCEPTED, BAD_SLIDES, BENIGN, CALLS, EMPTY_CLASS, GOOD_SLIDES, LABELS, MALIGNANT, REJECTED,
-                          Run, build_corpus, corpus_state, cytopipe, leftovers, lines_about, run_cli, run_predict)
+                          Run, corpus_state, cytopipe, leftovers, lines_about, run_cli, run_predict)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -29,16 +29,6 @@ from tests.corpus import (ACCEPTED, BAD_SLIDES, BENIGN, CALLS, EMPTY_CLASS, GOOD
 @pytest.fixture(scope="module")
 def project(exported_project):
     return exported_project
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return build_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def state_before(corpus) -> tuple[dict, dict]:
-    return corpus_state(corpus)
 
 
 @pytest.fixture(scope="module")

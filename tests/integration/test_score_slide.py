@@ -12,33 +12,14 @@ import pytest
 from PIL import Image
 
 from pipeline.inference.score_slide import score_slide
-from tests.conftest import SHARED_DATA, tree_digest
-from tests.slides import CELLS, MPP, SIZE, draw_cells, glass, write_pyramid
+from tests.conftest import SHARED_DATA
+from tests.slides import CELLS, MPP
 
 
 @pytest.fixture(scope="module")
 def project(tiny_project):
     root, _, params = tiny_project  # the session's tiny project: read only here
     return root, params
-
-
-@pytest.fixture(scope="module")
-def slides(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("slides")
-    cells = write_pyramid(folder / "cells.tiff", draw_cells(glass(SIZE), CELLS))
-    blank = write_pyramid(folder / "blank.tiff", glass(SIZE, seed=3))
-    return cells, blank
-
-
-@pytest.fixture(scope="module")
-def scored(project, slides, tmp_path_factory):
-    root, params = project
-    out = tmp_path_factory.mktemp("report")
-    before = tree_digest(slides[0].parent)
-    summary = score_slide(str(slides[0]), str(root / "models/calibrated"), out, params.slide, top=8,
-                          log=lambda *_: None)
-    assert tree_digest(slides[0].parent) == before  # the slide is never modified
-    return out, summary
 
 
 def test_cells_are_found_scored_and_summarised(scored):
