@@ -27,6 +27,7 @@ The ceiling is the faster of two ways to run the bare graph: one run on every co
 single-thread run per core side by side (on 2 cores the second: single-threaded runs never wait at
 an operator's barriers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,16 @@ def graph_with_outputs(model: Path, outputs: tuple[str, ...], out_dir: Path) -> 
     return path
 
 
-def bare_onnx(model: Path, batch: int, n_cells: int, outputs=PIPELINE_OUTPUTS, graph: Path | None = None,
-              threads: int = 0, rounds: int = 3, runs: int = 1) -> float:
+def bare_onnx(
+    model: Path,
+    batch: int,
+    n_cells: int,
+    outputs=PIPELINE_OUTPUTS,
+    graph: Path | None = None,
+    threads: int = 0,
+    rounds: int = 3,
+    runs: int = 1,
+) -> float:
     """Cells/s of session.run alone on random, already-normalised tensors (median of rounds), asking
     the served graph (or `graph`) for `outputs`; `runs` threads call one session at once."""
     from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +108,8 @@ def bare_ceiling(model: Path, batch: int, n_cells: int = 1024) -> tuple[float, l
     side_by_side = bare_onnx(model, batch, n_cells, threads=1, runs=cores)
     return max(one_run, side_by_side), [
         (f"bare, batch {batch}: one run on {cores} threads", f"{one_run:.1f} cells/s"),
-        (f"bare, batch {batch}: {cores} one-thread runs side by side", f"{side_by_side:.1f} cells/s")]
+        (f"bare, batch {batch}: {cores} one-thread runs side by side", f"{side_by_side:.1f} cells/s"),
+    ]
 
 
 def stage_breakdown(model: Path, images: Path, batch: int, n_files: int = 512) -> dict[str, float]:
@@ -119,8 +129,9 @@ def stage_breakdown(model: Path, images: Path, batch: int, n_files: int = 512) -
     size, band = predictor.card.image_size, predictor.band
     positive = predictor.positive_labels
     predictor.score([np.asarray(load_rgb(files[0]))])  # warm-up
-    spent = dict.fromkeys(("read + decode", "resize", "normalise", "model (logits + features)", "OOD score",
-                           "probabilities + calls"), 0.0)
+    spent = dict.fromkeys(
+        ("read + decode", "resize", "normalise", "model (logits + features)", "OOD score", "probabilities + calls"), 0.0
+    )
 
     def timed(step, fn, *args):
         t = time.perf_counter()
@@ -129,14 +140,19 @@ def stage_breakdown(model: Path, images: Path, batch: int, n_files: int = 512) -
         return out
 
     for start in range(0, len(files), batch):
-        chunk = files[start:start + batch]
+        chunk = files[start : start + batch]
         decoded = timed("read + decode", lambda: [np.asarray(load_rgb(f)) for f in chunk])
         resized = timed("resize", lambda: np.stack([base_resize(im, size) for im in decoded]))
         x = timed("normalise", predictor.normalize, resized)
         logits, feats = timed("model (logits + features)", predictor.outputs, x)
         scores = timed("OOD score", score_ood, predictor.ood, feats, logits)
-        timed("probabilities + calls", lambda: guard_calls(band.call(malignant_probability(
-            logits, predictor.labels, positive, predictor.calibration.temperature)), in_domain(predictor.ood, scores)))
+        timed(
+            "probabilities + calls",
+            lambda: guard_calls(
+                band.call(malignant_probability(logits, predictor.labels, positive, predictor.calibration.temperature)),
+                in_domain(predictor.ood, scores),
+            ),
+        )
     return {step: 1000 * s / len(files) for step, s in spent.items()}
 
 
@@ -197,12 +213,20 @@ def bare_rows(model: Path, batch: int, slide_batch: int) -> tuple[float, float, 
         logits_only = bare_onnx(model, batch, 1024, ("logits",), graph_with_outputs(model, ("logits",), Path(tmp)))
     with_cam = bare_onnx(model, batch, 1024, PIPELINE_OUTPUTS + ("cam",))
     one_run = bare_onnx(model, batch, 1024)
-    return bare_predict, bare_slide, rows + [
-        ("bare ceiling, logits + features (the faster of the two)", f"{bare_predict:.1f} cells/s"),
-        ("bare one run, graph pruned to logits only", f"{logits_only:.1f} cells/s ({logits_only / one_run:.2f}x)"),
-        ("bare one run, logits + features + cam (saliency for every cell)",
-         f"{with_cam:.1f} cells/s ({with_cam / one_run:.2f}x)"),
-        (f"where a cell's time goes (batch {batch}, steps one after another):", "")]
+    return (
+        bare_predict,
+        bare_slide,
+        rows
+        + [
+            ("bare ceiling, logits + features (the faster of the two)", f"{bare_predict:.1f} cells/s"),
+            ("bare one run, graph pruned to logits only", f"{logits_only:.1f} cells/s ({logits_only / one_run:.2f}x)"),
+            (
+                "bare one run, logits + features + cam (saliency for every cell)",
+                f"{with_cam:.1f} cells/s ({with_cam / one_run:.2f}x)",
+            ),
+            (f"where a cell's time goes (batch {batch}, steps one after another):", ""),
+        ],
+    )
 
 
 def main() -> None:
@@ -226,20 +250,30 @@ def main() -> None:
     rows += [(f"  {step}", f"{ms:.2f} ms/cell ({100 * ms / total:.0f}%)") for step, ms in steps.items()]
     rows.append(("  all steps, one after another", f"{total:.2f} ms/cell = {1000 / total:.1f} cells/s"))
     predict_rate, n_files = predict_folder(args.model, args.images, args.batch)
-    rows += [(f"cytopipe predict, {n_files} files, end to end", f"{predict_rate:.1f} cells/s"),
-             ("ratio predict / bare ceiling (same graph, same outputs)",
-              f"{predict_rate / bare_predict:.2f} (target >= 0.9)")]
+    rows += [
+        (f"cytopipe predict, {n_files} files, end to end", f"{predict_rate:.1f} cells/s"),
+        (
+            "ratio predict / bare ceiling (same graph, same outputs)",
+            f"{predict_rate / bare_predict:.2f} (target >= 0.9)",
+        ),
+    ]
     sweep = []
     if not args.no_slide:
         s = score_slide_child(args.model, args.slide, args.params)
         info, phase = s["inference"], scoring_phase_rate(s)
-        rows += [(f"score-slide crop + inference phase, {s['n_cells']} cells",
-                  f"{phase:.1f} cells/s ({s['seconds'].get('crop + inference', 0):.1f} s wall)"),
-                 ("  of which the model", f"{info['seconds_in_model']:.1f} s per worker = "
-                                          f"{info['cells_per_second']:.1f} cells/s"),
-                 ("ratio slide crop + inference / bare ceiling", f"{phase / bare_slide:.2f} (target >= 0.9)"),
-                 ("whole CSF slide, wall", f"{s['wall_seconds']:.1f} s (target <= 60)"),
-                 ("whole CSF slide, peak RSS", f"{s['peak_rss_gib']:.2f} GiB (target < 2)")]
+        rows += [
+            (
+                f"score-slide crop + inference phase, {s['n_cells']} cells",
+                f"{phase:.1f} cells/s ({s['seconds'].get('crop + inference', 0):.1f} s wall)",
+            ),
+            (
+                "  of which the model",
+                f"{info['seconds_in_model']:.1f} s per worker = {info['cells_per_second']:.1f} cells/s",
+            ),
+            ("ratio slide crop + inference / bare ceiling", f"{phase / bare_slide:.2f} (target >= 0.9)"),
+            ("whole CSF slide, wall", f"{s['wall_seconds']:.1f} s (target <= 60)"),
+            ("whole CSF slide, peak RSS", f"{s['peak_rss_gib']:.2f} GiB (target < 2)"),
+        ]
         steps = ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items())
         rows.append(("slide steps (s)", steps))
         if args.sweep:
@@ -253,8 +287,10 @@ def main() -> None:
         print(f"{key:<{width}}  {value}")
     if sweep:
         print("\nschedules and core splits on the slide:")
-        print(f"{'schedule':<20} {'detect':>6} {'crop':>4} {'workers':>7} {'ort':>4} {'wall s':>7} "
-              f"{'phase cells/s':>14} {'RSS GiB':>8}")
+        print(
+            f"{'schedule':<20} {'detect':>6} {'crop':>4} {'workers':>7} {'ort':>4} {'wall s':>7} "
+            f"{'phase cells/s':>14} {'RSS GiB':>8}"
+        )
         for row in sweep:
             print("{:<20} {:>6} {:>4} {:>7} {:>4} {:>7.1f} {:>14.1f} {:>8.2f}".format(*row))
 
@@ -262,12 +298,17 @@ def main() -> None:
 # Splits of the cores and other schedules tried by --sweep (the default run comes first): the
 # shipped schedule through score-slide, the others (benchmarks/slide_schedules.py) on one
 # ONNX Runtime run over every core.
-SWEEP = ({"inference_workers": 3}, {"schedule": "phased", "detect_workers": 2, "crop_workers": 1},
-         {"schedule": "overlapped", "detect_workers": 1}, {"schedule": "sequential", "detect_workers": 2})
+SWEEP = (
+    {"inference_workers": 3},
+    {"schedule": "phased", "detect_workers": 2, "crop_workers": 1},
+    {"schedule": "overlapped", "detect_workers": 1},
+    {"schedule": "sequential", "detect_workers": 2},
+)
 
 
-def schedule_child(model: Path, slide: Path, params: Path, schedule: str, detect_workers: int,
-                   crop_workers: int = 1) -> dict:
+def schedule_child(
+    model: Path, slide: Path, params: Path, schedule: str, detect_workers: int, crop_workers: int = 1
+) -> dict:
     """Detect and score the slide with one of benchmarks/slide_schedules.py in a child process."""
     code = f"""
 import dataclasses, json, os, resource, sys, time
@@ -317,10 +358,16 @@ def scoring_phase_rate(summary: dict) -> float:
 def sweep_row(summary: dict, note: str = "") -> tuple:
     info = summary["inference"]
     schedule = info.get("schedule", "parallel")
-    return (f"{schedule} {note}".strip(), info["detect_workers"],
-            info["crop_workers"] if schedule == "phased" else "-", info.get("inference_workers", 1),
-            info.get("model_threads", "?"), summary["wall_seconds"], scoring_phase_rate(summary),
-            summary["peak_rss_gib"])
+    return (
+        f"{schedule} {note}".strip(),
+        info["detect_workers"],
+        info["crop_workers"] if schedule == "phased" else "-",
+        info.get("inference_workers", 1),
+        info.get("model_threads", "?"),
+        summary["wall_seconds"],
+        scoring_phase_rate(summary),
+        summary["peak_rss_gib"],
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Every method is fitted on the train split's penultimate features (single view) a
 at the `ood.pass_rate` quantile of the validation scores; the table shows AUROC (higher score =
 out of domain) and the fraction of each set flagged at that threshold.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ def natural_images(n_crops: int, seed: int) -> list[np.ndarray]:
         for _ in range(n_crops):
             side = int(rng.integers(min(h, w) // 4, min(h, w) + 1))
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            out.append(im[y:y + side, x:x + side])
+            out.append(im[y : y + side, x : x + side])
     return out
 
 
@@ -113,26 +114,36 @@ def main() -> None:
         labels[name] = np.array([predictor.labels.index(x) for x in rows["label"]])
     if args.cache and Path(args.cache).is_file():
         with np.load(args.cache, allow_pickle=False) as data:
-            outputs = {name: (data[f"{name}/logits"], data[f"{name}/features"])
-                       for name in {k.split("/")[0] for k in data.files}}
+            outputs = {
+                name: (data[f"{name}/logits"], data[f"{name}/features"])
+                for name in {k.split("/")[0] for k in data.files}
+            }
     else:
         sets["csf slide"] = slide_cells(args.slide, params.slide, args.n_slide, args.seed)
         sets["natural photos"] = natural_images(args.crops, args.seed)
         sets["synthetic"] = synthetic_images(args.seed)
         outputs = {name: predictor.image_outputs(images, tta=False) for name, images in sets.items()}
-        print(f"features: {', '.join(f'{k} {len(v)}' for k, v in sets.items())} in {time.perf_counter() - t0:.0f}s",
-              file=sys.stderr)
+        print(
+            f"features: {', '.join(f'{k} {len(v)}' for k, v in sets.items())} in {time.perf_counter() - t0:.0f}s",
+            file=sys.stderr,
+        )
         if args.cache:
-            np.savez(args.cache, **{f"{k}/{part}": v for k, (z, f) in outputs.items()
-                                    for part, v in (("logits", z), ("features", f))})
+            np.savez(
+                args.cache,
+                **{f"{k}/{part}": v for k, (z, f) in outputs.items() for part, v in (("logits", z), ("features", f))},
+            )
 
     pass_rate = params.ood.pass_rate if hasattr(params, "ood") else 0.95
-    head = (f"{'method':<24}{'AUROC csf':>10}{'AUROC photos':>13}{'AUROC synth':>12}{'test pass':>10}"
-            f"{'csf flagged':>12}{'photos flagged':>15}{'synth flagged':>14}")
+    head = (
+        f"{'method':<24}{'AUROC csf':>10}{'AUROC photos':>13}{'AUROC synth':>12}{'test pass':>10}"
+        f"{'csf flagged':>12}{'photos flagged':>15}{'synth flagged':>14}"
+    )
     n = {k: len(v[0]) for k, v in outputs.items()}
-    print(f"in: Herlev test ({n['test']}), out: CSF slide cells ({n['csf slide']}) | natural photos "
-          f"({n['natural photos']}) | synthetic noise/flat/stripes ({n['synthetic']}); threshold: {pass_rate:.0%} "
-          "of val passes")
+    print(
+        f"in: Herlev test ({n['test']}), out: CSF slide cells ({n['csf slide']}) | natural photos "
+        f"({n['natural photos']}) | synthetic noise/flat/stripes ({n['synthetic']}); threshold: {pass_rate:.0%} "
+        "of val passes"
+    )
     print(head)
     print("-" * len(head))
     for label, method, options in CANDIDATES:
@@ -145,8 +156,10 @@ def main() -> None:
             y = np.r_[np.zeros(len(s["test"])), np.ones(len(s[out]))]
             cells.append(roc_auc_score(y, np.r_[s["test"], s[out]]))
         flagged = {name: float((~ood.in_domain(params_, v)).mean()) for name, v in s.items()}
-        print(f"{cells[0]:<24}{cells[1]:>10.3f}{cells[2]:>13.3f}{cells[3]:>12.3f}{1 - flagged['test']:>10.3f}"
-              f"{flagged['csf slide']:>12.3f}{flagged['natural photos']:>15.3f}{flagged['synthetic']:>14.3f}")
+        print(
+            f"{cells[0]:<24}{cells[1]:>10.3f}{cells[2]:>13.3f}{cells[3]:>12.3f}{1 - flagged['test']:>10.3f}"
+            f"{flagged['csf slide']:>12.3f}{flagged['natural photos']:>15.3f}{flagged['synthetic']:>14.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ cell-level formula says; the design effect (group-bootstrap variance / cell-boot
 the OOF AUC, measured on oof.csv) scales it. Printed: the rejection rate of the rule in params.yaml
 and of the old rule (test AUC >= 0.97 and test sensitivity >= 0.95 only) for true AUCs 0.93-0.99.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,19 +66,30 @@ def main() -> None:
     n_oof, n_test = count(oof), count(test)
     deff = design_effect(Path(args.oof), positive, labels)
     rule, old = params.promotion, PromotionConfig(min_oof_auc_ci_low=0.0, min_auc=0.97, min_sensitivity=0.95)
-    print(f"OOF (benign, malignant) {n_oof}, test {n_test}; design effect {deff:.2f} (from {args.oof}); "
-          f"{args.sims} simulated runs each; binormal scores; threshold fitted on the simulated OOF for "
-          f"sensitivity {params.evaluate.target_sensitivity}")
-    print(f"rule: OOF AUC lower bound >= {rule.min_oof_auc_ci_low}, test AUC >= {rule.min_auc}, "
-          f"test sensitivity >= {rule.min_sensitivity}")
+    print(
+        f"OOF (benign, malignant) {n_oof}, test {n_test}; design effect {deff:.2f} (from {args.oof}); "
+        f"{args.sims} simulated runs each; binormal scores; threshold fitted on the simulated OOF for "
+        f"sensitivity {params.evaluate.target_sensitivity}"
+    )
+    print(
+        f"rule: OOF AUC lower bound >= {rule.min_oof_auc_ci_low}, test AUC >= {rule.min_auc}, "
+        f"test sensitivity >= {rule.min_sensitivity}"
+    )
     print("| true AUC | P(refuse) rule | by OOF bound | by test AUC | by test sensitivity | P(refuse) old rule |")
     print("|---|---|---|---|---|---|")
     for auc in (0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99):
-        kw = {"n_oof": n_oof, "n_test": n_test, "target_sensitivity": params.evaluate.target_sensitivity,
-              "design_effect": deff, "n_sim": args.sims}
+        kw = {
+            "n_oof": n_oof,
+            "n_test": n_test,
+            "target_sensitivity": params.evaluate.target_sensitivity,
+            "design_effect": deff,
+            "n_sim": args.sims,
+        }
         r, o = rejection_rates(auc, rule, **kw), rejection_rates(auc, old, **kw)
-        print(f"| {auc} | {r['reject']:.3f} | {r['reject_oof_bound']:.3f} | {r['reject_test_auc']:.3f} | "
-              f"{r['reject_test_sensitivity']:.3f} | {o['reject']:.3f} |")
+        print(
+            f"| {auc} | {r['reject']:.3f} | {r['reject_oof_bound']:.3f} | {r['reject_test_auc']:.3f} | "
+            f"{r['reject_test_sensitivity']:.3f} | {o['reject']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

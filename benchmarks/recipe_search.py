@@ -12,6 +12,7 @@ here in one run). `--ensemble a+b` adds the OOF evidence of the mean P(malignant
 fold models saw the same folds, so the average is still out of fold). Mean ± sd over seeds
 comes from runs named `<recipe>-seed<N>` (with the run named `<recipe>` itself, at the default seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,13 @@ def oof_evidence(oof, view: str, n_boot: int = 1000) -> dict:
     p = malignant_probability(oof[logit_columns(labels, view)].to_numpy(float), labels, positive)
     t = choose_threshold(y, p, "sensitivity", 0.95)["threshold"]
     m = metrics_with_ci(y, p, oof["group"].astype(str).to_numpy(), t, n_boot=n_boot, seed=42)
-    return {"auc": m["roc_auc"]["value"], "low": m["roc_auc"]["ci_low"], "high": m["roc_auc"]["ci_high"],
-            "spec": m["specificity"]["value"], "p": p}
+    return {
+        "auc": m["roc_auc"]["value"],
+        "low": m["roc_auc"]["ci_low"],
+        "high": m["roc_auc"]["ci_high"],
+        "spec": m["specificity"]["value"],
+        "p": p,
+    }
 
 
 def inference_speed(arch: str, size: int, batches: int = 5, rounds: int = 5) -> float:
@@ -74,8 +80,11 @@ def main() -> None:
     ap.add_argument("--runs", required=True, type=Path)
     ap.add_argument("--ensemble", nargs="*", default=[])
     ap.add_argument("--out", type=Path, default=Path("reports/recipe_search.md"))
-    ap.add_argument("--no-speed", action="store_true", help="skip the inference-speed column (a busy machine "
-                                                             "measures nothing useful)")
+    ap.add_argument(
+        "--no-speed",
+        action="store_true",
+        help="skip the inference-speed column (a busy machine measures nothing useful)",
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -86,8 +95,11 @@ def main() -> None:
     runs = pd.read_csv(args.runs / "runs.csv")
     oofs = {r.name: pd.read_csv(args.runs / f"{r.name}.oof.csv", dtype={"group": str}) for r in runs.itertuples()}
     speeds = {}
-    lines = ["| run | OOF AUC [95% CI] | with TTA | specificity at sens. 0.95 | fold AUC mean ± sd | train min | "
-             "infer img/s (torch) | command |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | OOF AUC [95% CI] | with TTA | specificity at sens. 0.95 | fold AUC mean ± sd | train min | "
+        "infer img/s (torch) | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs.itertuples():
         metrics = json.loads((args.runs / f"{r.name}.metrics.json").read_text())
         single, tta = oof_evidence(oofs[r.name], "logit_"), oof_evidence(oofs[r.name], "tta_logit_")
@@ -95,25 +107,31 @@ def main() -> None:
         if not args.no_speed:
             speeds.setdefault(key, inference_speed(*key))
         speed = f"{speeds[key]:.0f}" if key in speeds else "not measured"
-        lines.append(f"| {r.name} | {single['auc']:.4f} [{single['low']:.4f}, {single['high']:.4f}] | "
-                     f"{tta['auc']:.4f} [{tta['low']:.4f}, {tta['high']:.4f}] | {single['spec']:.3f} | "
-                     f"{metrics['auc_mean']:.4f} ± {metrics['auc_sd']:.4f} | {r.seconds / 60:.1f} | "
-                     f"{speed} | `{r.command}` |")
+        lines.append(
+            f"| {r.name} | {single['auc']:.4f} [{single['low']:.4f}, {single['high']:.4f}] | "
+            f"{tta['auc']:.4f} [{tta['low']:.4f}, {tta['high']:.4f}] | {single['spec']:.3f} | "
+            f"{metrics['auc_mean']:.4f} ± {metrics['auc_sd']:.4f} | {r.seconds / 60:.1f} | "
+            f"{speed} | `{r.command}` |"
+        )
     for combo in args.ensemble:
         # mean P(malignant) in logit space (2-class logits), so binary and 7-class runs can be averaged
         names = combo.split("+")
         base = oofs[names[0]].set_index("path")[["group", "original_class", "label"]]
         frame = base.copy()
         for view in ("logit_", "tta_logit_"):
-            p = sum(pd.Series(oof_evidence(oofs[n], view, n_boot=1)["p"], index=oofs[n]["path"]).loc[base.index]
-                    for n in names) / len(names)
+            p = sum(
+                pd.Series(oof_evidence(oofs[n], view, n_boot=1)["p"], index=oofs[n]["path"]).loc[base.index]
+                for n in names
+            ) / len(names)
             frame[f"{view}benign"] = 0.0
             frame[f"{view}malignant"] = np.log(p.clip(1e-6, 1 - 1e-6) / (1 - p.clip(1e-6, 1 - 1e-6)))
         frame = frame.reset_index()
         e, et = oof_evidence(frame, "logit_"), oof_evidence(frame, "tta_logit_")
-        lines.append(f"| ensemble {' + '.join(names)} | {e['auc']:.4f} [{e['low']:.4f}, {e['high']:.4f}] | "
-                     f"{et['auc']:.4f} [{et['low']:.4f}, {et['high']:.4f}] | {e['spec']:.3f} | | | "
-                     f"(÷{len(names)}) | mean P(malignant) |")
+        lines.append(
+            f"| ensemble {' + '.join(names)} | {e['auc']:.4f} [{e['low']:.4f}, {e['high']:.4f}] | "
+            f"{et['auc']:.4f} [{et['low']:.4f}, {et['high']:.4f}] | {e['spec']:.3f} | | | "
+            f"(÷{len(names)}) | mean P(malignant) |"
+        )
     seeds = {}
     for r in runs.itertuples():
         m = re.fullmatch(r"(.+)-seed\d+", r.name)

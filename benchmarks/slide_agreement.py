@@ -9,6 +9,7 @@ the `--top` cells with the highest P(malignant) (issue 14 asks >= 90% for a chea
 the reference one) and the Spearman correlation of the two scores. By default it compares the float
 and the int8 graph of one exported folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cells", type=Path)
     ap.add_argument("--model", default=ROOT / "models/exported", type=Path)
-    ap.add_argument("--files", nargs=2, default=["model.onnx", "model.int8.onnx"], metavar=("A", "B"),
-                    help="the two ONNX files of --model to compare (default: float vs int8)")
+    ap.add_argument(
+        "--files",
+        nargs=2,
+        default=["model.onnx", "model.int8.onnx"],
+        metavar=("A", "B"),
+        help="the two ONNX files of --model to compare (default: float vs int8)",
+    )
     ap.add_argument("--other-model", type=Path, help="compare --model's served file with this folder's instead")
     ap.add_argument("--slide", default=ROOT.parent / "shared/data/slides/csf-breast-carcinoma-pap.tiff", type=Path)
     ap.add_argument("--params", default=ROOT / "params.yaml", type=Path)
@@ -61,8 +67,10 @@ def main() -> None:
     print(f"  top-{args.top} overlap: {len(top[0] & top[1]) / args.top:.3f} (target >= 0.90)")
     print(f"  Spearman correlation of P(malignant): {rho:.4f}")
     for (name, _), s in zip(pair, scores):
-        print(f"  {name}: {int((s >= 0.5).sum())} cells with P >= 0.5, {int((s >= 0.99).sum())} with P >= 0.99, "
-              f"score of the {args.top}th cell {float(pd.Series(s).nlargest(args.top).iloc[-1]):.4f}")
+        print(
+            f"  {name}: {int((s >= 0.5).sum())} cells with P >= 0.5, {int((s >= 0.99).sum())} with P >= 0.99, "
+            f"score of the {args.top}th cell {float(pd.Series(s).nlargest(args.top).iloc[-1]):.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and so that a test holds every schedule to the same cells and scores:
 On this 2-core machine the shipped `parallel` schedule was the fastest (docs/benchmarks.md):
 anything running beside a 2-thread model stalls it at its barriers.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,10 @@ def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: b
 
     batcher = Batcher(predictor, cfg.batch_size, tta)
     parts: list[pd.DataFrame | None] = []
-    with progress_bar(len(plan.tiles), f"score {source.path.name}", progress) as bar, \
-            ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
+    with (
+        progress_bar(len(plan.tiles), f"score {source.path.name}", progress) as bar,
+        ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool,
+    ):
         for part, crops in in_order(pool, job, range(len(plan.tiles)), cfg.queue_tiles):
             parts.append(part)
             batcher.add(crops)
@@ -67,8 +70,7 @@ def score_overlapped(predictor, source, cfg: SlideConfig, tta: bool, progress: b
     return cells, scores, seconds
 
 
-def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None,
-                 crop_workers: int = 1):
+def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None, crop_workers: int = 1):
     """Detect every tile (worker threads; reading overlaps detection), then crop in `crop_workers`
     threads while the model scores (0: between the model's batches, in its own thread)."""
     seconds = {}
@@ -81,8 +83,10 @@ def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool 
     def crop(part):
         return tile_crops(source, part, cfg.crop_margin, size)
 
-    with progress_bar(len(with_cells), "score", progress) as bar, \
-            ThreadPoolExecutor(max_workers=max(1, crop_workers), thread_name_prefix="crop") as pool:
+    with (
+        progress_bar(len(with_cells), "score", progress) as bar,
+        ThreadPoolExecutor(max_workers=max(1, crop_workers), thread_name_prefix="crop") as pool,
+    ):
         # crop_workers 0: cut crops between model batches, so nothing preempts the model's threads.
         stream = in_order(pool, crop, with_cells, cfg.queue_tiles) if crop_workers else map(crop, with_cells)
         for crops in stream:
@@ -97,5 +101,9 @@ def score_phased(predictor, source, cfg: SlideConfig, tta: bool, progress: bool 
     return cells, scores, seconds
 
 
-SCHEDULES = {"parallel": score_slide_cells, "phased": score_phased, "overlapped": score_overlapped,
-             "sequential": score_sequential}
+SCHEDULES = {
+    "parallel": score_slide_cells,
+    "phased": score_phased,
+    "overlapped": score_overlapped,
+    "sequential": score_sequential,
+}

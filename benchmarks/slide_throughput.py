@@ -18,6 +18,7 @@ benchmarks/inference_throughput.py.
 Targets on this 2-core machine (issue 14): the whole slide <= 60 s, detection <= 15 s, peak RSS
 < 2 GiB, both ratios >= 0.9.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=ROOT / "models/exported", type=Path, help="exported (ONNX) model folder")
     ap.add_argument("--slide", default=ROOT.parent / "shared/data/slides/csf-breast-carcinoma-pap.tiff", type=Path)
-    ap.add_argument("--images", default=ROOT.parent / "shared/data/herlev", type=Path,
-                    help="image folder for the predict ratio")
+    ap.add_argument(
+        "--images", default=ROOT.parent / "shared/data/herlev", type=Path, help="image folder for the predict ratio"
+    )
     ap.add_argument("--params", default=ROOT / "params.yaml", type=Path)
     ap.add_argument("--reference-cells", type=Path, help="an earlier cells.csv of this slide to compare with")
     ap.add_argument("--save-cells", type=Path, help="keep this run's cells.csv here")
@@ -79,26 +81,32 @@ def main() -> None:
             shutil.copyfile(Path(out) / "cells.csv", args.save_cells)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     info = summary["inference"]
-    print(f"slide {args.slide.name}: {summary['width']}x{summary['height']} px, {summary['n_cells']} cells, "
-          f"tta={summary['tta']}; model {args.model} ({info['backend']}), {info['inference_workers']} scoring workers x {info['model_threads']} threads")
+    print(
+        f"slide {args.slide.name}: {summary['width']}x{summary['height']} px, {summary['n_cells']} cells, "
+        f"tta={summary['tta']}; model {args.model} ({info['backend']}), {info['inference_workers']} scoring workers x {info['model_threads']} threads"
+    )
     print(f"{'step':<44}{'seconds':>9}")
     for step, s in summary["seconds"].items():
         print(f"{step:<44}{s:>9.1f}")
     phase = summary["n_cells"] / (summary["seconds"].get("crop + inference") or float("nan"))
-    rows = [("whole slide, wall (score_slide call)", f"{slide_wall:.1f} s (target <= 60)"),
-            ("crop + inference phase", f"{phase:.1f} cells/s (model: {info['seconds_in_model']:.1f} s per worker)"),
-            *bare_table,
-            ("bare ceiling (the faster), logits + features", f"{bare:.1f} cells/s"),
-            ("ratio slide crop + inference / bare ceiling", f"{phase / bare:.2f} (target >= 0.9)"),
-            (f"cytopipe predict, {n_files} files", f"{predict_rate:.1f} cells/s"),
-            ("ratio predict / bare ceiling", f"{predict_rate / bare:.2f} (target >= 0.9)"),
-            ("peak RSS (this process)", f"{peak_gib:.2f} GiB (target < 2)")]
+    rows = [
+        ("whole slide, wall (score_slide call)", f"{slide_wall:.1f} s (target <= 60)"),
+        ("crop + inference phase", f"{phase:.1f} cells/s (model: {info['seconds_in_model']:.1f} s per worker)"),
+        *bare_table,
+        ("bare ceiling (the faster), logits + features", f"{bare:.1f} cells/s"),
+        ("ratio slide crop + inference / bare ceiling", f"{phase / bare:.2f} (target >= 0.9)"),
+        (f"cytopipe predict, {n_files} files", f"{predict_rate:.1f} cells/s"),
+        ("ratio predict / bare ceiling", f"{predict_rate / bare:.2f} (target >= 0.9)"),
+        ("peak RSS (this process)", f"{peak_gib:.2f} GiB (target < 2)"),
+    ]
     if args.reference_cells:
         reference = pd.read_csv(args.reference_cells)
         ref_in_new, new_in_ref = matched_fraction(reference, cells, summary.get("mpp") or 0.25)
-        rows += [("cells: reference -> this run", f"{len(reference)} -> {len(cells)}"),
-                 (f"reference cells matched within {MATCH_UM:g} um", f"{ref_in_new:.4f}"),
-                 (f"this run's cells matched within {MATCH_UM:g} um", f"{new_in_ref:.4f}")]
+        rows += [
+            ("cells: reference -> this run", f"{len(reference)} -> {len(cells)}"),
+            (f"reference cells matched within {MATCH_UM:g} um", f"{ref_in_new:.4f}"),
+            (f"this run's cells matched within {MATCH_UM:g} um", f"{new_in_ref:.4f}"),
+        ]
     rows.append(("wall of this benchmark (incl. imports)", f"{time.perf_counter() - start:.1f} s"))
     width = max(len(k) for k, _ in rows)
     print()

@@ -7,6 +7,7 @@ the DataLoader; the bare path repeats the train step on one pre-made batch. Both
 model, optimizer, threads and memory format. This CPU is noisy, so the two paths alternate in
 rounds after a warm-up and the median per round is reported. Target: full / bare >= 0.8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def main() -> None:
     import statistics
 
     n, bs = args.batches, cfg.batch_size
-    loader = DataLoader(ds, bs, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        ds, bs, shuffle=True, drop_last=True, num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(0)
+    )
 
     def batches():
         while True:
@@ -82,8 +84,10 @@ def main() -> None:
         bare_rounds.append(n * bs / (time.perf_counter() - start))
     full, bare = statistics.median(full_rounds), statistics.median(bare_rounds)
 
-    print(f"model {mcfg.arch} @ {mcfg.image_size}px, batch {bs}, {threads} threads, "
-          f"augment '{cfg.augment}', num_workers {cfg.num_workers}; decode cache of {len(ds)} images built in {cache_s:.1f}s")
+    print(
+        f"model {mcfg.arch} @ {mcfg.image_size}px, batch {bs}, {threads} threads, "
+        f"augment '{cfg.augment}', num_workers {cfg.num_workers}; decode cache of {len(ds)} images built in {cache_s:.1f}s"
+    )
     print(f"{'path':<38}{'images/s':>10}")
     print(f"{'full data pipeline + train step':<38}{full:>10.1f}")
     print(f"{'bare train step (pre-made batch)':<38}{bare:>10.1f}")

@@ -1,4 +1,5 @@
 """Temperature scaling, operating-threshold rules and an indeterminate band."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ the ONNX folder; MLflow keeps it with the logged model, and its summary is the r
 version's description. `card_facts()` is the short form that travels in model.json / metadata.json
 (`ModelCard.card`) and that the score-slide report shows. (model.json itself: pipeline/model_card.py.)
 """
+
 from __future__ import annotations
 
 import math
@@ -13,13 +14,17 @@ from pipeline.model_card import ModelCard
 
 CARD_FILE = "model_card.md"
 VERSION_PLACEHOLDER = "(assigned when registered)"
-INTENDED_USE = ("Decision support for a cytopathologist reviewing Papanicolaou-stained single cells: a "
-                "calibrated P(malignant) per cell, a call (benign / malignant / indeterminate / out of domain) and "
-                "a slide summary. Every call is to be reviewed by a pathologist; it is never a diagnosis.")
+INTENDED_USE = (
+    "Decision support for a cytopathologist reviewing Papanicolaou-stained single cells: a "
+    "calibrated P(malignant) per cell, a call (benign / malignant / indeterminate / out of domain) and "
+    "a slide summary. Every call is to be reviewed by a pathologist; it is never a diagnosis."
+)
 VALIDATED_DOMAIN = "Pap-stained single-cell crops like the training data's (Herlev cervical cells)"
-NEVER_VALIDATED = ("Pulmonary-artery (wedged catheter) blood, body fluids such as CSF, other stains (Diff-Quik, "
-                   "H&E), other scanners or magnifications, glandular malignancies (Herlev's abnormal classes are "
-                   "all squamous), and whole-slide cell detection error rates: none has labelled cells here.")
+NEVER_VALIDATED = (
+    "Pulmonary-artery (wedged catheter) blood, body fluids such as CSF, other stains (Diff-Quik, "
+    "H&E), other scanners or magnifications, glandular malignancies (Herlev's abnormal classes are "
+    "all squamous), and whole-slide cell detection error rates: none has labelled cells here."
+)
 
 
 def _num(value, digits: int = 3) -> str:
@@ -33,88 +38,200 @@ def _with_ci(flat: dict, name: str) -> str:
 def card_facts(metrics: dict, promoted: bool, reason: str) -> dict:
     """The card's key facts: what model.json carries and the slide report links."""
     held, test = metrics.get("heldout") or {}, metrics.get("test") or {}
-    return {"heldout_source": held.get("source"), "heldout_n": held.get("n"),
-            "heldout_auc": held.get("roc_auc"), "heldout_auc_ci": [held.get("roc_auc_ci_low"), held.get("roc_auc_ci_high")],
-            "test_auc": test.get("roc_auc"), "test_n": test.get("n"), "validated_domain": VALIDATED_DOMAIN,
-            "promotion": "promoted" if promoted else "not promoted", "promotion_reason": reason}
+    return {
+        "heldout_source": held.get("source"),
+        "heldout_n": held.get("n"),
+        "heldout_auc": held.get("roc_auc"),
+        "heldout_auc_ci": [held.get("roc_auc_ci_low"), held.get("roc_auc_ci_high")],
+        "test_auc": test.get("roc_auc"),
+        "test_n": test.get("n"),
+        "validated_domain": VALIDATED_DOMAIN,
+        "promotion": "promoted" if promoted else "not promoted",
+        "promotion_reason": reason,
+    }
 
 
 def summary_markdown(facts: dict, name: str, version: str | None) -> str:
     """A few lines: the MLflow model version's description."""
     low, high = facts.get("heldout_auc_ci") or [None, None]
-    return (f"**{name}** version {version or VERSION_PLACEHOLDER}: {facts['promotion']}.\n\n"
-            f"- {facts.get('heldout_source')} AUC {_num(facts.get('heldout_auc'))} [{_num(low)}, {_num(high)}] "
-            f"on {facts.get('heldout_n')} cells; test AUC {_num(facts.get('test_auc'))} on {facts.get('test_n')} cells\n"
-            f"- Validated on: {VALIDATED_DOMAIN}\n- Decision support only; see model_card.md for the full card.\n"
-            f"- Promotion: {facts.get('promotion_reason')}\n")
+    return (
+        f"**{name}** version {version or VERSION_PLACEHOLDER}: {facts['promotion']}.\n\n"
+        f"- {facts.get('heldout_source')} AUC {_num(facts.get('heldout_auc'))} [{_num(low)}, {_num(high)}] "
+        f"on {facts.get('heldout_n')} cells; test AUC {_num(facts.get('test_auc'))} on {facts.get('test_n')} cells\n"
+        f"- Validated on: {VALIDATED_DOMAIN}\n- Decision support only; see model_card.md for the full card.\n"
+        f"- Promotion: {facts.get('promotion_reason')}\n"
+    )
 
 
 def _class_table(by_class: list[dict]) -> list[str]:
     """Rows of metrics.calls_by_class(): calls per original class at the shipped band."""
-    rows = ["| original class | cells | called malignant | fraction malignant | indeterminate |", "|---|---|---|---|---|"]
+    rows = [
+        "| original class | cells | called malignant | fraction malignant | indeterminate |",
+        "|---|---|---|---|---|",
+    ]
     for r in by_class:
-        rows.append(f"| {r['original_class']} | {r['n']} | {r['called_malignant']} | {_num(r['fraction_malignant'])} | "
-                    f"{r['indeterminate']} |")
+        rows.append(
+            f"| {r['original_class']} | {r['n']} | {r['called_malignant']} | {_num(r['fraction_malignant'])} | "
+            f"{r['indeterminate']} |"
+        )
     return rows
 
 
 def _metric_rows(label: str, flat: dict) -> list[str]:
-    return [f"| {label} | {flat.get('n')} ({flat.get('n_groups')} groups) | {_with_ci(flat, 'roc_auc')} | "
-            f"{_with_ci(flat, 'sensitivity')} | {_with_ci(flat, 'specificity')} | {_with_ci(flat, 'balanced_accuracy')} | "
-            f"{_num(flat.get('normal_columnar_fpr'))} |"]
+    return [
+        f"| {label} | {flat.get('n')} ({flat.get('n_groups')} groups) | {_with_ci(flat, 'roc_auc')} | "
+        f"{_with_ci(flat, 'sensitivity')} | {_with_ci(flat, 'specificity')} | {_with_ci(flat, 'balanced_accuracy')} | "
+        f"{_num(flat.get('normal_columnar_fpr'))} |"
+    ]
 
 
-def render(model: ModelCard, metrics: dict, cv_metrics: dict | None, by_class: list, heldout_by_class: list,
-           data: dict, promoted: bool, reason: str, name: str, version: str | None = None) -> str:
+def render(
+    model: ModelCard,
+    metrics: dict,
+    cv_metrics: dict | None,
+    by_class: list,
+    heldout_by_class: list,
+    data: dict,
+    promoted: bool,
+    reason: str,
+    name: str,
+    version: str | None = None,
+) -> str:
     """The whole card as markdown. `data`: {"sources", "label_map", "counts": {class: n}, "groups": n,
     "n": n, "fit_on"}; the metrics dicts are the evaluate and cv stages' metrics.json."""
-    cal, ood, held, test = metrics.get("calibration") or {}, metrics.get("ood") or {}, metrics["heldout"], metrics["test"]
-    lines = [f"# Model card: {name}", "", f"Registered version: {version or VERSION_PLACEHOLDER}", "",
-             "Generated by the evaluate stage from its metrics files; do not edit by hand.", "",
-             "## Summary", "", summary_markdown(card_facts(metrics, promoted, reason), name, version),
-             "## Intended use", "", INTENDED_USE, "",
-             "## Model", "", f"- Architecture: {model.arch}, input {model.image_size} px, labels "
-             f"{', '.join(model.labels)} (P(malignant) = the sum over {', '.join(cal.get('positive_labels') or [])})",
-             f"- Trained on: {data.get('fit_on')} ({data.get('n')} cells, {data.get('groups')} fields of view), "
-             f"{model.best_epoch} epochs",
-             "", "## Training data", "", f"- Sources: {', '.join(data.get('sources') or [])}",
-             f"- Label map: {data.get('label_map')}", "", "| original class | cells |", "|---|---|"]
+    cal, ood, held, test = (
+        metrics.get("calibration") or {},
+        metrics.get("ood") or {},
+        metrics["heldout"],
+        metrics["test"],
+    )
+    lines = [
+        f"# Model card: {name}",
+        "",
+        f"Registered version: {version or VERSION_PLACEHOLDER}",
+        "",
+        "Generated by the evaluate stage from its metrics files; do not edit by hand.",
+        "",
+        "## Summary",
+        "",
+        summary_markdown(card_facts(metrics, promoted, reason), name, version),
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "## Model",
+        "",
+        f"- Architecture: {model.arch}, input {model.image_size} px, labels "
+        f"{', '.join(model.labels)} (P(malignant) = the sum over {', '.join(cal.get('positive_labels') or [])})",
+        f"- Trained on: {data.get('fit_on')} ({data.get('n')} cells, {data.get('groups')} fields of view), "
+        f"{model.best_epoch} epochs",
+        "",
+        "## Training data",
+        "",
+        f"- Sources: {', '.join(data.get('sources') or [])}",
+        f"- Label map: {data.get('label_map')}",
+        "",
+        "| original class | cells |",
+        "|---|---|",
+    ]
     lines += [f"| {cls} | {n} |" for cls, n in sorted((data.get("counts") or {}).items())]
-    lines += ["", "## Metrics (95% CIs from a bootstrap over fields of view)", "",
-              f"Held-out evidence: {held.get('source')} predictions of models that never saw the cell's field of view. "
-              "The test split was used for this table only.", "",
-              "| evidence | cells | AUC | sensitivity | specificity | balanced accuracy | normal_columnar FPR |",
-              "|---|---|---|---|---|---|---|", *_metric_rows(str(held.get("source")), held), *_metric_rows("test", test)]
+    lines += _metrics_section(held, test, cv_metrics, heldout_by_class, by_class)
+    lines += _calibration_section(cal, ood)
+    lines += _closing_section(promoted, reason, held, test)
+    return "\n".join(lines)
+
+
+def _metrics_section(
+    held: dict, test: dict, cv_metrics: dict | None, heldout_by_class: list, by_class: list
+) -> list[str]:
+    """The metric tables: pooled held-out and test, per fold, per original class."""
+    lines: list[str] = []
+    lines += [
+        "",
+        "## Metrics (95% CIs from a bootstrap over fields of view)",
+        "",
+        f"Held-out evidence: {held.get('source')} predictions of models that never saw the cell's field of view. "
+        "The test split was used for this table only.",
+        "",
+        "| evidence | cells | AUC | sensitivity | specificity | balanced accuracy | normal_columnar FPR |",
+        "|---|---|---|---|---|---|---|",
+        *_metric_rows(str(held.get("source")), held),
+        *_metric_rows("test", test),
+    ]
     if cv_metrics:
-        lines += ["", f"Per fold ({cv_metrics.get('folds')} folds): AUC {_num(cv_metrics.get('auc_mean'))} ± "
-                      f"{_num(cv_metrics.get('auc_sd'))}, balanced accuracy {_num(cv_metrics.get('balanced_accuracy_mean'))} "
-                      f"± {_num(cv_metrics.get('balanced_accuracy_sd'))} (mean ± sd)."]
-    lines += ["", f"### Per original class ({held.get('source')})", "", *_class_table(heldout_by_class),
-              "", "### Per original class (test)", "", *_class_table(by_class),
-              "", "## Calibration", "",
-              f"Fitted on {cal.get('n')} {cal.get('source')} predictions: temperature {_num(cal.get('temperature'))}, "
-              f"threshold {_num(cal.get('threshold'), 4)} ({cal.get('threshold_rule')}, target sensitivity "
-              f"{cal.get('target_sensitivity')}), indeterminate band {cal.get('band')}, TTA {cal.get('tta')}.", "",
-              f"- Reliability (ECE, {cal.get('n')} held-out cells): before {_num(cal.get('ece_before'))}, after "
-              f"{_num(cal.get('ece_after'))}; NLL before {_num(cal.get('nll_before'))}, after {_num(cal.get('nll_after'))}",
-              f"- Coverage (not indeterminate): {_num(cal.get('coverage'))}", "",
-              "## Out-of-domain guard", ""]
+        lines += [
+            "",
+            f"Per fold ({cv_metrics.get('folds')} folds): AUC {_num(cv_metrics.get('auc_mean'))} ± "
+            f"{_num(cv_metrics.get('auc_sd'))}, balanced accuracy {_num(cv_metrics.get('balanced_accuracy_mean'))} "
+            f"± {_num(cv_metrics.get('balanced_accuracy_sd'))} (mean ± sd).",
+        ]
+    lines += [
+        "",
+        f"### Per original class ({held.get('source')})",
+        "",
+        *_class_table(heldout_by_class),
+        "",
+        "### Per original class (test)",
+        "",
+        *_class_table(by_class),
+        "",
+    ]
+    return lines
+
+
+def _calibration_section(cal: dict, ood: dict) -> list[str]:
+    """Calibration and the out-of-domain guard."""
+    lines: list[str] = []
+    lines += [
+        "## Calibration",
+        "",
+        f"Fitted on {cal.get('n')} {cal.get('source')} predictions: temperature {_num(cal.get('temperature'))}, "
+        f"threshold {_num(cal.get('threshold'), 4)} ({cal.get('threshold_rule')}, target sensitivity "
+        f"{cal.get('target_sensitivity')}), indeterminate band {cal.get('band')}, TTA {cal.get('tta')}.",
+        "",
+        f"- Reliability (ECE, {cal.get('n')} held-out cells): before {_num(cal.get('ece_before'))}, after "
+        f"{_num(cal.get('ece_after'))}; NLL before {_num(cal.get('nll_before'))}, after {_num(cal.get('nll_after'))}",
+        f"- Coverage (not indeterminate): {_num(cal.get('coverage'))}",
+        "",
+        "## Out-of-domain guard",
+        "",
+    ]
     if ood:
-        lines += [f"- {ood.get('method')} on pooled features; threshold {_num(ood.get('threshold'), 4)} lets "
-                  f"{_num(ood.get('val_pass_rate'))} of held-out cells pass (target {ood.get('pass_rate')}); test pass "
-                  f"rate {_num(ood.get('test_pass_rate'))}"]
+        lines += [
+            f"- {ood.get('method')} on pooled features; threshold {_num(ood.get('threshold'), 4)} lets "
+            f"{_num(ood.get('val_pass_rate'))} of held-out cells pass (target {ood.get('pass_rate')}); test pass "
+            f"rate {_num(ood.get('test_pass_rate'))}"
+        ]
     else:
         lines += ["- none (the model gives no pooled features)"]
-    lines += ["", "## Promotion", "", f"- Decision: {'promoted' if promoted else 'not promoted'}", f"- Reason: {reason}",
-              "- Rule: pipeline/promotion.py and params.yaml `promotion` (README, \"Promotion\").", "",
-              "## Known failure modes", "",
-              f"- Benign glandular (normal_columnar) cells are the commonest false positives: held-out false-positive "
-              f"rate {_num(held.get('normal_columnar_fpr'))}, test {_num(test.get('normal_columnar_fpr'))}.",
-              "- Cells unlike the training crops (other specimens, stains, debris, overlapping cells) are flagged out "
-              "of domain rather than scored; on the reference CSF slide most cells are, and the slide call says so.",
-              "- Herlev crops are scaled to a 200 px long side, so the physical scale varies: size cues are weak.", "",
-              "## Never validated on", "", NEVER_VALIDATED, ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _closing_section(promoted: bool, reason: str, held: dict, test: dict) -> list[str]:
+    """Promotion, known failure modes and what the model was never validated on."""
+    lines: list[str] = []
+    lines += [
+        "",
+        "## Promotion",
+        "",
+        f"- Decision: {'promoted' if promoted else 'not promoted'}",
+        f"- Reason: {reason}",
+        '- Rule: pipeline/promotion.py and params.yaml `promotion` (README, "Promotion").',
+        "",
+        "## Known failure modes",
+        "",
+        f"- Benign glandular (normal_columnar) cells are the commonest false positives: held-out false-positive "
+        f"rate {_num(held.get('normal_columnar_fpr'))}, test {_num(test.get('normal_columnar_fpr'))}.",
+        "- Cells unlike the training crops (other specimens, stains, debris, overlapping cells) are flagged out "
+        "of domain rather than scored; on the reference CSF slide most cells are, and the slide call says so.",
+        "- Herlev crops are scaled to a 200 px long side, so the physical scale varies: size cues are weak.",
+        "",
+        "## Never validated on",
+        "",
+        NEVER_VALIDATED,
+        "",
+    ]
+    return lines
 
 
 def set_version(text: str, version: str) -> str:

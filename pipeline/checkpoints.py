@@ -9,6 +9,7 @@ Layout of a checkpoint folder:
 A new state is written under its own name, then the manifest is replaced atomically, then files
 it no longer lists are deleted: a kill at any moment leaves a manifest naming complete files.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -50,7 +51,9 @@ def read_manifest(folder: Path) -> dict:
         raw = json.loads(path.read_text())
         raw["checkpoints"] = [Entry(**e) for e in raw.get("checkpoints", [])]
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint manifest ({exc}); delete the folder to start afresh") from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint manifest ({exc}); delete the folder to start afresh"
+        ) from None
     raw.setdefault("finished", False)
     raw.setdefault("mlflow_run_id", None)
     return raw
@@ -78,7 +81,7 @@ def save(folder: Path, state: dict, epoch: int) -> Entry:
         torch.save(state, tmp)
     entry = Entry(name, epoch, _sha256(folder / name))
     manifest = read_manifest(folder)
-    kept = [entry] + [e for e in manifest["checkpoints"] if e.file != name][:KEEP - 1]
+    kept = [entry] + [e for e in manifest["checkpoints"] if e.file != name][: KEEP - 1]
     _write_manifest(folder, dict(manifest, checkpoints=kept, finished=False))
     listed = {e.file for e in kept}
     for old in folder.glob("epoch-*.pt"):
@@ -111,8 +114,7 @@ def load_latest(folder: Path, warn=None) -> tuple[dict, Entry] | None:
         nxt = entries[i + 1].file if i + 1 < len(entries) else None
         warn(f"{path}: {reason}; " + (f"using the previous checkpoint {nxt}" if nxt else "no older checkpoint"))
     if problems:
-        raise CheckpointError(f"{folder}: no usable checkpoint ({'; '.join(problems)}); "
-                              "start afresh with --fresh")
+        raise CheckpointError(f"{folder}: no usable checkpoint ({'; '.join(problems)}); start afresh with --fresh")
     return None
 
 

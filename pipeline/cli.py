@@ -3,6 +3,7 @@
 Argument parsing only. Each command imports what it needs when it runs, so `--help`
 stays instant and never loads torch, timm, mlflow or albumentations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,7 @@ For pathologists:
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", metavar="YAML",
-                   help="parameter file (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml", metavar="YAML", help="parameter file (default: %(default)s)")
 
 
 def _ingest_sources(args: argparse.Namespace, data) -> tuple:
@@ -41,14 +41,16 @@ def _ingest_sources(args: argparse.Namespace, data) -> tuple:
     --group-column, a CSV manifest with a `group` column is grouped by it (see ingest.effective_group_rule)."""
     from pipeline.config import DataSource, GroupRule, default_source_name
 
-    flagged_rule = GroupRule(regex=args.group_regex, column=args.group_column) \
-        if args.group_regex or args.group_column else None
+    flagged_rule = (
+        GroupRule(regex=args.group_regex, column=args.group_column) if args.group_regex or args.group_column else None
+    )
     if not (args.source or args.label_map or flagged_rule):
         return data.source_list()
     first = data.first_source
     if args.source:
-        return (DataSource(default_source_name(args.source), args.source, args.label_map or first.label_map,
-                           flagged_rule),)
+        return (
+            DataSource(default_source_name(args.source), args.source, args.label_map or first.label_map, flagged_rule),
+        )
     return (DataSource(first.name, first.path, args.label_map or first.label_map, flagged_rule or first.group),)
 
 
@@ -63,8 +65,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.only:  # one of data.sources on its own (a per-source DVC stage)
         by_name = {s.name: s for s in sources}
         if args.only not in by_name:
-            raise ConfigError(f"{args.params}: --only {args.only}: no such source in data.sources "
-                              f"(has: {', '.join(by_name)})")
+            raise ConfigError(
+                f"{args.params}: --only {args.only}: no such source in data.sources (has: {', '.join(by_name)})"
+            )
         src = by_name[args.only]
         ingest.run(src.path, src.label_map, src.group, limits, args.out)
     elif args.merge or len(sources) > 1:
@@ -99,11 +102,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         world = args.nproc * args.nnodes
         batch = load_params(args.params).train.batch_size
         if batch % world:  # checked here too, so a bad config fails before any process starts
-            raise train.TrainingError(f"train.batch_size {batch} must divide by the {world} processes "
-                                      "(it is the global batch)")
+            raise train.TrainingError(
+                f"train.batch_size {batch} must divide by the {world} processes (it is the global batch)"
+            )
 
-        forward = ["train", "--params", args.params, "--split", args.split, "--manifest", args.manifest,
-                   "--out", args.out, "--checkpoints", args.checkpoints, "--reports", args.reports]
+        forward = [
+            "train",
+            "--params",
+            args.params,
+            "--split",
+            args.split,
+            "--manifest",
+            args.manifest,
+            "--out",
+            args.out,
+            "--checkpoints",
+            args.checkpoints,
+            "--reports",
+            args.reports,
+        ]
         forward += ["--resume"] if args.resume else ["--fresh"] if args.fresh else []
         return launch(forward, args.nproc, args.nnodes, args.rdzv_endpoint)
     params = load_params(args.params)
@@ -111,13 +128,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     result, metrics = train.run(params, args.split, args.manifest, args.out, args.checkpoints, args.reports, resume)
     if not metrics:  # a torchrun worker other than rank 0
         return 0
-    trained = (f"train+val for {result.epochs_run} epochs (final train loss {result.history[-1]['train_loss']:.4f}; "
-               "calibrate it on the cv stage's out-of-fold predictions)" if params.train.fit_on == "train+val" else
-               f"best val AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} of {result.epochs_run}"
-               + (" (stopped early)" if result.stopped_early else ""))
-    print(f"train: {trained}"
-          + f"; model -> {args.out}; MLflow run {metrics['mlflow_run_id']}, "
-          f"{params.mlflow.registered_model} v{metrics['model_version']} @{params.mlflow.alias}")
+    trained = (
+        f"train+val for {result.epochs_run} epochs (final train loss {result.history[-1]['train_loss']:.4f}; "
+        "calibrate it on the cv stage's out-of-fold predictions)"
+        if params.train.fit_on == "train+val"
+        else f"best val AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} of {result.epochs_run}"
+        + (" (stopped early)" if result.stopped_early else "")
+    )
+    print(
+        f"train: {trained}" + f"; model -> {args.out}; MLflow run {metrics['mlflow_run_id']}, "
+        f"{params.mlflow.registered_model} v{metrics['model_version']} @{params.mlflow.alias}"
+    )
     return 0
 
 
@@ -129,13 +150,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data:
         if not args.label_map:
             raise SystemExit("cytopipe evaluate: error: --data needs --label-map")
-        evaluate_folder.evaluate_folder(args.model or DEFAULT_MODEL, Path(args.data),
-                                        Path(args.label_map), Path(args.out or "reports/evaluate-folder"),
-                                        params.evaluate, group_regex=args.group_regex, tta=args.tta,
-                                        tracking_uri=_tracking_uri(params))
+        evaluate_folder.evaluate_folder(
+            args.model or DEFAULT_MODEL,
+            Path(args.data),
+            Path(args.label_map),
+            Path(args.out or "reports/evaluate-folder"),
+            params.evaluate,
+            group_regex=args.group_regex,
+            tta=args.tta,
+            tracking_uri=_tracking_uri(params),
+        )
         return 0
-    evaluate.run(params, Path(args.model or "models/train"), Path(args.split), Path(args.out or "models/calibrated"),
-                 Path(args.reports), oof_csv=Path(args.oof) if args.oof else None)
+    evaluate.run(
+        params,
+        Path(args.model or "models/train"),
+        Path(args.split),
+        Path(args.out or "models/calibrated"),
+        Path(args.reports),
+        oof_csv=Path(args.oof) if args.oof else None,
+    )
     return 0
 
 
@@ -166,8 +199,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.inference.files import predict_paths
 
     params = _params_or_defaults(args.params)
-    return predict_paths(args.paths, args.model, args.out, args.tta, _tracking_uri(params), args.batch_size,
-                         args.workers)
+    return predict_paths(
+        args.paths, args.model, args.out, args.tta, _tracking_uri(params), args.batch_size, args.workers
+    )
 
 
 def cmd_score_slide(args: argparse.Namespace) -> int:
@@ -177,8 +211,16 @@ def cmd_score_slide(args: argparse.Namespace) -> int:
 
     params = _params_or_defaults(args.params)
     cfg = params.slide if args.batch_size is None else replace(params.slide, batch_size=args.batch_size)
-    return score_slides(args.slides, args.model, Path(args.out), cfg, mpp=args.mpp, top=args.top, tta=args.tta,
-                        tracking_uri=_tracking_uri(params))
+    return score_slides(
+        args.slides,
+        args.model,
+        Path(args.out),
+        cfg,
+        mpp=args.mpp,
+        top=args.top,
+        tta=args.tta,
+        tracking_uri=_tracking_uri(params),
+    )
 
 
 def cmd_harvest(args: argparse.Namespace) -> int:
@@ -196,29 +238,45 @@ def _tracking_uri(params) -> str:
 
 
 def _add_ingest(sub) -> None:
-    p = sub.add_parser("ingest", help="validate images into a manifest",
-                       description="Validate a folder of class subfolders (or a CSV manifest with columns "
-                                   "path,class[,group]) into manifest.csv, rejects.csv and summary.json.")
+    p = sub.add_parser(
+        "ingest",
+        help="validate images into a manifest",
+        description="Validate a folder of class subfolders (or a CSV manifest with columns "
+        "path,class[,group]) into manifest.csv, rejects.csv and summary.json.",
+    )
     _add_params(p)
     p.add_argument("--source", help="image folder or CSV manifest, ingested alone (default: data.sources in params)")
     p.add_argument("--label-map", help="label map YAML (default: the first source's in data.sources)")
     group = p.add_mutually_exclusive_group()  # with --source and neither: a CSV's `group` column, else file names
     group.add_argument("--group-regex", help="regex over the file name; its first capture group is the group")
-    group.add_argument("--group-column", help="CSV manifest column that holds the group (default for a CSV "
-                                              "--source: its `group` column when it has one)")
+    group.add_argument(
+        "--group-column",
+        help="CSV manifest column that holds the group (default for a CSV "
+        "--source: its `group` column when it has one)",
+    )
     several = p.add_mutually_exclusive_group()
-    several.add_argument("--only", metavar="NAME", help="ingest only this source of data.sources (its paths and "
-                                                        "groups as in the source itself)")
-    several.add_argument("--merge", metavar="DIR", help="merge DIR/<name>/ (outputs of --only) for every source in "
-                                                        "data.sources instead of reading the images again")
+    several.add_argument(
+        "--only",
+        metavar="NAME",
+        help="ingest only this source of data.sources (its paths and groups as in the source itself)",
+    )
+    several.add_argument(
+        "--merge",
+        metavar="DIR",
+        help="merge DIR/<name>/ (outputs of --only) for every source in "
+        "data.sources instead of reading the images again",
+    )
     p.add_argument("--out", default="data/ingest", metavar="DIR", help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_ingest)
 
 
 def _add_split(sub) -> None:
-    p = sub.add_parser("split", help="grouped, stratified train/val/test split and CV folds",
-                       description="Assign whole groups to train/val/test (stratified by class, seeded) and "
-                                   "to CV folds; write split.csv and summary.json and print a count table.")
+    p = sub.add_parser(
+        "split",
+        help="grouped, stratified train/val/test split and CV folds",
+        description="Assign whole groups to train/val/test (stratified by class, seeded) and "
+        "to CV folds; write split.csv and summary.json and print a count table.",
+    )
     _add_params(p)
     p.add_argument("--manifest", default="data/ingest/manifest.csv", help="manifest from ingest (default: %(default)s)")
     p.add_argument("--seed", type=int, help="override split.seed")
@@ -228,135 +286,227 @@ def _add_split(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune the backbone (tracked in MLflow)",
-                       description="Fine-tune the configured backbone on the train split, early-stop on "
-                                   "validation AUC, checkpoint every epoch, log the run to MLflow and register "
-                                   "the best model. An unfinished run of the same config resumes automatically.")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune the backbone (tracked in MLflow)",
+        description="Fine-tune the configured backbone on the train split, early-stop on "
+        "validation AUC, checkpoint every epoch, log the run to MLflow and register "
+        "the best model. An unfinished run of the same config resumes automatically.",
+    )
     _add_params(p)
     p.add_argument("--split", default="data/split/split.csv", help="split file (default: %(default)s)")
-    p.add_argument("--manifest", default="data/ingest/manifest.csv", help="manifest, for provenance (default: %(default)s)")
+    p.add_argument(
+        "--manifest", default="data/ingest/manifest.csv", help="manifest, for provenance (default: %(default)s)"
+    )
     p.add_argument("--out", default="models/train", metavar="DIR", help="model folder (default: %(default)s)")
-    p.add_argument("--checkpoints", default="checkpoints/train", metavar="DIR",
-                   help="per-epoch checkpoints, kept outside DVC outputs (default: %(default)s)")
-    p.add_argument("--reports", default="reports/train", metavar="DIR",
-                   help="metrics.json, history.csv, curves.png (default: %(default)s)")
+    p.add_argument(
+        "--checkpoints",
+        default="checkpoints/train",
+        metavar="DIR",
+        help="per-epoch checkpoints, kept outside DVC outputs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reports",
+        default="reports/train",
+        metavar="DIR",
+        help="metrics.json, history.csv, curves.png (default: %(default)s)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the checkpoint; fail if there is none")
     mode.add_argument("--fresh", action="store_true", help="ignore any checkpoint and start afresh")
     dist = p.add_argument_group("distributed (torchrun + DistributedDataParallel; gloo on CPU, nccl on CUDA)")
-    dist.add_argument("--nproc", type=int, default=1, metavar="N",
-                      help="training processes on this node; >1 runs the command under torchrun (default: 1)")
-    dist.add_argument("--nnodes", type=int, default=1, metavar="N",
-                      help="nodes taking part; run the same command on each (default: 1)")
+    dist.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="training processes on this node; >1 runs the command under torchrun (default: 1)",
+    )
+    dist.add_argument(
+        "--nnodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="nodes taking part; run the same command on each (default: 1)",
+    )
     dist.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nnodes > 1: where the nodes meet")
     p.set_defaults(func=cmd_train)
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="calibrate + measure the model (stage), or measure any labelled folder",
+        "evaluate",
+        help="calibrate + measure the model (stage), or measure any labelled folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Stage mode (no --data): fit temperature, threshold, band and the OOD threshold on held-out "
-                    "predictions (the cv stage's out-of-fold ones with --oof, else the val split), measure the "
-                    "test split with group-bootstrap CIs, write the calibrated model folder and its model card, "
-                    "log to MLflow and promote to @champion when the promotion rule holds.\n\n"
-                    "Folder mode (--data DIR --label-map YAML): score a folder of class subfolders with an "
-                    "existing model and its own calibration; unreadable files are reported and skipped.",
+        "predictions (the cv stage's out-of-fold ones with --oof, else the val split), measure the "
+        "test split with group-bootstrap CIs, write the calibrated model folder and its model card, "
+        "log to MLflow and promote to @champion when the promotion rule holds.\n\n"
+        "Folder mode (--data DIR --label-map YAML): score a folder of class subfolders with an "
+        "existing model and its own calibration; unreadable files are reported and skipped.",
         epilog="examples:\n  cytopipe evaluate --oof reports/cv/oof.csv\n"
-               "  cytopipe evaluate --model models:/cytology-classifier@champion --data my_cases/ "
-               "--label-map configs/labels/mine.yaml --out reports/my_cases")
+        "  cytopipe evaluate --model models:/cytology-classifier@champion --data my_cases/ "
+        "--label-map configs/labels/mine.yaml --out reports/my_cases",
+    )
     _add_params(p)
-    p.add_argument("--model", help="stage mode: trained model folder (default: models/train); folder mode: MLflow "
-                                   "URI or model folder (default: models:/cytology-classifier@champion)")
+    p.add_argument(
+        "--model",
+        help="stage mode: trained model folder (default: models/train); folder mode: MLflow "
+        "URI or model folder (default: models:/cytology-classifier@champion)",
+    )
     p.add_argument("--data", metavar="DIR", help="folder mode: labelled folder of class subfolders")
     p.add_argument("--label-map", metavar="YAML", help="folder mode: label map for DIR's classes")
-    p.add_argument("--group-regex", help="folder mode: regex whose first group is an image's group (default: "
-                                         "each image is its own group)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="folder mode: 8-view test-time augmentation (default: as the model was calibrated)")
+    p.add_argument(
+        "--group-regex",
+        help="folder mode: regex whose first group is an image's group (default: each image is its own group)",
+    )
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="folder mode: 8-view test-time augmentation (default: as the model was calibrated)",
+    )
     p.add_argument("--split", default="data/split/split.csv", help="stage mode: split file (default: %(default)s)")
-    p.add_argument("--out", metavar="DIR", help="stage mode: calibrated model folder (default: models/calibrated); "
-                                               "folder mode: report folder (default: reports/evaluate-folder)")
-    p.add_argument("--reports", default="reports/evaluate", metavar="DIR",
-                   help="stage mode: metrics and plot files (default: %(default)s)")
-    p.add_argument("--oof", metavar="CSV", help="stage mode: the cv stage's out-of-fold predictions to calibrate "
-                                                "on (needed for a model trained on train+val)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="stage mode: calibrated model folder (default: models/calibrated); "
+        "folder mode: report folder (default: reports/evaluate-folder)",
+    )
+    p.add_argument(
+        "--reports",
+        default="reports/evaluate",
+        metavar="DIR",
+        help="stage mode: metrics and plot files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--oof",
+        metavar="CSV",
+        help="stage mode: the cv stage's out-of-fold predictions to calibrate "
+        "on (needed for a model trained on train+val)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
 def _add_cv(sub) -> None:
-    p = sub.add_parser("cv", help="grouped k-fold cross-validation over train+val",
-                       description="Train each CV fold (from the split stage) for cv.epochs and measure it on its "
-                                   "held-out fold; report mean ± sd of AUC and balanced accuracy.")
+    p = sub.add_parser(
+        "cv",
+        help="grouped k-fold cross-validation over train+val",
+        description="Train each CV fold (from the split stage) for cv.epochs and measure it on its "
+        "held-out fold; report mean ± sd of AUC and balanced accuracy.",
+    )
     _add_params(p)
     p.add_argument("--split", default="data/split/split.csv", help="split file with folds (default: %(default)s)")
-    p.add_argument("--reports", default="reports/cv", metavar="DIR", help="metrics.json + folds.csv (default: %(default)s)")
-    p.add_argument("--work", default="checkpoints/cv", metavar="DIR",
-                   help="per-fold models and checkpoints, resumable (default: %(default)s)")
+    p.add_argument(
+        "--reports", default="reports/cv", metavar="DIR", help="metrics.json + folds.csv (default: %(default)s)"
+    )
+    p.add_argument(
+        "--work",
+        default="checkpoints/cv",
+        metavar="DIR",
+        help="per-fold models and checkpoints, resumable (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_cv)
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export the calibrated model to ONNX and register it",
-                       description="Export the calibrated model to model.onnx + metadata.json, check on real images "
-                                   "that ONNX Runtime matches torch (export.tolerance), log it to MLflow as an "
-                                   "ONNX-backed pyfunc, register it and move the source version's aliases to it.")
+    p = sub.add_parser(
+        "export",
+        help="export the calibrated model to ONNX and register it",
+        description="Export the calibrated model to model.onnx + metadata.json, check on real images "
+        "that ONNX Runtime matches torch (export.tolerance), log it to MLflow as an "
+        "ONNX-backed pyfunc, register it and move the source version's aliases to it.",
+    )
     _add_params(p)
-    p.add_argument("--model", default="models/calibrated", metavar="DIR",
-                   help="calibrated torch model folder (default: %(default)s)")
-    p.add_argument("--split", default="data/split/split.csv", help="split file, for validation images "
-                                                                    "(default: %(default)s)")
-    p.add_argument("--out", default="models/exported", metavar="DIR", help="exported model folder (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="models/calibrated",
+        metavar="DIR",
+        help="calibrated torch model folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--split", default="data/split/split.csv", help="split file, for validation images (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out", default="models/exported", metavar="DIR", help="exported model folder (default: %(default)s)"
+    )
     p.add_argument("--reports", default="reports/export", metavar="DIR", help="metrics.json (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="score image files or folders",
-                       description="Score images (files, or folders searched recursively for jpg/png/tif/bmp). "
-                                   "Per file: path, calibrated probability of malignant, call (benign / malignant / "
-                                   "indeterminate, from the model's own threshold and band), model version, error. "
-                                   "Unreadable files are reported in their row; the rest are scored.")
+    p = sub.add_parser(
+        "predict",
+        help="score image files or folders",
+        description="Score images (files, or folders searched recursively for jpg/png/tif/bmp). "
+        "Per file: path, calibrated probability of malignant, call (benign / malignant / "
+        "indeterminate, from the model's own threshold and band), model version, error. "
+        "Unreadable files are reported in their row; the rest are scored.",
+    )
     _add_params(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="MLflow URI or model folder, e.g. models/calibrated (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="MLflow URI or model folder, e.g. models/calibrated (default: %(default)s)",
+    )
     p.add_argument("--out", metavar="FILE", help="FILE.csv or FILE.json (default: CSV on stdout)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="8-view test-time augmentation (default: as the model was calibrated)")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="8-view test-time augmentation (default: as the model was calibrated)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="batches read and scored at once, each on cores / workers ONNX Runtime threads "
-                        "(default: one per core)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="batches read and scored at once, each on cores / workers ONNX Runtime threads (default: one per core)",
+    )
     p.set_defaults(func=cmd_predict)
 
 
 def _add_score_slide(sub) -> None:
-    p = sub.add_parser("score-slide", help="score whole slides and write a reviewable report for each",
-                       description="Detect cells on a whole slide (any format OpenSlide reads, or a plain PNG/JPEG "
-                                   "field image), score each with the calibrated model, and write cells.csv, "
-                                   "summary.json, heatmap.png and a self-contained report.html into --out "
-                                   "(with several slides, into --out/<slide file stem>/). A slide that cannot be "
-                                   "read is reported and skipped; the exit status is 1 if any slide failed.")
+    p = sub.add_parser(
+        "score-slide",
+        help="score whole slides and write a reviewable report for each",
+        description="Detect cells on a whole slide (any format OpenSlide reads, or a plain PNG/JPEG "
+        "field image), score each with the calibrated model, and write cells.csv, "
+        "summary.json, heatmap.png and a self-contained report.html into --out "
+        "(with several slides, into --out/<slide file stem>/). A slide that cannot be "
+        "read is reported and skipped; the exit status is 1 if any slide failed.",
+    )
     _add_params(p)
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
     p.add_argument("--model", default=DEFAULT_MODEL, help="MLflow URI or model folder (default: %(default)s)")
-    p.add_argument("--out", default="slide-report", metavar="DIR",
-                   help="output folder; with several slides, one subfolder per slide (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="slide-report",
+        metavar="DIR",
+        help="output folder; with several slides, one subfolder per slide (default: %(default)s)",
+    )
     p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when the slide's properties lack it")
     p.add_argument("--top", type=int, help="cells in the report gallery (default: slide.gallery in params)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="8-view test-time augmentation (default: as the model was calibrated)")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="8-view test-time augmentation (default: as the model was calibrated)",
+    )
     p.add_argument("--batch-size", type=int, help="cells per inference batch (default: slide.batch_size in params)")
     p.set_defaults(func=cmd_score_slide)
 
 
 def _add_harvest(sub) -> None:
-    p = sub.add_parser("harvest", help="cut a slide's labelled cells into a class-folder dataset",
-                       description="Cut every cell labelled in the report's export (labels.csv) from SLIDE with the "
-                                   "crop recipe scoring uses (slide.crop_margin), into DIR/<label>/<slide id>-<cell "
-                                   "id>.png, and rewrite DIR/manifest.csv (path,class,group + provenance) for ingest. "
-                                   "Harvest several slides into one DIR; a slide harvested again replaces its cells.")
+    p = sub.add_parser(
+        "harvest",
+        help="cut a slide's labelled cells into a class-folder dataset",
+        description="Cut every cell labelled in the report's export (labels.csv) from SLIDE with the "
+        "crop recipe scoring uses (slide.crop_margin), into DIR/<label>/<slide id>-<cell "
+        "id>.png, and rewrite DIR/manifest.csv (path,class,group + provenance) for ingest. "
+        "Harvest several slides into one DIR; a slide harvested again replaces its cells.",
+    )
     _add_params(p)
     p.add_argument("slide", metavar="SLIDE", help="the slide that was scored")
     p.add_argument("--cells", required=True, metavar="CSV", help="score-slide's cells.csv for SLIDE")
@@ -367,8 +517,9 @@ def _add_harvest(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cytopipe", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cytopipe", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_ingest(sub)

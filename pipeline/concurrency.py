@@ -1,4 +1,5 @@
 """Bounded read-ahead: run work in a thread pool while the caller consumes results in order."""
+
 from __future__ import annotations
 
 from collections import deque

@@ -5,6 +5,7 @@ defaults: tests/unit/test_config.py holds the two equal). pipeline/typed_yaml.py
 by their fields' type hints and limits; each section's `validate()` adds the rules across fields.
 Everything is validated once, here, so stages can trust their inputs. Errors name the file and the key.
 """
+
 from __future__ import annotations
 
 import math
@@ -142,12 +143,17 @@ class DataSource(Section):
 
 
 def _herlev_sources() -> dict[str, DataSource]:
-    return {"herlev": DataSource("herlev", "../shared/data/herlev", "configs/labels/herlev_binary.yaml",
-                                 GroupRule(regex=HERLEV_GROUP_REGEX))}
+    return {
+        "herlev": DataSource(
+            "herlev", "../shared/data/herlev", "configs/labels/herlev_binary.yaml", GroupRule(regex=HERLEV_GROUP_REGEX)
+        )
+    }
 
 
-_SOURCES_FORM = ("data.sources replaces data.source, data.label_map and data.group: "
-                 "write {name: {path, label_map, group}} for each source")
+_SOURCES_FORM = (
+    "data.sources replaces data.source, data.label_map and data.group: "
+    "write {name: {path, label_map, group}} for each source"
+)
 
 
 @dataclass(frozen=True)
@@ -221,8 +227,9 @@ class SplitConfig(Section):
         if set(self.fractions) != set(SPLITS):
             raise self.invalid("fractions", f"need exactly {', '.join(SPLITS)}; got {key_names(self.fractions)}")
         # `not 0 < v <= 1` also rejects NaN (which would pass the sum test) and ints too big for a float.
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1
-               for v in self.fractions.values()):
+        if any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in self.fractions.values()
+        ):
             raise self.invalid("fractions", "every fraction must be a number in (0, 1]")
         total = sum(self.fractions.values())
         if abs(total - 1.0) > 1e-6:
@@ -286,8 +293,9 @@ class TrainConfig(Section):
         if self.augment not in PRESETS:
             raise self.invalid("augment", f"must be one of {', '.join(PRESETS)}, got {shown(self.augment)}")
         if self.fit_on == "train+val" and self.keep == "best":
-            raise self.invalid("fit_on", "train+val leaves no validation cells to pick the best epoch; "
-                                         "set train.keep: last")
+            raise self.invalid(
+                "fit_on", "train+val leaves no validation cells to pick the best epoch; set train.keep: last"
+            )
 
 
 @dataclass(frozen=True)
@@ -341,16 +349,16 @@ class CvConfig(Section):
     epochs: int = setting(0, ge=0)
 
 
-
-
 @dataclass(frozen=True)
 class SlideConfig(Section):
     """Whole-slide scoring: foreground mask, cell detection, crop recipe, slide-level rule."""
 
     KEY = "slide"
-    RETIRED_KEYS = {key: "one schedule ships (detect, then inference_workers threads each crop and score their "
-                         "tiles); the alternatives are measured by benchmarks/slide_schedules.py"
-                    for key in ("schedule", "crop_workers")}
+    RETIRED_KEYS = {
+        key: "one schedule ships (detect, then inference_workers threads each crop and score their "
+        "tiles); the alternatives are measured by benchmarks/slide_schedules.py"
+        for key in ("schedule", "crop_workers")
+    }
 
     mask_max_px: int = 2048  # the foreground mask uses the first level whose long side is <= this
     tile_px: int = setting(2048, ge=1)  # level-0 region size for detection (plus an overlap of one max cell)

@@ -5,6 +5,7 @@ RANK / WORLD_SIZE / LOCAL_RANK in its environment; `Context.from_env()` joins th
 (nccl when the process trains on CUDA, gloo on CPU). Rank 0 alone writes checkpoints, reports
 and MLflow; every rank trains.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,13 @@ class Context:
         backend = "nccl" if cuda else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")),
-                   int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), backend)
+        return cls(
+            dist.get_rank(),
+            world,
+            int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+            backend,
+        )
 
     def barrier(self) -> None:
         if self.enabled:

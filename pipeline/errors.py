@@ -4,6 +4,7 @@ The CLI catches `CytopipeError` and prints it; anything else is a bug and keeps 
 Subclasses stay where their module raises them, and keep their historical builtin base
 (ValueError / RuntimeError) so that callers catching those still work.
 """
+
 from __future__ import annotations
 
 

@@ -12,6 +12,7 @@ metadata) only if its test AUC is within `export.max_auc_drop` of the float mode
 is then logged to MLflow as a pyfunc over ONNX Runtime, registered, and takes over the source
 version's aliases, so `models:/cytology-classifier@champion` resolves to it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,9 @@ def _graph(model):
             cam = F.relu(F.conv2d(features, weight[:, :, None, None]))
             return logits, cam, pooled
 
-    has_cam = all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")) \
-        and isinstance(getattr(model, "get_classifier")(), torch.nn.Linear)
+    has_cam = all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")) and isinstance(
+        getattr(model, "get_classifier")(), torch.nn.Linear
+    )
     return (WithCam(model) if has_cam else model).eval(), has_cam
 
 
@@ -92,21 +94,33 @@ def static_same_padding(model, image_size: int):
 
     model = copy.deepcopy(model).eval()
     sizes: dict[str, list[int]] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, inp, name=name: sizes.__setitem__(name, list(inp[0].shape[-2:])))
-             for name, m in model.named_modules() if isinstance(m, Conv2dSame)]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, inp, name=name: sizes.__setitem__(name, list(inp[0].shape[-2:])))
+        for name, m in model.named_modules()
+        if isinstance(m, Conv2dSame)
+    ]
     with torch.no_grad():
         model(torch.zeros(1, 3, image_size, image_size))
     for hook in hooks:
         hook.remove()
     for name, size in sizes.items():
         same = model.get_submodule(name)
-        conv = torch.nn.Conv2d(same.in_channels, same.out_channels, same.kernel_size, same.stride, 0,
-                               same.dilation, same.groups, bias=same.bias is not None)
+        conv = torch.nn.Conv2d(
+            same.in_channels,
+            same.out_channels,
+            same.kernel_size,
+            same.stride,
+            0,
+            same.dilation,
+            same.groups,
+            bias=same.bias is not None,
+        )
         conv.load_state_dict(same.state_dict())
         pad = pad_same_arg(size, list(same.kernel_size), list(same.stride), list(same.dilation))
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                torch.nn.Sequential(torch.nn.ZeroPad2d(pad), conv))
+        setattr(
+            model.get_submodule(parent) if parent else model, child, torch.nn.Sequential(torch.nn.ZeroPad2d(pad), conv)
+        )
     return model
 
 
@@ -122,9 +136,16 @@ def export_onnx(model, path: Path, image_size: int, opset: int) -> list[str]:
     with warnings.catch_warnings():
         # The TorchScript exporter is the one that needs no onnxscript; its deprecation notice is noise here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, dummy, str(path), input_names=[INPUT_NAME], output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            graph,
+            dummy,
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+            opset_version=opset,
+            dynamo=False,
+        )
     return outputs
 
 
@@ -138,27 +159,45 @@ def compare(torch_predictor, onnx_predictor, images: list[np.ndarray]) -> float:
 def compare_ood(torch_predictor, onnx_predictor, images: list[np.ndarray]) -> dict:
     """How far ONNX Runtime's OOD scores are from torch's (single view), relative to the threshold."""
     torch_scores, onnx_scores = torch_predictor.score(images, tta=False), onnx_predictor.score(images, tta=False)
-    s_torch, in_torch, s_onnx, in_onnx = (torch_scores.ood_score, torch_scores.in_domain, onnx_scores.ood_score,
-                                          onnx_scores.in_domain)
+    s_torch, in_torch, s_onnx, in_onnx = (
+        torch_scores.ood_score,
+        torch_scores.in_domain,
+        onnx_scores.ood_score,
+        onnx_scores.in_domain,
+    )
     scale = max(abs(float(torch_predictor.ood["threshold"])), 1e-6)
-    return {"method": ood.method_of(torch_predictor.ood), "max_abs_diff": float(np.abs(s_onnx - s_torch).max()),
-            "max_rel_diff": float(np.abs(s_onnx - s_torch).max() / scale), "rtol": OOD_RTOL,
-            "in_domain_agreement": float((in_torch == in_onnx).mean())}
+    return {
+        "method": ood.method_of(torch_predictor.ood),
+        "max_abs_diff": float(np.abs(s_onnx - s_torch).max()),
+        "max_rel_diff": float(np.abs(s_onnx - s_torch).max() / scale),
+        "rtol": OOD_RTOL,
+        "in_domain_agreement": float((in_torch == in_onnx).mean()),
+    }
 
 
-def export_card(source: ModelCard, outputs: list[str], opset: int, onnx_sha: str, n_images: int,
-                cfg: ExportConfig) -> ModelCard:
+def export_card(
+    source: ModelCard, outputs: list[str], opset: int, onnx_sha: str, n_images: int, cfg: ExportConfig
+) -> ModelCard:
     """The exported folder's card: the source's, plus the ONNX facts; its files and registration are its own."""
     pre, origin = source.preprocessing, source.mlflow or {}
     export = OnnxExport(
-        onnx_file=ONNX_FILE, opset=opset, input_name=INPUT_NAME, outputs=tuple(outputs),
+        onnx_file=ONNX_FILE,
+        opset=opset,
+        input_name=INPUT_NAME,
+        outputs=tuple(outputs),
         preprocessing={**PREPROCESSING, "image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)},
-        source={"registered_model": origin.get("registered_model"), "version": origin.get("version"),
-                "run_id": origin.get("run_id"), "model_uri": origin.get("model_uri"),
-                "weights_sha256": source.sha256_of(WEIGHTS_FILE)},
-        validation={"images": n_images, "max_abs_diff": float("nan"), "tolerance": cfg.tolerance})
-    return dataclasses.replace(source, export=export, sha256={ONNX_FILE: onnx_sha}, mlflow=None,
-                               registered_version=None)
+        source={
+            "registered_model": origin.get("registered_model"),
+            "version": origin.get("version"),
+            "run_id": origin.get("run_id"),
+            "model_uri": origin.get("model_uri"),
+            "weights_sha256": source.sha256_of(WEIGHTS_FILE),
+        },
+        validation={"images": n_images, "max_abs_diff": float("nan"), "tolerance": cfg.tolerance},
+    )
+    return dataclasses.replace(
+        source, export=export, sha256={ONNX_FILE: onnx_sha}, mlflow=None, registered_version=None
+    )
 
 
 def _with_export(card: ModelCard, **changes) -> ModelCard:
@@ -169,7 +208,7 @@ class _Batches:
     """An onnxruntime CalibrationDataReader over preprocessed image batches."""
 
     def __init__(self, predictor, images: list[np.ndarray], batch: int = 16):
-        self._batches = (predictor.preprocess(images[i:i + batch]) for i in range(0, len(images), batch))
+        self._batches = (predictor.preprocess(images[i : i + batch]) for i in range(0, len(images), batch))
         self._input = INPUT_NAME
 
     def get_next(self):
@@ -191,8 +230,15 @@ def quantize_int8(fp32_path: Path, out_path: Path, predictor, images: list[np.nd
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
-        quantize_static(str(pre), str(out_path), Reader(predictor, images), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(pre),
+            str(out_path),
+            Reader(predictor, images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -211,16 +257,33 @@ def int8_decision(staging: Path, test_images: list[np.ndarray], test_y: np.ndarr
     agree = float((band.call(p32) == band.call(p8)).mean()) if fp32.calibrated else None
     drop = auc_fp32 - auc_int8
     ok = bool(np.isfinite(drop) and drop <= cfg.max_auc_drop)
-    return {"test_images": len(test_images), "test_auc_fp32": auc_fp32, "test_auc_int8": auc_int8,
-            "auc_drop": drop, "max_auc_drop": cfg.max_auc_drop, "max_abs_diff_vs_fp32": float(np.abs(p8 - p32).max()),
-            "call_agreement": agree, "served": ok, "ood_in_domain_agreement": float((in32 == in8).mean()),
-            "reason": (f"int8 served: test AUC drop {drop:.4f} <= {cfg.max_auc_drop}" if ok else
-                       f"float served: int8 test AUC drop {drop:.4f} > {cfg.max_auc_drop}")}
+    return {
+        "test_images": len(test_images),
+        "test_auc_fp32": auc_fp32,
+        "test_auc_int8": auc_int8,
+        "auc_drop": drop,
+        "max_auc_drop": cfg.max_auc_drop,
+        "max_abs_diff_vs_fp32": float(np.abs(p8 - p32).max()),
+        "call_agreement": agree,
+        "served": ok,
+        "ood_in_domain_agreement": float((in32 == in8).mean()),
+        "reason": (
+            f"int8 served: test AUC drop {drop:.4f} <= {cfg.max_auc_drop}"
+            if ok
+            else f"float served: int8 test AUC drop {drop:.4f} > {cfg.max_auc_drop}"
+        ),
+    }
 
 
-def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: ExportConfig,
-                 model=None, calibration_images: list[np.ndarray] | None = None,
-                 test_set: tuple[list[np.ndarray], np.ndarray] | None = None) -> dict:
+def export_model(
+    model_dir: Path,
+    out_dir: Path,
+    images: list[np.ndarray],
+    cfg: ExportConfig,
+    model=None,
+    calibration_images: list[np.ndarray] | None = None,
+    test_set: tuple[list[np.ndarray], np.ndarray] | None = None,
+) -> dict:
     """Export the torch model folder `model_dir` to `out_dir`, validated on `images`.
 
     `model` overrides the network that is traced (tests pass a different one to prove that
@@ -238,9 +301,12 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
         net = torch_predictor.model if model is None else model
         outputs = export_onnx(net, onnx_path, torch_predictor.card.image_size, cfg.opset)
         # Each ONNX file is listed in the card before OnnxPredictor loads it, as any load checks.
-        card = carry_guard(torch_predictor, staging,
-                           export_card(torch_predictor.card, outputs, cfg.opset, file_sha256(onnx_path), len(images),
-                                       cfg), outputs)
+        card = carry_guard(
+            torch_predictor,
+            staging,
+            export_card(torch_predictor.card, outputs, cfg.opset, file_sha256(onnx_path), len(images), cfg),
+            outputs,
+        )
         markdown = Path(model_dir) / CARD_FILE
         if markdown.is_file():  # the same model, so the same card (its version is filled in when registered)
             shutil.copyfile(markdown, staging / CARD_FILE)
@@ -248,15 +314,19 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
         onnx_predictor = OnnxPredictor(staging)
         max_diff = compare(torch_predictor, onnx_predictor, images)
         if not max_diff <= cfg.tolerance:
-            raise ExportError(f"{model_dir}: ONNX Runtime does not match torch on {len(images)} images: "
-                              f"max |dP| = {max_diff:.3g} > tolerance {cfg.tolerance:g}; nothing exported")
+            raise ExportError(
+                f"{model_dir}: ONNX Runtime does not match torch on {len(images)} images: "
+                f"max |dP| = {max_diff:.3g} > tolerance {cfg.tolerance:g}; nothing exported"
+            )
         validation = {**card.export.validation, "max_abs_diff": max_diff}
         if onnx_predictor.ood is not None:
             validation["ood"] = check = compare_ood(torch_predictor, onnx_predictor, images)
             if not check["max_rel_diff"] <= OOD_RTOL:
-                raise ExportError(f"{model_dir}: ONNX Runtime's OOD scores do not match torch's on {len(images)} "
-                                  f"images: max relative diff {check['max_rel_diff']:.3g} > {OOD_RTOL:g}; "
-                                  "nothing exported")
+                raise ExportError(
+                    f"{model_dir}: ONNX Runtime's OOD scores do not match torch's on {len(images)} "
+                    f"images: max relative diff {check['max_rel_diff']:.3g} > {OOD_RTOL:g}; "
+                    "nothing exported"
+                )
         card = _with_export(card, validation=validation)
         if cfg.quantize:
             card = add_int8(card, staging, torch_predictor, calibration_images, test_set, cfg)
@@ -268,8 +338,9 @@ def export_model(model_dir: Path, out_dir: Path, images: list[np.ndarray], cfg: 
     return card
 
 
-def add_int8(card: ModelCard, staging: Path, torch_predictor, calibration_images, test_set,
-             cfg: ExportConfig) -> ModelCard:
+def add_int8(
+    card: ModelCard, staging: Path, torch_predictor, calibration_images, test_set, cfg: ExportConfig
+) -> ModelCard:
     """Quantize the staged ONNX model and serve the int8 copy when its test AUC holds up."""
     if not calibration_images or not test_set:
         raise ExportError("export.quantize needs calibration images and a labelled test set")
@@ -277,10 +348,13 @@ def add_int8(card: ModelCard, staging: Path, torch_predictor, calibration_images
     card = card.with_file(INT8_FILE, file_sha256(staging / INT8_FILE))
     card.write(staging)
     decision = int8_decision(staging, *test_set, cfg)
-    quantization = {"method": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
-                    "file": INT8_FILE, "calibration_images": len(calibration_images), **decision}
-    return _with_export(card, quantization=quantization,
-                        **({"onnx_file": INT8_FILE} if decision["served"] else {}))
+    quantization = {
+        "method": "ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
+        "file": INT8_FILE,
+        "calibration_images": len(calibration_images),
+        **decision,
+    }
+    return _with_export(card, quantization=quantization, **({"onnx_file": INT8_FILE} if decision["served"] else {}))
 
 
 def carry_guard(torch_predictor, staging: Path, card: ModelCard, outputs: list[str]) -> ModelCard:
@@ -292,8 +366,10 @@ def carry_guard(torch_predictor, staging: Path, card: ModelCard, outputs: list[s
         print(f"warning: {torch_predictor.model_dir} has no OOD guard; the export has none either", file=sys.stderr)
         return card
     if ood.needs_features(guard) and "features" not in outputs:
-        print(f"warning: the ONNX graph has no features output; its {ood.method_of(guard)} OOD guard is dropped",
-              file=sys.stderr)
+        print(
+            f"warning: the ONNX graph has no features output; its {ood.method_of(guard)} OOD guard is dropped",
+            file=sys.stderr,
+        )
         return card
     shutil.copyfile(torch_predictor.model_dir / source.file, staging / source.file)
     return dataclasses.replace(card.with_file(source.file, file_sha256(staging / source.file)), ood=source)
@@ -310,14 +386,21 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def split_images(params: Params, split_csv: Path, parts: tuple[str, ...], n: int | None = None,
-                 ) -> tuple[list[np.ndarray], list[str]]:
+def split_images(
+    params: Params,
+    split_csv: Path,
+    parts: tuple[str, ...],
+    n: int | None = None,
+) -> tuple[list[np.ndarray], list[str]]:
     """Up to `n` readable images of the given split parts, in that order (real data, fixed order),
     and their labels."""
     split = read_table(split_csv, SPLIT_COLUMNS)
     root = params.data.root
-    ordered = [(p, lab) for part in parts
-               for p, lab in split.loc[split["split"] == part, ["path", "label"]].itertuples(index=False)]
+    ordered = [
+        (p, lab)
+        for part in parts
+        for p, lab in split.loc[split["split"] == part, ["path", "label"]].itertuples(index=False)
+    ]
     images, labels = [], []
     for rel, label in ordered:
         if n is not None and len(images) >= n:
@@ -340,23 +423,33 @@ def register(params: Params, out_dir: Path, source_card: ModelCard, input_exampl
     version's aliases (candidate, and champion when it held it) to the new version."""
     from mlflow import MlflowClient
 
-
     name = params.mlflow.registered_model
     source = source_card.mlflow or {}
     source_version = str(source.get("version") or "")
     with tracking.attached_run(params.mlflow, source.get("run_id"), "export") as run:
         card = ModelCard.read(out_dir)
         model_uri, version = run.log_model(
-            out_dir, input_example, name="onnx_model", alias=params.mlflow.alias,
-            model_metadata={"format": "onnx", "source_version": source_version,
-                            "calibration": card.calibration.to_dict() if card.calibration else None,
-                            "ood": card.ood.to_dict() if card.ood else None},
-            requirements=ONNX_REQUIREMENTS)
+            out_dir,
+            input_example,
+            name="onnx_model",
+            alias=params.mlflow.alias,
+            model_metadata={
+                "format": "onnx",
+                "source_version": source_version,
+                "calibration": card.calibration.to_dict() if card.calibration else None,
+                "ood": card.ood.to_dict() if card.ood else None,
+            },
+            requirements=ONNX_REQUIREMENTS,
+        )
         client = MlflowClient()
         served = card.export.onnx_file
-        tags = {"format": "onnx", "onnx.file": served, "source_version": source_version,
-                "onnx.sha256": card.sha256_of(served),
-                "validation.max_abs_diff": str(card.export.validation["max_abs_diff"])}
+        tags = {
+            "format": "onnx",
+            "onnx.file": served,
+            "source_version": source_version,
+            "onnx.sha256": card.sha256_of(served),
+            "validation.max_abs_diff": str(card.export.validation["max_abs_diff"]),
+        }
         if source_version:
             for key, value in client.get_model_version(name, source_version).tags.items():
                 if key.startswith(("calibration.", "promotion.", "ood.")):
@@ -373,14 +466,18 @@ def register(params: Params, out_dir: Path, source_card: ModelCard, input_exampl
             client.set_registered_model_alias(name, champion, version)
             moved.append(champion)
         run.set_tags({"export.model_version": version, "export.source_version": source_version})
-    return {"model_uri": model_uri, "version": version, "source_version": source_version, "aliases": moved,
-            "run_id": run.run_id}
+    return {
+        "model_uri": model_uri,
+        "version": version,
+        "source_version": source_version,
+        "aliases": moved,
+        "run_id": run.run_id,
+    }
 
 
 def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports_dir: Path) -> dict:
     """The stage: export + validate, register in MLflow, record the registered version on disk."""
     import time
-
 
     cfg = params.export
     images, _ = validation_images(params, split_csv, cfg.validation_images)
@@ -392,26 +489,37 @@ def run(params: Params, model_dir: Path, split_csv: Path, out_dir: Path, reports
         positive = source_card.calibration_or_default.positive_labels or params.evaluate.positive_labels
         test_set = (test_images, np.array([label in positive for label in test_labels], dtype=int))
     t = time.perf_counter()
-    card = export_model(Path(model_dir), Path(out_dir), images, cfg, calibration_images=calibration,
-                        test_set=test_set)
+    card = export_model(Path(model_dir), Path(out_dir), images, cfg, calibration_images=calibration, test_set=test_set)
     seconds = time.perf_counter() - t
     logged = register(params, Path(out_dir), source_card, input_example(params.data.root, split_csv))
-    card = dataclasses.replace(card, registered_version=logged["version"],
-                               registered_model=params.mlflow.registered_model)
+    card = dataclasses.replace(
+        card, registered_version=logged["version"], registered_model=params.mlflow.registered_model
+    )
     card.write(out_dir)
     quantization = card.export.quantization
-    metrics = {"validation_images": len(images), "max_abs_diff": card.export.validation["max_abs_diff"],
-               "tolerance": cfg.tolerance, "onnx_mb": round((Path(out_dir) / ONNX_FILE).stat().st_size / 2**20, 2),
-               "served_file": card.export.onnx_file,
-               **{f"int8_{k}": v for k, v in (quantization or {}).items()
-                  if k in ("test_auc_fp32", "test_auc_int8", "auc_drop", "max_abs_diff_vs_fp32", "call_agreement")},
-               "export_seconds": round(seconds, 1), "model_version": logged["version"],
-               "source_version": logged["source_version"], "aliases": logged["aliases"]}
+    metrics = {
+        "validation_images": len(images),
+        "max_abs_diff": card.export.validation["max_abs_diff"],
+        "tolerance": cfg.tolerance,
+        "onnx_mb": round((Path(out_dir) / ONNX_FILE).stat().st_size / 2**20, 2),
+        "served_file": card.export.onnx_file,
+        **{
+            f"int8_{k}": v
+            for k, v in (quantization or {}).items()
+            if k in ("test_auc_fp32", "test_auc_int8", "auc_drop", "max_abs_diff_vs_fp32", "call_agreement")
+        },
+        "export_seconds": round(seconds, 1),
+        "model_version": logged["version"],
+        "source_version": logged["source_version"],
+        "aliases": logged["aliases"],
+    }
     atomic.write_json(Path(reports_dir) / "metrics.json", metrics)
     if quantization:
         q = quantization
         print(f"export: int8 test AUC {q['test_auc_int8']:.4f} vs float {q['test_auc_fp32']:.4f}; {q['reason']}")
-    print(f"export: {out_dir}/{ONNX_FILE} matches torch on {len(images)} images (max |dP| "
-          f"{metrics['max_abs_diff']:.2e} <= {cfg.tolerance:g}); registered {params.mlflow.registered_model} "
-          f"v{logged['version']} (from v{logged['source_version']}) @{' @'.join(logged['aliases'])}")
+    print(
+        f"export: {out_dir}/{ONNX_FILE} matches torch on {len(images)} images (max |dP| "
+        f"{metrics['max_abs_diff']:.2e} <= {cfg.tolerance:g}); registered {params.mlflow.registered_model} "
+        f"v{logged['version']} (from v{logged['source_version']}) @{' @'.join(logged['aliases'])}"
+    )
     return {**metrics, "mlflow": logged}

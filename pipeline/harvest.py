@@ -10,6 +10,7 @@ the cells as it will meet them. The dataset is
 
 Several slides merge into one DIR; harvesting a slide again replaces that slide's cells.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,8 +97,10 @@ def match_labels(labels: pd.DataFrame, cells: pd.DataFrame, labels_path: Path | 
             continue
         x, y = _number(row["x"]), _number(row["y"])
         if x is None or y is None or abs(x - float(cell.x)) > XY_TOLERANCE or abs(y - float(cell.y)) > XY_TOLERANCE:
-            skipped.append(f"{where}: cell {row['cell_id']} is at ({row['x']}, {row['y']}) here but at "
-                           f"({cell.x}, {cell.y}) in cells.csv (another slide's labels?); skipped")
+            skipped.append(
+                f"{where}: cell {row['cell_id']} is at ({row['x']}, {row['y']}) here but at "
+                f"({cell.x}, {cell.y}) in cells.csv (another slide's labels?); skipped"
+            )
             continue
         if row["cell_id"] in kept:
             skipped.append(f"{where}: cell {row['cell_id']} labelled again; this later label is used")
@@ -114,8 +117,14 @@ def _png(rgb) -> bytes:
     return buf.getvalue()
 
 
-def harvest(slide: Path | str, cells: pd.DataFrame, labels: pd.DataFrame, margin: float, slide_id: str,
-            labels_path: Path | str = "labels.csv") -> Harvest:
+def harvest(
+    slide: Path | str,
+    cells: pd.DataFrame,
+    labels: pd.DataFrame,
+    margin: float,
+    slide_id: str,
+    labels_path: Path | str = "labels.csv",
+) -> Harvest:
     """Cut every labelled cell from `slide` as scoring does and encode it as PNG (pure: writes nothing)."""
 
     matched, skipped = match_labels(labels, cells, labels_path)
@@ -127,11 +136,20 @@ def harvest(slide: Path | str, cells: pd.DataFrame, labels: pd.DataFrame, margin
     for row, crop in zip(matched.to_dict("records"), crops):
         png = _png(crop)
         out.pngs.append(png)
-        out.rows.append({
-            "path": f"{row['label']}/{slide_id}-{row['cell_id']}.png", "class": row["label"], "group": slide_id,
-            "slide": slide_id, "cell_id": row["cell_id"], "x": row["x"], "y": row["y"],
-            "reviewer": row.get("reviewer", ""), "timestamp": row.get("timestamp", ""),
-            "sha256": hashlib.sha256(png).hexdigest()})
+        out.rows.append(
+            {
+                "path": f"{row['label']}/{slide_id}-{row['cell_id']}.png",
+                "class": row["label"],
+                "group": slide_id,
+                "slide": slide_id,
+                "cell_id": row["cell_id"],
+                "x": row["x"],
+                "y": row["y"],
+                "reviewer": row.get("reviewer", ""),
+                "timestamp": row.get("timestamp", ""),
+                "sha256": hashlib.sha256(png).hexdigest(),
+            }
+        )
     return out
 
 
@@ -141,8 +159,7 @@ def merged_manifest(existing: pd.DataFrame | None, result: Harvest) -> pd.DataFr
     if existing is None or existing.empty:
         return new
     others = existing[existing["slide"] != result.slide_id]
-    return pd.concat([others, new], ignore_index=True).sort_values(["slide", "path"], kind="stable",
-                                                                    ignore_index=True)
+    return pd.concat([others, new], ignore_index=True).sort_values(["slide", "path"], kind="stable", ignore_index=True)
 
 
 def read_manifest(out_dir: Path) -> pd.DataFrame | None:
@@ -169,8 +186,14 @@ def write_harvest(out_dir: Path | str, result: Harvest) -> pd.DataFrame:
     return manifest
 
 
-def run(slide: Path | str, cells_csv: Path | str, labels_csv: Path | str, out_dir: Path | str, margin: float,
-        slide_id: str | None = None) -> dict:
+def run(
+    slide: Path | str,
+    cells_csv: Path | str,
+    labels_csv: Path | str,
+    out_dir: Path | str,
+    margin: float,
+    slide_id: str | None = None,
+) -> dict:
     """The command: read cells and labels, harvest the slide into `out_dir`, report skipped rows."""
     sid = slide_id_of(slide, slide_id)
     cells = _read_csv(Path(cells_csv), CELL_COLUMNS, "score-slide's cells.csv")
@@ -183,7 +206,14 @@ def run(slide: Path | str, cells_csv: Path | str, labels_csv: Path | str, out_di
     manifest = write_harvest(out_dir, result)
     counts = pd.Series([r["class"] for r in result.rows], dtype=str).value_counts().sort_index()
     by_class = ", ".join(f"{n} {c}" for c, n in counts.items()) or "no cells"
-    print(f"harvest: {sid}: {len(result.rows)} cells ({by_class}), {len(result.skipped)} label rows skipped; "
-          f"{len(manifest)} cells from {manifest['slide'].nunique()} slide(s) in {Path(out_dir) / MANIFEST}")
-    return {"slide_id": sid, "cells": len(result.rows), "skipped": len(result.skipped),
-            "by_class": {str(c): int(n) for c, n in counts.items()}, "total": len(manifest)}
+    print(
+        f"harvest: {sid}: {len(result.rows)} cells ({by_class}), {len(result.skipped)} label rows skipped; "
+        f"{len(manifest)} cells from {manifest['slide'].nunique()} slide(s) in {Path(out_dir) / MANIFEST}"
+    )
+    return {
+        "slide_id": sid,
+        "cells": len(result.rows),
+        "skipped": len(result.skipped),
+        "by_class": {str(c): int(n) for c, n in counts.items()},
+        "total": len(manifest),
+    }

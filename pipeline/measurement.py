@@ -2,6 +2,7 @@
 the plot files DVC renders, and the one-line summaries the stages print. Used by the evaluate
 stage (pipeline/evaluate.py) and by measuring any labelled folder (pipeline/evaluate_folder.py).
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,8 +52,15 @@ def positive_targets(labels: list[str], positive_labels: list[str]) -> np.ndarra
     return np.array([label in positive_labels for label in labels], dtype=int)
 
 
-def measure(y: np.ndarray, p: np.ndarray, groups: list[str], classes: list[str], calibration: dict,
-            cfg: EvaluateConfig, seed: int = 0) -> dict:
+def measure(
+    y: np.ndarray,
+    p: np.ndarray,
+    groups: list[str],
+    classes: list[str],
+    calibration: dict,
+    cfg: EvaluateConfig,
+    seed: int = 0,
+) -> dict:
     """Test metrics with group-bootstrap CIs, coverage, and calls per original class."""
     if len(set(y.tolist())) < 2:
         raise EvaluationError("the evaluated cases hold one class only: AUC and sensitivity/specificity are undefined")
@@ -60,9 +68,14 @@ def measure(y: np.ndarray, p: np.ndarray, groups: list[str], classes: list[str],
     metrics = metrics_with_ci(y, p, np.asarray(groups), band.threshold, n_boot=cfg.bootstrap, seed=seed)
     calls = band.call(p)
     definite = calls != "indeterminate"
-    out = {"n": int(len(y)), "n_groups": int(len(set(groups))), "threshold": band.threshold,
-           "metrics": metrics, "coverage": float(definite.mean()),
-           "by_class": calls_by_class(np.asarray(classes), p, band.threshold, band.lower, band.upper)}
+    out = {
+        "n": int(len(y)),
+        "n_groups": int(len(set(groups))),
+        "threshold": band.threshold,
+        "metrics": metrics,
+        "coverage": float(definite.mean()),
+        "by_class": calls_by_class(np.asarray(classes), p, band.threshold, band.lower, band.upper),
+    }
     if definite.any():
         called = calls[definite] == "malignant"
         yd = y[definite]
@@ -111,6 +124,8 @@ def flat_metrics(result: dict, prefix: str) -> dict[str, float]:
 
 def summary_line(name: str, result: dict) -> str:
     m = result["metrics"]
-    parts = [f"{k} {m[k]['value']:.3f} [{m[k]['ci_low']:.3f}, {m[k]['ci_high']:.3f}]"
-             for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")]
+    parts = [
+        f"{k} {m[k]['value']:.3f} [{m[k]['ci_low']:.3f}, {m[k]['ci_high']:.3f}]"
+        for k in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
+    ]
     return f"{name}: n={result['n']}  " + "  ".join(parts) + f"  coverage {result['coverage']:.3f}"

@@ -4,6 +4,7 @@ All metrics are computed from per-cell weights so that a bootstrap resample (a
 multiset of groups) is just an integer weight vector: every resample is scored
 in one vectorised pass instead of re-running sklearn 1000 times.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,8 +101,9 @@ def reliability_curve(y, p, n_bins: int = 10) -> list[dict[str, Any]]:
     return out
 
 
-def _weighted_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray,
-                      n_bins: int = 10) -> dict[str, np.ndarray]:
+def _weighted_metrics(
+    y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray, n_bins: int = 10
+) -> dict[str, np.ndarray]:
     """Metrics for each row of integer weights w (B, N); row = one (re)sample."""
     w = np.asarray(w, dtype=float)
     pos = (y == 1).astype(float)
@@ -178,8 +180,9 @@ def _nan_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
-def group_bootstrap_ci(y, p, groups, threshold: float, n_boot: int = 1000, seed: int = 0,
-                       alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+def group_bootstrap_ci(
+    y, p, groups, threshold: float, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
     """Percentile CIs from resampling whole groups with replacement.
 
     Resample r takes groups ``sorted_unique_groups[idx[r]]`` with
@@ -209,22 +212,22 @@ def group_bootstrap_ci(y, p, groups, threshold: float, n_boot: int = 1000, seed:
     block = max(1, _MAX_BLOCK_ELEMENTS // y.size)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in METRIC_NAMES}
     for start in range(0, n_boot, block):
-        w = counts[start:start + block][:, gidx]
+        w = counts[start : start + block][:, gidx]
         m = _weighted_metrics(y, p, threshold, w)
         for k in METRIC_NAMES:
             parts[k].append(m[k])
     return {k: _nan_interval(np.concatenate(parts[k]), alpha) for k in METRIC_NAMES}
 
 
-def metrics_with_ci(y, p, groups, threshold: float, n_boot: int = 1000,
-                    seed: int = 0) -> dict[str, dict[str, float]]:
+def metrics_with_ci(y, p, groups, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
     point = binary_metrics(y, p, threshold)
     ci = group_bootstrap_ci(y, p, groups, threshold, n_boot=n_boot, seed=seed)
     return {k: {"value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1]} for k in METRIC_NAMES}
 
 
-def calls_by_class(original_class, p, threshold: float, lower: float | None = None,
-                   upper: float | None = None) -> list[dict[str, Any]]:
+def calls_by_class(
+    original_class, p, threshold: float, lower: float | None = None, upper: float | None = None
+) -> list[dict[str, Any]]:
     cls = np.asarray(original_class).astype(str).ravel()
     p = np.asarray(p, dtype=float).ravel()
     if cls.shape != p.shape:

@@ -9,6 +9,7 @@ version; inference reads it. Everyone does so through `ModelCard` (frozen: a sta
 
 Nothing here imports torch, ONNX Runtime or another pipeline module but `atomic` and `errors`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -258,8 +259,9 @@ class ModelCard:
             raise ModelDirError(f"{model_dir}: {name} missing")
         expected = self.sha256.get(name) or ("missing" if required else None)
         if expected and file_sha256(path) != expected:
-            raise ModelDirError(f"{path}: sha256 does not match {card_file(model_dir)}; "
-                                "the file was changed or corrupted")
+            raise ModelDirError(
+                f"{path}: sha256 does not match {card_file(model_dir)}; the file was changed or corrupted"
+            )
         return path
 
 
@@ -273,9 +275,24 @@ _PREPROCESSING_KEYS = ("image_size", "mean", "std", "interpolation", "resize")
 _EXPORT_KEYS = ("onnx_file", "opset", "input_name", "outputs", "preprocessing", "source", "validation", "quantization")
 _EXPORT_COPIES = ("format", "temperature", "threshold", "indeterminate_band")
 _OOD_KNOWN = ("file", "method", "threshold", "pass_rate", "val_pass_rate", "feature_dim", "test_pass_rate")
-_PLAIN_FIELDS = ("positive_label", "label_map", "label_map_classes", "best_epoch", "fit_on", "keep", "val_metrics",
-                 "config_hash", "split_sha256", "init_from", "training", "test_metrics", "card", "mlflow",
-                 "registered_version", "registered_model")
+_PLAIN_FIELDS = (
+    "positive_label",
+    "label_map",
+    "label_map_classes",
+    "best_epoch",
+    "fit_on",
+    "keep",
+    "val_metrics",
+    "config_hash",
+    "split_sha256",
+    "init_from",
+    "training",
+    "test_metrics",
+    "card",
+    "mlflow",
+    "registered_version",
+    "registered_model",
+)
 
 
 def _calibration_from(raw: dict) -> Calibration:
@@ -290,15 +307,22 @@ def _calibration_from(raw: dict) -> Calibration:
 
 
 def _ood_from(raw: dict) -> OodGuard:
-    return OodGuard(file=raw.get("file") or OOD_FILE, method=raw.get("method") or "mahalanobis",
-                    threshold=float(raw["threshold"]),
-                    **{k: raw.get(k) for k in _OOD_KNOWN[3:]},
-                    settings={k: v for k, v in raw.items() if k not in _OOD_KNOWN})
+    return OodGuard(
+        file=raw.get("file") or OOD_FILE,
+        method=raw.get("method") or "mahalanobis",
+        threshold=float(raw["threshold"]),
+        **{k: raw.get(k) for k in _OOD_KNOWN[3:]},
+        settings={k: v for k, v in raw.items() if k not in _OOD_KNOWN},
+    )
 
 
 def _card_from_dict(raw: dict, exported: bool | None) -> ModelCard:
-    pre = Preprocessing(image_size=int(raw["image_size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-                        **{k: raw[k] for k in ("interpolation", "resize") if k in raw})
+    pre = Preprocessing(
+        image_size=int(raw["image_size"]),
+        mean=tuple(raw["mean"]),
+        std=tuple(raw["std"]),
+        **{k: raw[k] for k in ("interpolation", "resize") if k in raw},
+    )
     if exported is None:
         exported = raw.get("format") == "onnx" or "onnx_file" in raw
     export = None
@@ -311,11 +335,16 @@ def _card_from_dict(raw: dict, exported: bool | None) -> ModelCard:
     if exported:
         taken |= {*_EXPORT_KEYS, *_EXPORT_COPIES}
     return ModelCard(
-        arch=raw["arch"], labels=tuple(raw["labels"]), preprocessing=pre, sha256=dict(raw.get("sha256") or {}),
+        arch=raw["arch"],
+        labels=tuple(raw["labels"]),
+        preprocessing=pre,
+        sha256=dict(raw.get("sha256") or {}),
         calibration=_calibration_from(raw["calibration"]) if raw.get("calibration") else None,
-        ood=_ood_from(raw["ood"]) if raw.get("ood") else None, export=export,
+        ood=_ood_from(raw["ood"]) if raw.get("ood") else None,
+        export=export,
         unknown={k: v for k, v in raw.items() if k not in taken},
-        **{k: raw[k] for k in _PLAIN_FIELDS if k in raw})
+        **{k: raw[k] for k in _PLAIN_FIELDS if k in raw},
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -337,8 +366,12 @@ def _ood_dict(guard: OodGuard) -> dict:
 
 
 def _card_to_dict(card: ModelCard) -> dict:
-    out: dict[str, Any] = {"arch": card.arch, "labels": list(card.labels), "positive_label": card.positive_label,
-                           **dataclasses.asdict(card.preprocessing)}
+    out: dict[str, Any] = {
+        "arch": card.arch,
+        "labels": list(card.labels),
+        "positive_label": card.positive_label,
+        **dataclasses.asdict(card.preprocessing),
+    }
     for name in _PLAIN_FIELDS[1:]:
         value = getattr(card, name)
         if value is not None or name in ("init_from",):
@@ -349,10 +382,15 @@ def _card_to_dict(card: ModelCard) -> dict:
         out["ood"] = _ood_dict(card.ood)
     if card.export is not None:
         cal = card.calibration_or_default
-        out.update({"format": "onnx", **dataclasses.asdict(card.export),
-                    "temperature": card.calibration.temperature if card.calibration else None,
-                    "threshold": card.calibration.threshold if card.calibration else None,
-                    "indeterminate_band": list(cal.band) if card.calibration and cal.band is not None else None})
+        out.update(
+            {
+                "format": "onnx",
+                **dataclasses.asdict(card.export),
+                "temperature": card.calibration.temperature if card.calibration else None,
+                "threshold": card.calibration.threshold if card.calibration else None,
+                "indeterminate_band": list(cal.band) if card.calibration and cal.band is not None else None,
+            }
+        )
     out["sha256"] = dict(card.sha256)
     out.update(card.unknown)
     return _plain(out)

@@ -17,6 +17,7 @@ Methods:
 Parameters are a flat dict of numpy arrays (strings as 0-d unicode arrays), saved as an .npz
 that loads with allow_pickle=False.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,12 +58,28 @@ def fit_configured(features, labels, cfg) -> dict:
     The one place the cv stage (a guard per fold) and the evaluate stage (the shipped guard) fit a guard,
     so the out-of-fold OOD scores come from the same kind of guard as the one that ships."""
     n = len(np.asarray(labels).ravel())
-    return fit(features, labels, cfg.method, k=min(cfg.k, n), shrinkage=cfg.shrinkage, pca_dim=cfg.pca_dim,
-               normalize=cfg.normalize)
+    return fit(
+        features,
+        labels,
+        cfg.method,
+        k=min(cfg.k, n),
+        shrinkage=cfg.shrinkage,
+        pca_dim=cfg.pca_dim,
+        normalize=cfg.normalize,
+    )
 
 
-def fit(features, labels, method: str = "mahalanobis", *, k: int = 5, shrinkage: float = 0.1,
-        pca_dim: int = 0, normalize: bool = False, logits=None) -> dict:
+def fit(
+    features,
+    labels,
+    method: str = "mahalanobis",
+    *,
+    k: int = 5,
+    shrinkage: float = 0.1,
+    pca_dim: int = 0,
+    normalize: bool = False,
+    logits=None,
+) -> dict:
     """OOD parameters from training features (N, D) and integer labels (N,).
 
     `logits` is unused by every method (energy needs nothing fitted); it is accepted so that
@@ -100,10 +117,15 @@ def fit(features, labels, method: str = "mahalanobis", *, k: int = 5, shrinkage:
     # Shrink towards a scaled identity: with fewer cells than dimensions the covariance is singular.
     target = np.trace(cov) / cov.shape[0] if cov.shape[0] else 1.0
     cov = (1 - shrinkage) * cov + shrinkage * max(target, 1e-12) * np.eye(cov.shape[0])
-    params.update(center=center.astype(np.float32), basis=basis.astype(np.float32),
-                  means=means.astype(np.float32), precision=np.linalg.inv(cov).astype(np.float32),
-                  shrinkage=np.array(float(shrinkage)), pca_dim=np.array(int(pca_dim)),
-                  normalize=np.array(bool(normalize)))
+    params.update(
+        center=center.astype(np.float32),
+        basis=basis.astype(np.float32),
+        means=means.astype(np.float32),
+        precision=np.linalg.inv(cov).astype(np.float32),
+        shrinkage=np.array(float(shrinkage)),
+        pca_dim=np.array(int(pca_dim)),
+        normalize=np.array(bool(normalize)),
+    )
     return params
 
 
@@ -128,8 +150,9 @@ def score(params: dict, features=None, logits=None) -> np.ndarray:
         raise OodError(f"{method} OOD score needs features")
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != int(params["feature_dim"]):
-        raise OodError(f"features have shape {x.shape}; the OOD guard was fitted on dimension "
-                       f"{int(params['feature_dim'])}")
+        raise OodError(
+            f"features have shape {x.shape}; the OOD guard was fitted on dimension {int(params['feature_dim'])}"
+        )
     if len(x) == 0:
         return np.zeros(0)
     if method == "knn":
@@ -201,8 +224,12 @@ def set_threshold(params: dict, val_scores, pass_rate: float) -> dict:
         raise OodError("no finite validation OOD scores to set the threshold on")
     # 'higher' quantile: the threshold is an observed score, so >= pass_rate of val passes.
     threshold = float(np.quantile(s, pass_rate, method="higher"))
-    return {**params, "threshold": np.array(threshold), "pass_rate": np.array(float(pass_rate)),
-            "val_pass_rate": np.array(float((s <= threshold).mean()))}
+    return {
+        **params,
+        "threshold": np.array(threshold),
+        "pass_rate": np.array(float(pass_rate)),
+        "val_pass_rate": np.array(float((s <= threshold).mean())),
+    }
 
 
 def in_domain(params: dict | None, scores) -> np.ndarray:
@@ -215,10 +242,13 @@ def in_domain(params: dict | None, scores) -> np.ndarray:
 
 def summary(params: dict) -> dict:
     """The JSON-able description stored in model.json / metadata.json and MLflow."""
-    out = {"method": method_of(params), "threshold": float(params["threshold"]),
-           "pass_rate": float(params["pass_rate"]) if "pass_rate" in params else None,
-           "val_pass_rate": float(params["val_pass_rate"]) if "val_pass_rate" in params else None,
-           "feature_dim": int(params["feature_dim"]) if "feature_dim" in params else None}
+    out = {
+        "method": method_of(params),
+        "threshold": float(params["threshold"]),
+        "pass_rate": float(params["pass_rate"]) if "pass_rate" in params else None,
+        "val_pass_rate": float(params["val_pass_rate"]) if "val_pass_rate" in params else None,
+        "feature_dim": int(params["feature_dim"]) if "feature_dim" in params else None,
+    }
     for key in ("k", "shrinkage", "pca_dim", "normalize"):
         if key in params:
             out[key] = params[key].item()

@@ -10,6 +10,7 @@ whose true sensitivity is 0.95 shows a test sensitivity under 0.95 about half th
 minimum at the target would be a coin flip. `rejection_rates` simulates how often the rule refuses
 a model of a given true AUC (benchmarks/promotion_rule.py prints the table the README quotes).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,12 +46,15 @@ def decide(evidence: Evidence, cfg: PromotionConfig) -> tuple[bool, str]:
         failures.append(f"test sensitivity {evidence.test_sensitivity:.4f} < {cfg.min_sensitivity}")
     if failures:
         return False, "not promoted: " + "; ".join(failures)
-    return True, (f"promoted: {evidence.heldout_source} AUC {evidence.heldout_auc:.4f} (lower 95% bound "
-                  f"{low:.4f} >= {cfg.min_oof_auc_ci_low}), test AUC {evidence.test_auc:.4f} >= {cfg.min_auc}, "
-                  f"test sensitivity {evidence.test_sensitivity:.4f} >= {cfg.min_sensitivity}")
+    return True, (
+        f"promoted: {evidence.heldout_source} AUC {evidence.heldout_auc:.4f} (lower 95% bound "
+        f"{low:.4f} >= {cfg.min_oof_auc_ci_low}), test AUC {evidence.test_auc:.4f} >= {cfg.min_auc}, "
+        f"test sensitivity {evidence.test_sensitivity:.4f} >= {cfg.min_sensitivity}"
+    )
 
 
 # ---------------------------------------------------------------- error rates by simulation
+
 
 def _auc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Row-wise Mann-Whitney AUC of (R, n_neg) vs (R, n_pos) scores (continuous: no ties)."""
@@ -66,9 +70,16 @@ def _hanley_mcneil_se(auc: np.ndarray, n_neg: float, n_pos: float) -> np.ndarray
     return np.sqrt(np.maximum(var, 0))
 
 
-def rejection_rates(true_auc: float, cfg: PromotionConfig, n_oof: tuple[int, int], n_test: tuple[int, int],
-                    target_sensitivity: float = 0.95, design_effect: float = 1.0, n_sim: int = 2000,
-                    seed: int = 0) -> dict:
+def rejection_rates(
+    true_auc: float,
+    cfg: PromotionConfig,
+    n_oof: tuple[int, int],
+    n_test: tuple[int, int],
+    target_sensitivity: float = 0.95,
+    design_effect: float = 1.0,
+    n_sim: int = 2000,
+    seed: int = 0,
+) -> dict:
     """How often the rule refuses a model whose true AUC is `true_auc` (binormal, equal variances).
 
     n_oof / n_test: (benign, malignant) counts, each at least 1. Each simulated run draws OOF scores, fits the
@@ -95,6 +106,12 @@ def rejection_rates(true_auc: float, cfg: PromotionConfig, n_oof: tuple[int, int
     fail_oof = low < cfg.min_oof_auc_ci_low
     fail_auc = test_auc < cfg.min_auc
     fail_sens = test_sens < cfg.min_sensitivity
-    return {"true_auc": true_auc, "reject": float((fail_oof | fail_auc | fail_sens).mean()),
-            "reject_oof_bound": float(fail_oof.mean()), "reject_test_auc": float(fail_auc.mean()),
-            "reject_test_sensitivity": float(fail_sens.mean()), "n_sim": n_sim, "design_effect": design_effect}
+    return {
+        "true_auc": true_auc,
+        "reject": float((fail_oof | fail_auc | fail_sens).mean()),
+        "reject_oof_bound": float(fail_oof.mean()),
+        "reject_test_auc": float(fail_auc.mean()),
+        "reject_test_sensitivity": float(fail_sens.mean()),
+        "n_sim": n_sim,
+        "design_effect": design_effect,
+    }

@@ -4,6 +4,7 @@ runs:/...) or a local model folder; pinning an alias to the version it names now
 Below inference and training alike (models/init_from.py fine-tunes from a registered model); it
 imports MLflow only when a URI needs it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,10 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     if not model.startswith(MLFLOW_SCHEMES):
         if is_model_dir(path):
             return path
-        raise ModelDirError(f"{model}: not a model folder ({META_FILE} or {ONNX_META_FILE} missing) and not an MLflow URI "
-                            f"(models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH)")
+        raise ModelDirError(
+            f"{model}: not a model folder ({META_FILE} or {ONNX_META_FILE} missing) and not an MLflow URI "
+            f"(models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH)"
+        )
     import mlflow
 
     if tracking_uri:
@@ -32,13 +35,16 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
     except Exception as exc:  # MLflow raises several types for a missing model/alias/run
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelDirError(f"{model}: cannot load from MLflow at {mlflow.get_tracking_uri()} ({first}). "
-                            "Train one with `make run` (or `cytopipe train`) first") from None
+        raise ModelDirError(
+            f"{model}: cannot load from MLflow at {mlflow.get_tracking_uri()} ({first}). "
+            "Train one with `make run` (or `cytopipe train`) first"
+        ) from None
     # An exported (ONNX) model first: a folder may hold both.
     found = sorted(local.rglob(ONNX_META_FILE)) or sorted(local.rglob(META_FILE))
     if not found:
-        raise ModelDirError(f"{model}: the MLflow model holds no {META_FILE} or {ONNX_META_FILE}; "
-                            "it was not logged by cytopipe")
+        raise ModelDirError(
+            f"{model}: the MLflow model holds no {META_FILE} or {ONNX_META_FILE}; it was not logged by cytopipe"
+        )
     return found[0].parent
 
 
@@ -48,9 +54,11 @@ def model_error_message(model: str, exc: Exception) -> str:
         return message
     # resolve_model_dir's generic hint names only training; the alias also needs evaluate + promotion.
     cause = message.partition(". Train one with")[0]
-    return (f"{cause}. No @champion model yet: train and evaluate one with `make run` (promotion sets "
-            "@champion only when the model meets the promotion minimums in params.yaml), "
-            "or pass --model models/calibrated")
+    return (
+        f"{cause}. No @champion model yet: train and evaluate one with `make run` (promotion sets "
+        "@champion only when the model meets the promotion minimums in params.yaml), "
+        "or pass --model models/calibrated"
+    )
 
 
 def pin_registered(model: str, tracking_uri: str | None) -> tuple[str, str | None]:
@@ -61,7 +69,7 @@ def pin_registered(model: str, tracking_uri: str | None) -> tuple[str, str | Non
     """
     if not model.startswith("models:/"):
         return model, None
-    ref = model[len("models:/"):].rstrip("/")
+    ref = model[len("models:/") :].rstrip("/")
     if "@" in ref:
         name, alias = ref.split("@", 1)
         if not name or not alias or "/" in alias:

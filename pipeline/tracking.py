@@ -4,6 +4,7 @@ Default store: embedded `sqlite:///mlflow.db` in the project root, artifacts in 
 beside it. `MLFLOW_TRACKING_URI` (or `mlflow.tracking_uri` in params) points elsewhere,
 e.g. at a tracking server.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,7 @@ def tracking_uri(config: MlflowConfig) -> str:
 def _artifact_root(uri: str) -> str | None:
     """For a local sqlite store, artifacts go to mlartifacts/ beside the database file."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.resolve().parent / "mlartifacts").as_uri()
     return None  # a server decides
 
@@ -58,7 +59,7 @@ def _store_lock(uri: str) -> Iterator[None]:
         return
     import fcntl
 
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -81,7 +82,7 @@ def setup(config: MlflowConfig) -> str:
             return experiment.experiment_id
         location = _artifact_root(uri)
         if location:
-            root = Path(location[len("file://"):])
+            root = Path(location[len("file://") :])
             location = (root / config.experiment).as_uri()
         return mlflow.create_experiment(config.experiment, artifact_location=location)
 
@@ -151,8 +152,14 @@ def mark_stale_runs(experiment_id: str, run_ids: list[str], status: str = "KILLE
 class Run:
     """A training run: params, per-epoch metrics, tags, artifacts, then the model."""
 
-    def __init__(self, config: MlflowConfig, run_name: str | None = None, run_id: str | None = None,
-                 nested: bool = False, tags: dict | None = None):
+    def __init__(
+        self,
+        config: MlflowConfig,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        nested: bool = False,
+        tags: dict | None = None,
+    ):
         import mlflow
 
         self.mlflow = mlflow
@@ -168,7 +175,7 @@ class Run:
         flat = flatten(params)
         items = list(flat.items())
         for start in range(0, len(items), 100):  # MLflow's batch limit
-            self.mlflow.log_params(dict(items[start:start + 100]))
+            self.mlflow.log_params(dict(items[start : start + 100]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
@@ -191,12 +198,12 @@ class Run:
         with tempfile.TemporaryDirectory(prefix="cytopipe-log-") as tmp:
             staged = Path(tmp) / "model_dir"
             shutil.copytree(model_dir, staged)
-            dataclasses.replace(ModelCard.read(staged), registered_version=version).write(staged,
-                                                                                         card_file(staged))
+            dataclasses.replace(ModelCard.read(staged), registered_version=version).write(staged, card_file(staged))
             markdown = staged / card_markdown.CARD_FILE
             if markdown.is_file():  # the logged card names the version it is registered as
-                markdown.write_text(card_markdown.set_version(markdown.read_text(encoding="utf-8"), version),
-                                    encoding="utf-8")
+                markdown.write_text(
+                    card_markdown.set_version(markdown.read_text(encoding="utf-8"), version), encoding="utf-8"
+                )
             output_example = pyfunc_module.predict_frame(open_predictor(staged), input_example)
             return self.mlflow.pyfunc.log_model(
                 name=name,
@@ -210,9 +217,15 @@ class Run:
                 pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in requirements],
             )
 
-    def log_model(self, model_dir: Path, input_example, name: str = MODEL_ARTIFACT,
-                  model_metadata: dict | None = None, alias: str | None = None,
-                  requirements: tuple[str, ...] = REQUIREMENTS) -> tuple[str, str]:
+    def log_model(
+        self,
+        model_dir: Path,
+        input_example,
+        name: str = MODEL_ARTIFACT,
+        model_metadata: dict | None = None,
+        alias: str | None = None,
+        requirements: tuple[str, ...] = REQUIREMENTS,
+    ) -> tuple[str, str]:
         """Log the model dir as a pyfunc (code, not pickle), register it and set the alias.
 
         The logged copy's metadata records the version it is registered as, so a served model
@@ -236,8 +249,9 @@ class Run:
         client.set_model_version_tag(registered, version, "run_id", self.run_id)
         facts = ModelCard.read(model_dir).card
         if facts:  # the registry UI shows the model card's summary as the version's description
-            client.update_model_version(registered, version,
-                                        description=card_markdown.summary_markdown(facts, registered, version))
+            client.update_model_version(
+                registered, version, description=card_markdown.summary_markdown(facts, registered, version)
+            )
         return info.model_uri, version
 
     def end(self, status: str = "FINISHED") -> None:
@@ -247,8 +261,9 @@ class Run:
 class TrainingTracker:
     """Connects `pipeline.train.fit` to an MLflow run (created when training starts)."""
 
-    def __init__(self, config: MlflowConfig, inputs: dict[str, Path], nested: bool = False,
-                 run_name: str | None = None):
+    def __init__(
+        self, config: MlflowConfig, inputs: dict[str, Path], nested: bool = False, run_name: str | None = None
+    ):
         self.config = config
         self.inputs = inputs
         self.nested = nested
@@ -259,8 +274,9 @@ class TrainingTracker:
     def run_id(self) -> str | None:
         return self.run.run_id if self.run else None
 
-    def start(self, params: dict, split_sha: str, config_hash: str, state: dict | None,
-              stale_run_id: str | None = None) -> None:
+    def start(
+        self, params: dict, split_sha: str, config_hash: str, state: dict | None, stale_run_id: str | None = None
+    ) -> None:
         """Open the run. `stale_run_id`: the run that last wrote the checkpoint folder; if it is
         still RUNNING, its process died (the folder lock proves it) and it is marked KILLED."""
         self.run = Run(self.config, run_name=self.run_name, nested=self.nested)
@@ -312,9 +328,19 @@ def attached_run(config: MlflowConfig, run_id: str | None, fallback_name: str) -
     run.end("FINISHED")
 
 
-def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Path, input_example,
-                   metrics: dict[str, float], artifacts: list[Path], calibration: dict,
-                   promote: bool, reason: str, champion_alias: str, ood: dict | None = None) -> dict:
+def log_evaluation(
+    config: MlflowConfig,
+    train_run_id: str | None,
+    model_dir: Path,
+    input_example,
+    metrics: dict[str, float],
+    artifacts: list[Path],
+    calibration: dict,
+    promote: bool,
+    reason: str,
+    champion_alias: str,
+    ood: dict | None = None,
+) -> dict:
     """Add test metrics and evaluation files to the training run, register the calibrated model
     (calibration in its metadata) as `candidate`, and give it `champion_alias` if `promote`."""
     import math
@@ -334,8 +360,13 @@ def log_evaluation(config: MlflowConfig, train_run_id: str | None, model_dir: Pa
                 client.set_model_version_tag(name, version, f"ood.{key}", str(ood.get(key)))
         client.set_model_version_tag(name, version, "promotion.decision", "promoted" if promote else "not promoted")
         client.set_model_version_tag(name, version, "promotion.reason", reason)
-        run.set_tags({"promotion.decision": "promoted" if promote else "not promoted", "promotion.reason": reason,
-                      "promotion.model_version": version})
+        run.set_tags(
+            {
+                "promotion.decision": "promoted" if promote else "not promoted",
+                "promotion.reason": reason,
+                "promotion.model_version": version,
+            }
+        )
         if promote:
             client.set_registered_model_alias(name, champion_alias, version)
     return {"run_id": run.run_id, "model_uri": model_uri, "version": version, "promoted": promote}

@@ -3,6 +3,7 @@
 `fit()` is the pure entry point; `run()` adds MLflow tracking and the stage's files.
 Randomness is keyed by (seed, epoch): a resumed run reproduces an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,6 +56,7 @@ class FitResult:
 
 # ---------------------------------------------------------------- helpers
 
+
 def config_hash(params: Params, split_sha: str, world_size: int = 1, init_sha: str | None = None) -> str:
     """What makes two runs the same run (threads/workers/device change speed, not results;
     the number of processes changes the batches each BatchNorm sees)."""
@@ -80,8 +82,9 @@ def positive_index(labels: tuple[str, ...]) -> int | None:
     return 1 if len(labels) == 2 else None
 
 
-def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: tuple[str, ...],
-                           positive_labels: list[str] | None = None) -> dict:
+def classification_metrics(
+    probs: np.ndarray, targets: np.ndarray, labels: tuple[str, ...], positive_labels: list[str] | None = None
+) -> dict:
     """Validation AUC and balanced accuracy.
 
     The AUC is the clinical one, P(malignant) = summed probability of `positive_labels`, whenever
@@ -148,15 +151,25 @@ def _device(name: str):
 
 # ---------------------------------------------------------------- loops
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, channels_last: bool, desc: str,
-                    progress: bool = True, frozen: tuple = ()):
+
+def train_one_epoch(
+    model,
+    loader,
+    criterion,
+    optimizer,
+    scheduler,
+    device,
+    channels_last: bool,
+    desc: str,
+    progress: bool = True,
+    frozen: tuple = (),
+):
     """One pass over `loader`; returns (mean loss, images/s). Raises TrainingError on a non-finite loss.
 
     `frozen` modules (train.freeze_blocks) stay in eval mode so their BatchNorm statistics do not move.
     """
     import torch
     from tqdm import tqdm
-
 
     model.train()
     keep_frozen_eval(frozen)
@@ -168,8 +181,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, chan
             x = x.contiguous(memory_format=torch.channels_last)
         loss = criterion(model(x), y)
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at {desc}, batch {step}; "
-                                "the last good checkpoint is kept. Lower train.lr or check the data")
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at {desc}, batch {step}; "
+                "the last good checkpoint is kept. Lower train.lr or check the data"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,10 +216,12 @@ def evaluate(model, loader, criterion, device, channels_last: bool):
 
 # ---------------------------------------------------------------- builders
 
+
 @dataclass(frozen=True)
 class ModelStart:
     """How the model's weights start: the normalisation they expect and, with model.init_from,
     the registered model they came from (None: ImageNet weights or a random init)."""
+
     mean: tuple[float, ...]
     std: tuple[float, ...]
     init: dict | None
@@ -213,7 +230,8 @@ class ModelStart:
 @dataclass(frozen=True)
 class EpochPlan:
     """How the train images divide into steps and epochs, per process."""
-    rank_batch: int       # images per process and step (train.batch_size is the global batch)
+
+    rank_batch: int  # images per process and step (train.batch_size is the global batch)
     drop_last: bool
     steps_per_epoch: int
     epochs: int
@@ -222,12 +240,13 @@ class EpochPlan:
 @dataclass
 class TrainingParts:
     """What every epoch uses, built once by _fit."""
-    model: object         # the bare model: what is checkpointed and saved
-    net: object           # what trains: the model, or its DistributedDataParallel wrapper
-    frozen: tuple         # modules kept in eval mode (train.freeze_blocks)
+
+    model: object  # the bare model: what is checkpointed and saved
+    net: object  # what trains: the model, or its DistributedDataParallel wrapper
+    frozen: tuple  # modules kept in eval mode (train.freeze_blocks)
     train_ds: object
     val_loader: object
-    counts: np.ndarray    # train images per class
+    counts: np.ndarray  # train images per class
     criterion: object
     optimizer: object
     scheduler: object
@@ -238,8 +257,9 @@ def check_processes(cfg, dist) -> None:
     if dist.enabled and cfg.balance == "sampler":
         raise TrainingError("train.balance: sampler is not supported with several processes; use class_weights")
     if cfg.batch_size % dist.world_size:
-        raise TrainingError(f"train.batch_size {cfg.batch_size} must divide by the {dist.world_size} processes "
-                            "(it is the global batch)")
+        raise TrainingError(
+            f"train.batch_size {cfg.batch_size} must divide by the {dist.world_size} processes (it is the global batch)"
+        )
 
 
 def seed_process(cfg, dist) -> None:
@@ -258,8 +278,9 @@ def load_split(params: Params, split_csv: Path):
     split_sha = file_sha256(Path(split_csv))
     fit_splits = ["train", "val"] if cfg.fit_on == "train+val" else ["train"]
     train_rows = _cap(split[split["split"].isin(fit_splits)], cfg.max_images, cfg.seed)
-    val_rows = _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed) if cfg.fit_on == "train" \
-        else split.iloc[:0]
+    val_rows = (
+        _cap(split[split["split"] == "val"], cfg.max_images, cfg.seed) if cfg.fit_on == "train" else split.iloc[:0]
+    )
     return train_rows, val_rows, split_sha
 
 
@@ -270,7 +291,6 @@ def build_model(params: Params, labels: tuple[str, ...], warn):
     model = backbones.build_model(mcfg.arch, len(labels), None if mcfg.init_from else mcfg.weights, mcfg.drop_rate)
     init = None
     if mcfg.init_from:  # fine-tune a registered model (e.g. @champion on a new specimen) instead of ImageNet's
-
         init = init_from_model(model, mcfg.init_from, mcfg.arch, labels, tracking_uri(params.mlflow), warn)
         mean, std = tuple(init.pop("mean")), tuple(init.pop("std"))  # what its weights were trained with
     else:
@@ -281,8 +301,9 @@ def build_model(params: Params, labels: tuple[str, ...], warn):
 def build_datasets(params: Params, train_rows, val_rows, labels: tuple[str, ...], start: ModelStart):
 
     cfg, root, size = params.train, params.data.root, params.model.image_size
-    train_ds = CellDataset.from_frame(train_rows, root, labels, size, cfg.augment, start.mean, start.std,
-                                      seed=cfg.seed, desc="cache train")
+    train_ds = CellDataset.from_frame(
+        train_rows, root, labels, size, cfg.augment, start.mean, start.std, seed=cfg.seed, desc="cache train"
+    )
     val_ds = CellDataset.from_frame(val_rows, root, labels, size, "eval", start.mean, start.std, desc="cache val")
     return train_ds, val_ds
 
@@ -300,8 +321,11 @@ def build_criterion(counts: np.ndarray, cfg, device):
 
     class_weights = counts.sum() / (len(counts) * counts)
     return torch.nn.CrossEntropyLoss(
-        weight=torch.tensor(class_weights, dtype=torch.float32, device=device) if cfg.balance == "class_weights" else None,
-        label_smoothing=cfg.label_smoothing)
+        weight=torch.tensor(class_weights, dtype=torch.float32, device=device)
+        if cfg.balance == "class_weights"
+        else None,
+        label_smoothing=cfg.label_smoothing,
+    )
 
 
 def to_device(model, device, channels_last: bool) -> None:
@@ -319,8 +343,9 @@ def build_optimizer(model, cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]  # norms and biases
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
 
 
 def plan_epochs(cfg, train_images: int, dist, log) -> EpochPlan:
@@ -330,8 +355,10 @@ def plan_epochs(cfg, train_images: int, dist, log) -> EpochPlan:
     steps_per_epoch = rank_images // rank_batch if drop_last else 1
     epochs = planned_epochs(cfg.epochs, cfg.min_steps, steps_per_epoch)
     if epochs > cfg.epochs:
-        log(f"{epochs} epochs instead of {cfg.epochs}: {steps_per_epoch} steps per epoch would give fewer than "
-            f"train.min_steps ({cfg.min_steps}) optimiser steps")
+        log(
+            f"{epochs} epochs instead of {cfg.epochs}: {steps_per_epoch} steps per epoch would give fewer than "
+            f"train.min_steps ({cfg.min_steps}) optimiser steps"
+        )
     return EpochPlan(rank_batch, drop_last, steps_per_epoch, epochs)
 
 
@@ -370,8 +397,14 @@ def build_train_loader(train_ds, counts: np.ndarray, cfg, plan: EpochPlan, dist,
     from torch.utils.data import DataLoader
 
     sampler, generator = build_sampler(train_ds, counts, cfg, dist, epoch)
-    return DataLoader(train_ds, plan.rank_batch, sampler=sampler, drop_last=plan.drop_last,
-                      num_workers=cfg.num_workers, generator=generator)
+    return DataLoader(
+        train_ds,
+        plan.rank_batch,
+        sampler=sampler,
+        drop_last=plan.drop_last,
+        num_workers=cfg.num_workers,
+        generator=generator,
+    )
 
 
 def build_val_loader(val_ds, cfg):
@@ -386,10 +419,13 @@ def wrap_parallel(model, device, dist):
 
     if not dist.enabled:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 # ---------------------------------------------------------------- one epoch
+
 
 def validate(model, val_loader, train_loss: float, labels, positive_labels, device, channels_last: bool, dist):
     """[train_loss, val_loss, val_auc, val_bacc] as rank 0 measured them, on every rank."""
@@ -416,26 +452,55 @@ def run_epoch(epoch: int, parts: TrainingParts, params: Params, labels, device, 
     loader = build_train_loader(parts.train_ds, parts.counts, cfg, parts.plan, dist, epoch)
     t0 = time.perf_counter()
     lr = parts.optimizer.param_groups[0]["lr"]
-    train_loss, speed = train_one_epoch(parts.net, loader, parts.criterion, parts.optimizer, parts.scheduler, device,
-                                        cfg.channels_last, f"epoch {epoch}/{parts.plan.epochs}",
-                                        progress=dist.is_main, frozen=parts.frozen)
+    train_loss, speed = train_one_epoch(
+        parts.net,
+        loader,
+        parts.criterion,
+        parts.optimizer,
+        parts.scheduler,
+        device,
+        cfg.channels_last,
+        f"epoch {epoch}/{parts.plan.epochs}",
+        progress=dist.is_main,
+        frozen=parts.frozen,
+    )
     dist.sync_buffers(parts.model)  # BatchNorm statistics: rank 0's, so every rank holds the same model
-    train_loss, val_loss, val_auc, val_bacc = validate(parts.model, parts.val_loader, train_loss, labels,
-                                                       params.evaluate.positive_labels, device, cfg.channels_last, dist)
-    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
-            "val_balanced_accuracy": val_bacc, "lr": lr, "images_per_s": speed * dist.world_size,
-            "seconds": time.perf_counter() - t0}
+    train_loss, val_loss, val_auc, val_bacc = validate(
+        parts.model,
+        parts.val_loader,
+        train_loss,
+        labels,
+        params.evaluate.positive_labels,
+        device,
+        cfg.channels_last,
+        dist,
+    )
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_auc": val_auc,
+        "val_balanced_accuracy": val_bacc,
+        "lr": lr,
+        "images_per_s": speed * dist.world_size,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def epoch_line(row: dict, epochs: int, best: bool) -> str:
-    watched = (f"val_loss {row['val_loss']:.4f}  val_auc {row['val_auc']:.4f}  "
-               f"val_bacc {row['val_balanced_accuracy']:.4f}  "
-               if math.isfinite(row["val_auc"]) else "")  # train+val: nothing held out to show
-    return (f"epoch {row['epoch']:>2}/{epochs}  train_loss {row['train_loss']:.4f}  {watched}lr {row['lr']:.2e}  "
-            f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if best else ""))
+    watched = (
+        f"val_loss {row['val_loss']:.4f}  val_auc {row['val_auc']:.4f}  val_bacc {row['val_balanced_accuracy']:.4f}  "
+        if math.isfinite(row["val_auc"])
+        else ""
+    )  # train+val: nothing held out to show
+    return (
+        f"epoch {row['epoch']:>2}/{epochs}  train_loss {row['train_loss']:.4f}  {watched}lr {row['lr']:.2e}  "
+        f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best" if best else "")
+    )
 
 
 # ---------------------------------------------------------------- fit
+
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
@@ -469,19 +534,33 @@ def _resume_state(checkpoint_dir: Path, chash: str, resume: str, dist, warn) -> 
     return state, manifest
 
 
-def _start_tracking(tracker, state: TrainState, resumed: TrainState | None, split_sha: str, manifest: dict,
-                    checkpoint_dir: Path) -> None:
+def _start_tracking(
+    tracker, state: TrainState, resumed: TrainState | None, split_sha: str, manifest: dict, checkpoint_dir: Path
+) -> None:
     """Open the MLflow run (marking the one a killed training left RUNNING) and replay the resumed curve."""
 
-    tracker.start(state.config, split_sha, state.config_hash, resumed.to_checkpoint() if resumed else None,
-                  stale_run_id=manifest["mlflow_run_id"])
+    tracker.start(
+        state.config,
+        split_sha,
+        state.config_hash,
+        resumed.to_checkpoint() if resumed else None,
+        stale_run_id=manifest["mlflow_run_id"],
+    )
     checkpoints.update_manifest(checkpoint_dir, mlflow_run_id=tracker.run_id)
     for row in state.history:  # the resumed run carries the whole curve
         tracker.log_epoch(row)
 
 
-def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, resume: str = "auto",
-        tracker=None, log=print, warn=_warn) -> FitResult:
+def fit(
+    params: Params,
+    split_csv: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    resume: str = "auto",
+    tracker=None,
+    log=print,
+    warn=_warn,
+) -> FitResult:
     """Train, checkpoint every epoch (the last two are kept), keep the best model (by val AUC).
 
     resume: "auto" continues an unfinished run of the same config if a checkpoint exists,
@@ -490,7 +569,6 @@ def fit(params: Params, split_csv: Path, model_dir: Path, checkpoint_dir: Path, 
     Under torchrun every rank trains (DistributedDataParallel); rank 0 alone writes.
     """
     import torch
-
 
     device = _device(params.train.device)
     dist = Context.from_env(cuda=device.type == "cuda")
@@ -533,15 +611,19 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
     scheduler = build_scheduler(optimizer, plan, cfg.warmup_epochs)
     if resumed is not None:
         resumed.restore(model, optimizer, scheduler)
-        log(f"resuming from {checkpoint_dir} after epoch {resumed.epoch} "
-            f"(best val AUC {resumed.best_val_auc:.4f} at epoch {resumed.best_epoch})")
+        log(
+            f"resuming from {checkpoint_dir} after epoch {resumed.epoch} "
+            f"(best val AUC {resumed.best_val_auc:.4f} at epoch {resumed.best_epoch})"
+        )
     net = wrap_parallel(model, device, dist)
-    state = dataclasses.replace(resumed or TrainState(), config=params.to_dict(), config_hash=chash,
-                                world_size=dist.world_size)
+    state = dataclasses.replace(
+        resumed or TrainState(), config=params.to_dict(), config_hash=chash, world_size=dist.world_size
+    )
     if tracker is not None:
         _start_tracking(tracker, state, resumed, split_sha, manifest, checkpoint_dir)
-    parts = TrainingParts(model, net, frozen, train_ds, build_val_loader(val_ds, cfg), counts, criterion, optimizer,
-                          scheduler, plan)
+    parts = TrainingParts(
+        model, net, frozen, train_ds, build_val_loader(val_ds, cfg), counts, criterion, optimizer, scheduler, plan
+    )
     stopped_early = False
     for epoch in range(state.epoch + 1, plan.epochs + 1):
         if cfg.keep == "best" and state.bad_epochs >= cfg.patience:
@@ -555,14 +637,31 @@ def _fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker, log, war
         if tracker is not None:
             tracker.log_epoch(row)
         log(epoch_line(row, plan.epochs, improved and cfg.keep == "best"))
-    result = FitResult(state.history, state.best_epoch, state.best_val_auc, len(state.history), stopped_early,
-                       resumed.epoch + 1 if resumed else None, model_dir, checkpoint_dir)
+    result = FitResult(
+        state.history,
+        state.best_epoch,
+        state.best_val_auc,
+        len(state.history),
+        stopped_early,
+        resumed.epoch + 1 if resumed else None,
+        model_dir,
+        checkpoint_dir,
+    )
     _finish(result, state, model, params, label_map, start, chash, split_sha, dist)
     return result
 
 
-def _finish(result: FitResult, state: TrainState, model, params: Params, label_map: LabelMap, start: ModelStart,
-            chash: str, split_sha: str, dist) -> None:
+def _finish(
+    result: FitResult,
+    state: TrainState,
+    model,
+    params: Params,
+    label_map: LabelMap,
+    start: ModelStart,
+    chash: str,
+    split_sha: str,
+    dist,
+) -> None:
     """Every rank must hold the same weights; rank 0 then writes the model dir and closes the checkpoint folder."""
 
     digests = dist.gather_digests(state_digest(model.state_dict()))
@@ -570,13 +669,24 @@ def _finish(result: FitResult, state: TrainState, model, params: Params, label_m
         return
     if len(set(digests)) > 1:
         raise TrainingError(f"the {dist.world_size} processes ended with different weights: {digests}")
-    _write_model_dir(result.model_dir, result.checkpoint_dir, state, params, label_map, start, chash, split_sha,
-                     dist, digests)
+    _write_model_dir(
+        result.model_dir, result.checkpoint_dir, state, params, label_map, start, chash, split_sha, dist, digests
+    )
     checkpoints.update_manifest(result.checkpoint_dir, finished=True)
 
 
-def _write_model_dir(model_dir: Path, checkpoint_dir: Path, state: TrainState, params: Params, label_map: LabelMap,
-                     start: ModelStart, chash: str, split_sha: str, dist, digests: list[str]) -> None:
+def _write_model_dir(
+    model_dir: Path,
+    checkpoint_dir: Path,
+    state: TrainState,
+    params: Params,
+    label_map: LabelMap,
+    start: ModelStart,
+    chash: str,
+    split_sha: str,
+    dist,
+    digests: list[str],
+) -> None:
     """The model dir: the best weights + everything inference needs (and best.pt for MLflow)."""
     import torch
 
@@ -589,18 +699,27 @@ def _write_model_dir(model_dir: Path, checkpoint_dir: Path, state: TrainState, p
     with atomic.atomic_path(model_dir / WEIGHTS_FILE) as tmp:
         torch.save(best_state, tmp)
     best_row = next(r for r in history if r["epoch"] == best_epoch)
-    ModelCard(arch=mcfg.arch, labels=tuple(labels), positive_label=labels[1] if len(labels) == 2 else None,
-              preprocessing=Preprocessing(mcfg.image_size, tuple(mean), tuple(std)),
-              label_map=label_map.path, label_map_classes=label_map.classes,
-              best_epoch=best_epoch, fit_on=cfg.fit_on, keep=cfg.keep,
-              val_metrics={k: _finite_or_none(best_row[k]) for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
-              config_hash=chash, split_sha256=split_sha, init_from=init,
-              training={"world_size": dist.world_size, "backend": dist.backend,
-                        "final_weights_sha256_by_rank": digests},
-              sha256={WEIGHTS_FILE: file_sha256(model_dir / WEIGHTS_FILE)}).write(model_dir)
+    ModelCard(
+        arch=mcfg.arch,
+        labels=tuple(labels),
+        positive_label=labels[1] if len(labels) == 2 else None,
+        preprocessing=Preprocessing(mcfg.image_size, tuple(mean), tuple(std)),
+        label_map=label_map.path,
+        label_map_classes=label_map.classes,
+        best_epoch=best_epoch,
+        fit_on=cfg.fit_on,
+        keep=cfg.keep,
+        val_metrics={k: _finite_or_none(best_row[k]) for k in ("val_auc", "val_balanced_accuracy", "val_loss")},
+        config_hash=chash,
+        split_sha256=split_sha,
+        init_from=init,
+        training={"world_size": dist.world_size, "backend": dist.backend, "final_weights_sha256_by_rank": digests},
+        sha256={WEIGHTS_FILE: file_sha256(model_dir / WEIGHTS_FILE)},
+    ).write(model_dir)
 
 
 # ---------------------------------------------------------------- the stage
+
 
 def write_reports(result: FitResult, reports_dir: Path, seconds: float) -> dict:
     """metrics.json (DVC metrics), history.csv (DVC plots) and curves.png."""
@@ -612,10 +731,16 @@ def write_reports(result: FitResult, reports_dir: Path, seconds: float) -> dict:
 
     reports_dir = Path(reports_dir)
     best = next(r for r in result.history if r["epoch"] == result.best_epoch)
-    metrics = {"val_auc": _finite_or_none(best["val_auc"]),
-               "val_balanced_accuracy": _finite_or_none(best["val_balanced_accuracy"]),
-               "val_loss": _finite_or_none(best["val_loss"]), "train_loss": best["train_loss"], "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-               "stopped_early": result.stopped_early, "train_seconds": round(seconds, 1)}
+    metrics = {
+        "val_auc": _finite_or_none(best["val_auc"]),
+        "val_balanced_accuracy": _finite_or_none(best["val_balanced_accuracy"]),
+        "val_loss": _finite_or_none(best["val_loss"]),
+        "train_loss": best["train_loss"],
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(seconds, 1),
+    }
     atomic.write_json(reports_dir / "metrics.json", metrics)
     history = pd.DataFrame(result.history)
     atomic.write_csv(reports_dir / "history.csv", history)
@@ -636,11 +761,17 @@ def write_reports(result: FitResult, reports_dir: Path, seconds: float) -> dict:
     return metrics
 
 
-def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, checkpoint_dir: Path,
-        reports_dir: Path, resume: str = "auto") -> tuple[FitResult, dict]:
+def run(
+    params: Params,
+    split_csv: Path,
+    manifest_csv: Path,
+    model_dir: Path,
+    checkpoint_dir: Path,
+    reports_dir: Path,
+    resume: str = "auto",
+) -> tuple[FitResult, dict]:
     """The stage: fit with MLflow tracking, write reports, log and register the model."""
     import yaml
-
 
     if not Context.env_is_main():  # another rank of a torchrun job: train only, rank 0 reports
         result = fit(params, split_csv, model_dir, checkpoint_dir, resume)
@@ -651,19 +782,33 @@ def run(params: Params, split_csv: Path, manifest_csv: Path, model_dir: Path, ch
         result = fit(params, split_csv, model_dir, checkpoint_dir, resume, tracker)
         metrics = write_reports(result, reports_dir, time.perf_counter() - start)
         r = tracker.run
-        r.log_metrics({f"best_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=result.best_epoch)
+        r.log_metrics(
+            {f"best_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=result.best_epoch
+        )
         config_file = Path(checkpoint_dir) / "config.yaml"
         atomic.write_text(config_file, yaml.safe_dump(params.to_dict(), sort_keys=False))
-        for path, folder in ((config_file, "config"), (split_csv, "data"), (Path(reports_dir) / "curves.png", "plots"),
-                             (Path(reports_dir) / "history.csv", "plots"), (Path(checkpoint_dir) / BEST, "checkpoint")):
+        for path, folder in (
+            (config_file, "config"),
+            (split_csv, "data"),
+            (Path(reports_dir) / "curves.png", "plots"),
+            (Path(reports_dir) / "history.csv", "plots"),
+            (Path(checkpoint_dir) / BEST, "checkpoint"),
+        ):
             r.log_artifact(path, folder)
         model_uri, version = r.log_model(Path(model_dir), input_example(params.data.root, split_csv))
         card = ModelCard.read(model_dir)
         if card.init_from:  # which model this one was fine-tuned from
             r.set_tags({f"init_from.{k}": str(v) for k, v in card.init_from.items()})
-        dataclasses.replace(card, mlflow={"run_id": r.run_id, "model_uri": model_uri,
-                                          "registered_model": params.mlflow.registered_model,
-                                          "version": version, "alias": params.mlflow.alias}).write(model_dir)
+        dataclasses.replace(
+            card,
+            mlflow={
+                "run_id": r.run_id,
+                "model_uri": model_uri,
+                "registered_model": params.mlflow.registered_model,
+                "version": version,
+                "alias": params.mlflow.alias,
+            },
+        ).write(model_dir)
         result.run_ids.append(r.run_id)
     except KeyboardInterrupt:
         tracker.end("KILLED")

@@ -4,6 +4,7 @@ through `TrainState`, so a checkpoint's keys are its field names and are written
 The same object is the loop's bookkeeping (history, best epoch, patience); `capture` adds the
 live model/optimizer/scheduler states just before a checkpoint is written.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,11 @@ def rng_states() -> dict:
     """The generators' states, recorded for the record: a resume re-seeds by (seed, epoch) instead."""
     import torch
 
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": np.random.get_state()[1].tolist()}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": np.random.get_state()[1].tolist(),
+    }
 
 
 @dataclass(kw_only=True)
@@ -29,20 +33,21 @@ class TrainState:
     Only tensors, plain containers and numbers: it loads with weights_only=True (no unpickling).
     The field order is the order of the checkpoint's keys.
     """
-    model: dict | None = None            # state dicts, set by capture()
+
+    model: dict | None = None  # state dicts, set by capture()
     optimizer: dict | None = None
     scheduler: dict | None = None
-    epoch: int = 0                       # the last finished epoch (0: none yet)
-    config: dict | None = None           # Params.to_dict() of the run that wrote it
-    config_hash: str | None = None       # train.config_hash: a resume needs the same
-    rng: dict | None = None              # rng_states() when it was written
+    epoch: int = 0  # the last finished epoch (0: none yet)
+    config: dict | None = None  # Params.to_dict() of the run that wrote it
+    config_hash: str | None = None  # train.config_hash: a resume needs the same
+    rng: dict | None = None  # rng_states() when it was written
     history: list[dict] = field(default_factory=list)  # one row per epoch
     best_val_auc: float = -1.0
     best_epoch: int = 0
-    bad_epochs: int = 0                  # epochs since the best one (early stopping)
-    best_model: dict | None = None       # the best epoch's weights
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    best_model: dict | None = None  # the best epoch's weights
     world_size: int = 1
-    mlflow_run_id: str | None = None     # the run that wrote it (marked KILLED if it died)
+    mlflow_run_id: str | None = None  # the run that wrote it (marked KILLED if it died)
 
     def to_checkpoint(self) -> dict:
         """The dict torch.save writes (the objects themselves, not copies)."""
@@ -54,8 +59,9 @@ class TrainState:
         names = [f.name for f in fields(cls)]
         missing = [name for name in names if name not in raw]
         if missing:
-            raise CheckpointError(f"{where}: not a training checkpoint (no {', '.join(missing)}); "
-                                  "start afresh with --fresh")
+            raise CheckpointError(
+                f"{where}: not a training checkpoint (no {', '.join(missing)}); start afresh with --fresh"
+            )
         return cls(**{name: raw[name] for name in names})
 
     def restore(self, model, optimizer, scheduler) -> None:

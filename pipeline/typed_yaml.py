@@ -9,6 +9,7 @@ naming the file and the dotted key (`params.yaml: train.epochs: must be >= 1, go
 
 A document may be an overlay on another: see `read_document`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -92,15 +93,30 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- declaring fields
 
 
-def setting(default: Any = MISSING, *, factory: Any = MISSING, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, lt: float | None = None, choices: tuple | None = None,
-            from_key: bool = False, internal: bool = False) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    factory: Any = MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+    from_key: bool = False,
+    internal: bool = False,
+) -> Any:
     """A dataclass field with limits. `from_key`: filled from the object's key in the mapping that holds
     it (dict[str, X]), never written inside it. `internal`: not a key of the file at all."""
-    limits = {name: value for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices))
-              if value is not None}
-    return field(default=default, default_factory=factory,
-                 metadata={"limits": limits, "from_key": from_key, "internal": internal})
+    limits = {
+        name: value
+        for name, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices))
+        if value is not None
+    }
+    return field(
+        default=default,
+        default_factory=factory,
+        metadata={"limits": limits, "from_key": from_key, "internal": internal},
+    )
 
 
 def _range_text(limits: dict) -> str:
@@ -121,8 +137,12 @@ def _limit_problem(value: Any, limits: dict) -> str | None:
         choices = limits["choices"]
         return None if value in choices else f"must be one of {', '.join(map(str, choices))}, got {shown(value)}"
     try:
-        within = (("ge" not in limits or value >= limits["ge"]) and ("gt" not in limits or value > limits["gt"])
-                  and ("le" not in limits or value <= limits["le"]) and ("lt" not in limits or value < limits["lt"]))
+        within = (
+            ("ge" not in limits or value >= limits["ge"])
+            and ("gt" not in limits or value > limits["gt"])
+            and ("le" not in limits or value <= limits["le"])
+            and ("lt" not in limits or value < limits["lt"])
+        )
     except TypeError:
         return f"expected a number, got {shown(value)}"
     return None if within else f"must be {_range_text(limits)}, got {shown(value)}"
@@ -203,8 +223,11 @@ def _check_keys(cls: type, raw: dict, settable: dict[str, Field], file: str, whe
     if unknown:
         what = f"unknown key(s) in '{where}'" if where else "unknown section(s)"
         raise ConfigError(f"{file}: {what}: {key_names(unknown)} (known: {', '.join(settable)})")
-    missing = [name for name, f in settable.items()
-               if name not in raw and f.default is MISSING and f.default_factory is MISSING]
+    missing = [
+        name
+        for name, f in settable.items()
+        if name not in raw and f.default is MISSING and f.default_factory is MISSING
+    ]
     if missing:
         raise ConfigError(f"{file}: {where or 'top level'}: missing key(s): {', '.join(missing)}")
 
@@ -265,7 +288,7 @@ def _convert_scalar(value: Any, kind: Any, file: str, where: str) -> Any:
     if not _scalar_ok(value, kind):
         raise ConfigError(f"{file}: {where}: expected {type_name(kind)}, got {shown(value)}")
     # YAML reads integers of any length; 64 bits is plenty and float() of a longer one overflows.
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
         raise ConfigError(f"{file}: {where}: {shown(value)} is out of range (64-bit integers)")
     return float(value) if kind is float else value
 
@@ -299,8 +322,10 @@ def read_document(path: Path | str, cls: type, _seen: tuple[Path, ...] = ()) -> 
         return doc
     name = doc.pop(EXTENDS)
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{path}: {EXTENDS}: expected the path of the file this one changes "
-                          f"(relative to this file's folder), got {shown(name)}")
+        raise ConfigError(
+            f"{path}: {EXTENDS}: expected the path of the file this one changes "
+            f"(relative to this file's folder), got {shown(name)}"
+        )
     base_path = path.parent / name
     seen = _seen + (path.resolve(),)
     if base_path.resolve() in seen:

@@ -6,6 +6,7 @@ Layers (by folder; `make test-fast` runs the first):
   tests/integration/  the tiny project, training, real data       -> marker `integration`
   tests/e2e/          dvc, notebooks, browser, REST, torchrun, kills -> marker `e2e`
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,11 +62,14 @@ def make_image(path: Path, size=(40, 32), mode="RGB", seed=0, fmt=None) -> Path:
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A tiny PNG whose header claims width x height (a decompression bomb), without the pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -197,8 +201,9 @@ def scored(tiny_project, slides, tmp_path_factory):
     root, _, params = tiny_project
     out = tmp_path_factory.mktemp("report")
     before = tree_digest(slides[0].parent)
-    summary = score_slide(str(slides[0]), str(root / "models/calibrated"), out, params.slide, top=8,
-                          log=lambda *_: None)
+    summary = score_slide(
+        str(slides[0]), str(root / "models/calibrated"), out, params.slide, top=8, log=lambda *_: None
+    )
     assert tree_digest(slides[0].parent) == before  # the slide is never modified
     return out, summary
 

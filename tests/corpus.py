@@ -4,6 +4,7 @@ tiny, bomb, unreadable, dangling and oddly named images and slides, derived from
 and `cytopipe` run as a subprocess, so stderr is exactly what a user sees. As root a chmod 000 file
 is still readable, so the subprocesses drop the capabilities that allow it.
 """
+
 from __future__ import annotations
 
 import os
@@ -176,7 +177,7 @@ def _corrupt_tile_slide(path: Path) -> None:
         page = tif.pages[1]
         offset, size = page.dataoffsets[1], page.databytecounts[1]  # top right: not a probed corner
     data = bytearray(path.read_bytes())
-    data[offset:offset + size] = b"\0" * size
+    data[offset : offset + size] = b"\0" * size
     path.write_bytes(bytes(data))
 
 
@@ -216,8 +217,7 @@ class SlideCase:
         return self.rel.rsplit("/", 1)[-1]
 
 
-GOOD_SLIDES = [SlideCase("field.tiff", None, _slide),
-               SlideCase(f"{ODD_DIR}/slide with spaces ñ.tiff", None, _slide)]
+GOOD_SLIDES = [SlideCase("field.tiff", None, _slide), SlideCase(f"{ODD_DIR}/slide with spaces ñ.tiff", None, _slide)]
 BAD_SLIDES = [
     SlideCase("truncated.tiff", "truncated or corrupt", _truncated_slide),
     SlideCase("corrupt-tile.tiff", "cannot read region", _corrupt_tile_slide),
@@ -237,7 +237,7 @@ def _real_cells(n: int) -> list[Path]:
     """n distinct real Herlev crops (distinct bytes, so ingest finds no duplicates)."""
     if not (HERLEV / "MANIFEST.csv").is_file():
         pytest.fail(f"reference data missing: {HERLEV} (tests need ../shared/data from the project root)")
-    files = sorted((HERLEV / BENIGN).glob("*.jpg"))[:n // 2] + sorted((HERLEV / MALIGNANT).glob("*.jpg"))[:n - n // 2]
+    files = sorted((HERLEV / BENIGN).glob("*.jpg"))[: n // 2] + sorted((HERLEV / MALIGNANT).glob("*.jpg"))[: n - n // 2]
     assert len(files) == n
     return files
 
@@ -315,6 +315,18 @@ def run_cli(corpus, work, name: str, *args) -> Run:
 def run_predict(project: dict, corpus: Path, work: Path) -> Run:
     """`cytopipe predict` over the corpus's images, an empty folder and a missing path, with the project's
     exported model: its predictions.csv is what every other way of scoring the corpus must agree with."""
-    return run_cli(corpus, work, "predict", "predict", corpus / "images", corpus / "empty", corpus / "nowhere",
-                "--model", project["root"] / "models/exported", "--params", project["root"] / "params.yaml",
-                "--out", work / "predict" / "predictions.csv")
+    return run_cli(
+        corpus,
+        work,
+        "predict",
+        "predict",
+        corpus / "images",
+        corpus / "empty",
+        corpus / "nowhere",
+        "--model",
+        project["root"] / "models/exported",
+        "--params",
+        project["root"] / "params.yaml",
+        "--out",
+        work / "predict" / "predictions.csv",
+    )

@@ -1,4 +1,5 @@
 """REST serving helpers for tests: start `mlflow models serve` on a free port and post to it."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def free_port() -> int:
 def post(port: int, payload) -> tuple[int, dict]:
     """POST a JSON payload (or raw bytes) to /invocations: (HTTP status, decoded body)."""
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, json.loads(resp.read())
@@ -48,9 +50,14 @@ def serve(root: Path, model: str, timeout: float = 180) -> Iterator[int]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     log_path = root / f"serve-{port}.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", model, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=root, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

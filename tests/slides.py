@@ -1,5 +1,6 @@
 """Synthetic slides for tests: glass, drawn cells (discs, every other one with a nucleus), debris,
 and pyramidal TIFFs that OpenSlide reads as generic-tiff."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,9 +13,18 @@ TILE = 1024  # core grid used by the tests: boundaries at x = 1024, 2048 and y =
 
 # (cx, cy, radius px). Several straddle a tile boundary; the last two touch each other.
 CELLS = [
-    (300, 300, 30), (1024, 500, 35), (2048, 1024, 40), (600, 1024, 25), (1500, 1500, 20),
-    (2600, 600, 32), (400, 1900, 38), (1030, 2040, 28), (2700, 2100, 22), (1700, 300, 30),
-    (2300, 1700, 30), (2355, 1700, 30),
+    (300, 300, 30),
+    (1024, 500, 35),
+    (2048, 1024, 40),
+    (600, 1024, 25),
+    (1500, 1500, 20),
+    (2600, 600, 32),
+    (400, 1900, 38),
+    (1030, 2040, 28),
+    (2700, 2100, 22),
+    (1700, 300, 30),
+    (2300, 1700, 30),
+    (2355, 1700, 30),
 ]
 # Not cells: specks below min_cell_um and a blob above max_cell_um (80 um across).
 DEBRIS = [(1200, 1200, 4), (2500, 300, 3)]
@@ -54,8 +64,14 @@ def write_pyramid(path: Path, level0: np.ndarray, mpp: float | None = MPP, compr
     with tifffile.TiffWriter(path) as tw:
         level = level0
         while True:
-            tw.write(level, tile=(256, 256), photometric="rgb", subfiletype=0 if level is level0 else 1,
-                     compression=compression, **res)
+            tw.write(
+                level,
+                tile=(256, 256),
+                photometric="rgb",
+                subfiletype=0 if level is level0 else 1,
+                compression=compression,
+                **res,
+            )
             if max(level.shape[:2]) <= 512:
                 break
             h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2

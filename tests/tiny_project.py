@@ -5,6 +5,7 @@ The folder has the real project's layout (params.yaml, data/, models/, reports/,
 mlartifacts/ beside it), so notebooks and commands can be pointed at it. tests/conftest.py builds
 one per session (the `tiny_project` and `exported_project` fixtures).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,10 +51,21 @@ def build_tiny_project(project: Path, herlev_dir: Path, **overrides) -> dict:
     d = params.data
     ingest.run(d.source, d.label_map, d.group, ImageLimits(d.min_side, d.max_pixels), str(project / "data/ingest"))
     split.run(project / "data/ingest/manifest.csv", params.split, project / "data/split")
-    train.run(params, project / "data/split/split.csv", project / "data/ingest/manifest.csv",
-              project / "models/train", project / "checkpoints/train", project / "reports/train")
-    return evaluate.run(params, project / "models/train", project / "data/split/split.csv",
-                        project / "models/calibrated", project / "reports/evaluate")
+    train.run(
+        params,
+        project / "data/split/split.csv",
+        project / "data/ingest/manifest.csv",
+        project / "models/train",
+        project / "checkpoints/train",
+        project / "reports/train",
+    )
+    return evaluate.run(
+        params,
+        project / "models/train",
+        project / "data/split/split.csv",
+        project / "models/calibrated",
+        project / "reports/evaluate",
+    )
 
 
 def require_herlev() -> Path:
@@ -92,8 +104,13 @@ def export_tiny_project(root: Path, evaluated: dict) -> dict:
     from pipeline.config import load_params
 
     params = load_params(root / "params.yaml")
-    result = export.run(params, root / "models/calibrated", root / "data/split/split.csv",
-                        root / "models/exported", root / "reports/export")
+    result = export.run(
+        params,
+        root / "models/calibrated",
+        root / "data/split/split.csv",
+        root / "models/exported",
+        root / "reports/export",
+    )
     return {"root": root, "evaluate": evaluated, "export": result, "params": params}
 
 
@@ -109,8 +126,10 @@ def copy_project(src: Path, dst: Path) -> Path:
         for table in tables:
             for _, column, kind, *_ in b.execute(f'PRAGMA table_info("{table}")').fetchall():
                 if any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB")):
-                    b.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
-                              f'WHERE instr("{column}", ?) > 0', (old, new, old))
+                    b.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                        (old, new, old),
+                    )
         b.commit()
     params = dst / "params.yaml"
     params.write_text(params.read_text().replace(old, new))
@@ -143,8 +162,13 @@ def make_split(tmp: Path, herlev_dir: Path, label_map: str = "configs/labels/her
     split.to_csv(tmp / "split.csv", index=False)
     params = dataclasses.replace(
         params,
-        data=dataclasses.replace(params.data, sources={name: dataclasses.replace(
-            src, path=str(herlev_dir), label_map=str(ROOT / label_map)) for name, src in params.data.sources.items()}),
+        data=dataclasses.replace(
+            params.data,
+            sources={
+                name: dataclasses.replace(src, path=str(herlev_dir), label_map=str(ROOT / label_map))
+                for name, src in params.data.sources.items()
+            },
+        ),
         mlflow=dataclasses.replace(params.mlflow, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}"),
     )
     return params, tmp / "split.csv", tmp / "ingest" / "manifest.csv"

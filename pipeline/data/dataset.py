@@ -4,6 +4,7 @@ JPEG decoding and resizing happen once per image (not once per epoch); augmentat
 on the cached uint8 arrays. Augmentation randomness is keyed by (seed, epoch, index), so a
 resumed run sees exactly the images an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,10 @@ def load_base_images(paths: list[Path], size: int, limits: ImageLimits = ImageLi
     """Decode and resize every image once; returns a list of uint8 size x size x 3 arrays."""
     from tqdm import tqdm
 
-    return [base_resize(np.asarray(load_rgb(p, limits)), size)
-            for p in tqdm(paths, desc=desc, unit="img", disable=None, file=sys.stderr, leave=False)]
+    return [
+        base_resize(np.asarray(load_rgb(p, limits)), size)
+        for p in tqdm(paths, desc=desc, unit="img", disable=None, file=sys.stderr, leave=False)
+    ]
 
 
 class CellDataset:
@@ -38,8 +41,18 @@ class CellDataset:
         self.identity = preset == "eval"
 
     @classmethod
-    def from_frame(cls, frame, root: Path, labels: tuple[str, ...], size: int, preset: str, mean, std,
-                   seed: int = 0, desc: str = "cache") -> "CellDataset":
+    def from_frame(
+        cls,
+        frame,
+        root: Path,
+        labels: tuple[str, ...],
+        size: int,
+        preset: str,
+        mean,
+        std,
+        seed: int = 0,
+        desc: str = "cache",
+    ) -> "CellDataset":
         index = {label: i for i, label in enumerate(labels)}
         unknown = sorted(set(frame["label"]) - set(index))
         if unknown:

@@ -5,6 +5,7 @@ size guards, mode conversions and error messages cannot drift apart. Greyscale, 
 alpha (composited on white) and 16-bit images convert to RGB without loss; CMYK (common from
 cameras, scanners and print workflows) is accepted too, with PIL's conversion.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ def _check_header(img: Image.Image, path: Path, limits: ImageLimits) -> None:
     width, height = img.size
     # Checked from the header, before any pixel is decoded.
     if width * height > limits.max_pixels:
-        raise ImageError(path, f"{width}x{height} exceeds the {limits.max_pixels:,}-pixel limit (decompression-bomb guard)")
+        raise ImageError(
+            path, f"{width}x{height} exceeds the {limits.max_pixels:,}-pixel limit (decompression-bomb guard)"
+        )
     if min(width, height) < limits.min_side:
         raise ImageError(path, f"{width}x{height} is below the minimum side of {limits.min_side} px")
     if img.mode not in _LOSSLESS_MODES | _CONVERTED_MODES:

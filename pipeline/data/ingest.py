@@ -3,6 +3,7 @@
 Every file is hashed and decoded once. Files that cannot be used are reported with a
 reason and left out; exact duplicates are resolved so that no split can leak them.
 """
+
 from __future__ import annotations
 
 import csv
@@ -66,18 +67,29 @@ def _walk_class_folder(folder: Path, root: Path, cls: str, rejects: list[dict]) 
 
     def unlistable(exc: OSError) -> None:
         # os.walk would otherwise skip an unreadable folder, and its images, without a word.
-        rejects.append({"path": _rel(Path(exc.filename), root), "original_class": cls,
-                        "reason": f"cannot list folder: {exc.strerror or exc}"})
+        rejects.append(
+            {
+                "path": _rel(Path(exc.filename), root),
+                "original_class": cls,
+                "reason": f"cannot list folder: {exc.strerror or exc}",
+            }
+        )
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable):
         here = Path(dirpath)
         for name in sorted(dirnames):
             if Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 # A directory that looks like an image would otherwise vanish silently.
-                rejects.append({"path": _rel(here / name, root), "original_class": cls,
-                                "reason": "is a directory, not an image file"})
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and Path(d).suffix.lower() not in IMAGE_SUFFIXES)
+                rejects.append(
+                    {
+                        "path": _rel(here / name, root),
+                        "original_class": cls,
+                        "reason": "is a directory, not an image file",
+                    }
+                )
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and Path(d).suffix.lower() not in IMAGE_SUFFIXES
+        )
         for name in sorted(filenames):
             if not name.startswith("."):
                 found.append(Candidate(here / name, _rel(here / name, root), cls))
@@ -209,14 +221,24 @@ def resolve_duplicates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         if len({r["label"] for r in copies}) > 1:
             listing = "; ".join(f"{r['path']} ({r['label']})" for r in copies)
             for r in copies:
-                rejects.append({"path": r["path"], "original_class": r["original_class"],
-                                "reason": f"exact duplicate with conflicting labels: {listing}"})
+                rejects.append(
+                    {
+                        "path": r["path"],
+                        "original_class": r["original_class"],
+                        "reason": f"exact duplicate with conflicting labels: {listing}",
+                    }
+                )
             continue
         first = copies[0]
         for r in copies[1:]:
             groups.union(first["group"], r["group"])
-            rejects.append({"path": r["path"], "original_class": r["original_class"],
-                            "reason": f"exact duplicate of {first['path']} (same label); groups merged"})
+            rejects.append(
+                {
+                    "path": r["path"],
+                    "original_class": r["original_class"],
+                    "reason": f"exact duplicate of {first['path']} (same label); groups merged",
+                }
+            )
         kept.append(first)
     names = groups.names()
     for row in kept:
@@ -247,12 +269,18 @@ def ingest(
     _check_classes(candidates, label_map)
     rows = []
     # progress=None: a bar on a TTY only.
-    for cand in tqdm(candidates, desc="ingest", unit="img", disable=None if progress is None else not progress,
-                     file=sys.stderr):
+    for cand in tqdm(
+        candidates, desc="ingest", unit="img", disable=None if progress is None else not progress, file=sys.stderr
+    ):
         label = label_map.classes[cand.original_class]
         if label == EXCLUDE:
-            result.rejects.append({"path": cand.rel, "original_class": cand.original_class,
-                                   "reason": f"class '{cand.original_class}' is marked '{EXCLUDE}' in the label map"})
+            result.rejects.append(
+                {
+                    "path": cand.rel,
+                    "original_class": cand.original_class,
+                    "reason": f"class '{cand.original_class}' is marked '{EXCLUDE}' in the label map",
+                }
+            )
             continue
         try:
             data = read_bytes(cand.path)
@@ -262,21 +290,41 @@ def ingest(
             continue
         group = cand.group if group_rule.column else group_rule.group_of(cand.path.name)
         if not group:
-            why = (f"empty '{group_rule.column}' column" if group_rule.column
-                   else f"file name does not match group regex {group_rule.regex!r}")
-            result.rejects.append({"path": cand.rel, "original_class": cand.original_class,
-                                   "reason": f"no group: {why}"})
+            why = (
+                f"empty '{group_rule.column}' column"
+                if group_rule.column
+                else f"file name does not match group regex {group_rule.regex!r}"
+            )
+            result.rejects.append(
+                {"path": cand.rel, "original_class": cand.original_class, "reason": f"no group: {why}"}
+            )
             continue
-        rows.append({"path": cand.rel, "sha256": sha256_bytes(data), "width": info.width, "height": info.height,
-                     "mode": info.mode, "original_class": cand.original_class, "label": label, "group": group})
+        rows.append(
+            {
+                "path": cand.rel,
+                "sha256": sha256_bytes(data),
+                "width": info.width,
+                "height": info.height,
+                "mode": info.mode,
+                "original_class": cand.original_class,
+                "label": label,
+                "group": group,
+            }
+        )
     result.rows, dup_rejects = resolve_duplicates(rows)
     result.rejects += dup_rejects
     result.rejects.sort(key=lambda r: r["path"])
     return result
 
 
-def write_outputs(result: IngestResult, out_dir: Path | str, source: str, label_map: LabelMap,
-                  root: str | None = None, sources: dict | None = None) -> dict:
+def write_outputs(
+    result: IngestResult,
+    out_dir: Path | str,
+    source: str,
+    label_map: LabelMap,
+    root: str | None = None,
+    sources: dict | None = None,
+) -> dict:
     """Write manifest.csv, rejects.csv and summary.json into `out_dir`, atomically."""
     import pandas as pd
 
@@ -288,8 +336,13 @@ def write_outputs(result: IngestResult, out_dir: Path | str, source: str, label_
     else:
         (out_dir / "manifest.csv").unlink(missing_ok=True)
     atomic.write_csv(out_dir / "rejects.csv", pd.DataFrame(result.rejects, columns=list(REJECT_COLUMNS + extra)))
-    summary = {"source": source, "root": root or source_root(source).as_posix(), "label_map": label_map.path,
-               **({"sources": sources} if sources else {}), **result.summary()}
+    summary = {
+        "source": source,
+        "root": root or source_root(source).as_posix(),
+        "label_map": label_map.path,
+        **({"sources": sources} if sources else {}),
+        **result.summary(),
+    }
     atomic.write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -304,8 +357,10 @@ def check_label_maps(sources: tuple[DataSource, ...]) -> LabelMap:
     maps = [LabelMap.load(s.label_map) for s in sources]
     for s, lm in zip(sources[1:], maps[1:]):
         if lm.labels != maps[0].labels:
-            raise ConfigError(f"{s.label_map}: labels {list(lm.labels)} differ from {maps[0].path}'s "
-                              f"{list(maps[0].labels)}; every source must give the model the same labels")
+            raise ConfigError(
+                f"{s.label_map}: labels {list(lm.labels)} differ from {maps[0].path}'s "
+                f"{list(maps[0].labels)}; every source must give the model the same labels"
+            )
     return maps[0]
 
 
@@ -319,8 +374,10 @@ def merge_sources(parts: list[tuple[DataSource, IngestResult]]) -> IngestResult:
     for src, part in parts:
         root = source_root(src.path)
         rebase = lambda rel: (root / rel).as_posix()  # noqa: E731  (an absolute rel stays absolute)
-        rows += [{**r, "path": rebase(r["path"]), "group": f"{src.name}:{r['group']}", SOURCE_COLUMN: src.name}
-                 for r in part.rows]
+        rows += [
+            {**r, "path": rebase(r["path"]), "group": f"{src.name}:{r['group']}", SOURCE_COLUMN: src.name}
+            for r in part.rows
+        ]
         rejects += [{**r, "path": rebase(r["path"]), SOURCE_COLUMN: src.name} for r in part.rejects]
     merged = IngestResult()
     merged.rows, dup_rejects = resolve_duplicates(rows)
@@ -333,8 +390,9 @@ def ingest_source(src: DataSource, limits: ImageLimits = ImageLimits(), progress
     return ingest(src.path, LabelMap.load(src.label_map), src.group, limits, progress)
 
 
-def ingest_sources(sources: tuple[DataSource, ...], limits: ImageLimits = ImageLimits(),
-                   progress: bool | None = None) -> IngestResult:
+def ingest_sources(
+    sources: tuple[DataSource, ...], limits: ImageLimits = ImageLimits(), progress: bool | None = None
+) -> IngestResult:
     """Every source, merged (pure: writes nothing)."""
     check_label_maps(sources)
     return merge_sources([(s, ingest_source(s, limits, progress)) for s in sources])
@@ -352,30 +410,43 @@ def _report(result: IngestResult, summary: dict, what: str, out_dir: str) -> Non
     for rej in result.rejects:
         print(f"rejected: {rej['path']}: {rej['reason']}", file=sys.stderr)
     if not result.rows:
-        raise IngestError(f"{what}: no usable images ({len(result.rejects)} rejected; see {Path(out_dir) / 'rejects.csv'})")
+        raise IngestError(
+            f"{what}: no usable images ({len(result.rejects)} rejected; see {Path(out_dir) / 'rejects.csv'})"
+        )
     labels = ", ".join(f"{n} {label}" for label, n in summary["labels"].items())
-    print(f"ingest: {summary['n_accepted']} images accepted ({labels}), {summary['n_rejected']} rejected, "
-          f"{summary['n_groups']} groups -> {Path(out_dir) / 'manifest.csv'}")
+    print(
+        f"ingest: {summary['n_accepted']} images accepted ({labels}), {summary['n_rejected']} rejected, "
+        f"{summary['n_groups']} groups -> {Path(out_dir) / 'manifest.csv'}"
+    )
 
 
-def run_sources(sources: tuple[DataSource, ...], limits: ImageLimits, out_dir: str,
-                merge_from: str | None = None) -> dict:
+def run_sources(
+    sources: tuple[DataSource, ...], limits: ImageLimits, out_dir: str, merge_from: str | None = None
+) -> dict:
     """The stage over several sources: ingest each (or, with `merge_from`, read each one's outputs
     from merge_from/<name>/, as the per-source DVC stages wrote them), merge, write, report."""
     label_map = check_label_maps(sources)
-    parts = [(s, read_source_outputs(s, Path(merge_from) / s.name) if merge_from else ingest_source(s, limits))
-             for s in sources]
+    parts = [
+        (s, read_source_outputs(s, Path(merge_from) / s.name) if merge_from else ingest_source(s, limits))
+        for s in sources
+    ]
     result = merge_sources(parts)
-    summary = write_outputs(result, out_dir, ", ".join(s.path for s in sources), label_map,
-                            root="." if len(sources) > 1 else None, sources={s.name: {"path": s.path, "label_map": s.label_map,
-                                                        "n_accepted": len(p.rows), "n_rejected": len(p.rejects)}
-                                               for s, p in parts})
+    summary = write_outputs(
+        result,
+        out_dir,
+        ", ".join(s.path for s in sources),
+        label_map,
+        root="." if len(sources) > 1 else None,
+        sources={
+            s.name: {"path": s.path, "label_map": s.label_map, "n_accepted": len(p.rows), "n_rejected": len(p.rejects)}
+            for s, p in parts
+        },
+    )
     _report(result, summary, " + ".join(s.name for s in sources), out_dir)
     return summary
 
 
-def run(source: str, label_map_path: str, group_rule: GroupRule | None, limits: ImageLimits,
-        out_dir: str) -> dict:
+def run(source: str, label_map_path: str, group_rule: GroupRule | None, limits: ImageLimits, out_dir: str) -> dict:
     """The stage: ingest, write outputs, and fail if no image is usable."""
     label_map = LabelMap.load(label_map_path)
     result = ingest(source, label_map, group_rule, limits)

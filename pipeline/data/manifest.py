@@ -1,4 +1,5 @@
 """The manifest: one row per usable image. Column names and reading live here only."""
+
 from __future__ import annotations
 
 from pathlib import Path

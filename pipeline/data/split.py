@@ -4,6 +4,7 @@ Whole groups (fields of view) are assigned greedily, largest first, to whichever
 moves the per-class counts closest to their targets. Stratifying on the original class
 also balances the label, and keeps rare classes (e.g. normal_columnar) on every side.
 """
+
 from __future__ import annotations
 
 import random
@@ -92,8 +93,10 @@ def check_split(frame, folds: int = 0) -> None:
         have = set(frame.loc[frame["split"] == part, "label"])
         if have != labels:
             missing = ", ".join(sorted(labels - have))
-            raise SplitError(f"split '{part}' has no image labelled {missing}: too few groups for these "
-                             f"fractions; add data or change split.fractions")
+            raise SplitError(
+                f"split '{part}' has no image labelled {missing}: too few groups for these "
+                f"fractions; add data or change split.fractions"
+            )
     if folds:
         dev = frame[frame["split"] != "test"]
         if (dev.groupby("group")["fold"].nunique() > 1).any():
@@ -101,8 +104,9 @@ def check_split(frame, folds: int = 0) -> None:
         for fold in range(folds):
             have = set(dev.loc[dev["fold"] == fold, "label"])
             if have != labels:
-                raise SplitError(f"CV fold {fold} has no image labelled {', '.join(sorted(labels - have))}; "
-                                 f"lower split.folds")
+                raise SplitError(
+                    f"CV fold {fold} has no image labelled {', '.join(sorted(labels - have))}; lower split.folds"
+                )
 
 
 def summary_table(frame) -> str:
@@ -118,8 +122,11 @@ def summary(frame, folds: int) -> dict:
     out = {}
     for part in SPLITS:
         sub = frame[frame["split"] == part]
-        out[part] = {"n_images": int(len(sub)), "n_groups": int(sub["group"].nunique()),
-                     "labels": {k: int(v) for k, v in sorted(sub["label"].value_counts().items())}}
+        out[part] = {
+            "n_images": int(len(sub)),
+            "n_groups": int(sub["group"].nunique()),
+            "labels": {k: int(v) for k, v in sorted(sub["label"].value_counts().items())},
+        }
     if folds:
         dev = frame[frame["split"] != "test"]
         out["folds"] = {str(f): int((dev["fold"] == f).sum()) for f in range(folds)}
@@ -136,6 +143,9 @@ def run(manifest_path: str | Path, config: SplitConfig, out_dir: str | Path) -> 
     atomic.write_json(out_dir / "summary.json", result)
     print(summary_table(frame))
     parts = ", ".join(f"{p} {result[p]['n_images']} ({result[p]['n_groups']} groups)" for p in SPLITS)
-    print(f"split: {parts}; seed {config.seed}" + (f"; {config.folds} CV folds over train+val" if config.folds else "")
-          + f" -> {out_dir / 'split.csv'}")
+    print(
+        f"split: {parts}; seed {config.seed}"
+        + (f"; {config.folds} CV folds over train+val" if config.folds else "")
+        + f" -> {out_dir / 'split.csv'}"
+    )
     return result

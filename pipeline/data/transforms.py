@@ -5,6 +5,7 @@ padded square (`base_resize`). That is what the decode cache stores, and what ev
 inference see, so train and test share one geometry. Normalisation is the model's own
 (`mean`/`std` in the model's metadata), applied last by `to_tensor`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,16 +43,19 @@ def augmentation(name: str, seed: int | None = None):
     if name == "train_light":
         return A.Compose([A.D4()], seed=seed)
     if name == "train":
-        return A.Compose([
-            # Cells have no orientation: all 8 dihedral transforms are valid.
-            A.D4(),
-            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_REPLICATE, p=0.5),
-            # Stain and illumination vary between labs and batches.
-            A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=20, val_shift_limit=10, p=0.7),
-            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
-            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.06))], p=0.3),
-            A.ImageCompression(quality_range=(60, 100), p=0.3),
-        ], seed=seed)
+        return A.Compose(
+            [
+                # Cells have no orientation: all 8 dihedral transforms are valid.
+                A.D4(),
+                A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_REPLICATE, p=0.5),
+                # Stain and illumination vary between labs and batches.
+                A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=20, val_shift_limit=10, p=0.7),
+                A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+                A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.06))], p=0.3),
+                A.ImageCompression(quality_range=(60, 100), p=0.3),
+            ],
+            seed=seed,
+        )
     raise ValueError(f"unknown augmentation preset '{name}' (choose from {', '.join(PRESETS)})")
 
 

@@ -4,6 +4,7 @@ Images are read and scored a batch at a time, so memory does not grow with the n
 of files; the next batch is read and decoded in a thread while the model scores this one.
 Unreadable files become error rows instead of stopping the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,9 @@ def _expand(paths: list[str]) -> list[tuple[Path, str | None]]:
                 out.append((path, None))
             else:
                 suffix = path.suffix or "(none)"
-                out.append((path, f"unsupported file type {suffix} (expected one of "
-                                  f"{', '.join(sorted(IMAGE_SUFFIXES))})"))
+                out.append(
+                    (path, f"unsupported file type {suffix} (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
+                )
         elif path.is_symlink() and not path.exists():
             out.append((path, "broken symlink"))
         elif path.exists():
@@ -113,7 +115,7 @@ def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
 
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _finite(value: float | None) -> float | None:
@@ -135,8 +137,9 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def score_chunk(predictor, chunk: list[tuple[Path, str | None]], model_version: str, tta: bool
-                ) -> tuple[list[dict], list[str]]:
+def score_chunk(
+    predictor, chunk: list[tuple[Path, str | None]], model_version: str, tta: bool
+) -> tuple[list[dict], list[str]]:
     """Read, decode, preprocess and score one batch: its rows (in input order) and skip notes."""
     rows, images, slots, skipped = [], [], [], []
     for path, reason in chunk:
@@ -147,16 +150,30 @@ def score_chunk(predictor, chunk: list[tuple[Path, str | None]], model_version: 
                 images.append(image)
         if reason is not None:
             skipped.append(f"skipped: {path}: {reason}")
-        rows.append({"path": str(path), "p_malignant": None, "call": "", "in_domain": None,
-                     "ood_score": None, "model_version": model_version, "error": reason or ""})
+        rows.append(
+            {
+                "path": str(path),
+                "p_malignant": None,
+                "call": "",
+                "in_domain": None,
+                "ood_score": None,
+                "model_version": model_version,
+                "error": reason or "",
+            }
+        )
     if images:
         scores = predictor.score_batch(predictor.preprocess(images), tta=tta)
-        for slot, value, call, score, ok in zip(slots, scores.p_malignant, scores.call, scores.ood_score,
-                                                scores.in_domain):
+        for slot, value, call, score, ok in zip(
+            slots, scores.p_malignant, scores.call, scores.ood_score, scores.in_domain
+        ):
             value = _finite(float(value))
-            rows[slot].update(p_malignant=value, call=str(call) if value is not None else "",
-                              in_domain=bool(ok), ood_score=_finite(float(score)),
-                              error="" if value is not None else "model returned a non-finite score")
+            rows[slot].update(
+                p_malignant=value,
+                call=str(call) if value is not None else "",
+                in_domain=bool(ok),
+                ood_score=_finite(float(score)),
+                error="" if value is not None else "model returned a non-finite score",
+            )
     return rows, skipped
 
 
@@ -174,19 +191,27 @@ def write_rows(rows: list[dict], out_path: Path | None, header: dict) -> None:
         atomic.write_text(out_path, json.dumps({**header, "predictions": rows}, indent=2, allow_nan=False) + "\n")
 
 
-def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | None, tracking_uri: str | None,
-                  batch_size: int = 32, workers: int | None = None) -> int:
+def predict_paths(
+    paths: list[str],
+    model: str,
+    out: str | None,
+    tta: bool | None,
+    tracking_uri: str | None,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> int:
     """Score image files/folders; write CSV (stdout or .csv) or JSON (.json). Returns the exit code.
 
     `workers` threads (default: one per core) each read, decode and score their own batches, each
     running ONNX Runtime on cores / workers threads; rows come out in input order."""
-    from tqdm import tqdm
-
     # Argument checks first: they cost nothing, loading a model does.
     out_path = Path(out) if out else None
     if out_path is not None and out_path.suffix.lower() not in OUT_SUFFIXES:
-        return _fail(f"--out {out}: unsupported output type {out_path.suffix or '(none)'}; "
-                     "use a .csv or .json file, or omit --out for CSV on stdout", 2)
+        return _fail(
+            f"--out {out}: unsupported output type {out_path.suffix or '(none)'}; "
+            "use a .csv or .json file, or omit --out for CSV on stdout",
+            2,
+        )
     if batch_size < 1:
         return _fail(f"batch size must be >= 1, got {batch_size}", 2)
     workers = default_workers() if workers is None else workers
@@ -202,27 +227,54 @@ def predict_paths(paths: list[str], model: str, out: str | None, tta: bool | Non
     if predictor.backend != "onnx":
         workers = 1  # eager torch already spreads one batch over every core
 
-    entries = _expand(paths)
-    rows: list[dict] = []
-    with tqdm(total=len(entries), desc="predict", unit="img", disable=None, file=sys.stderr, leave=False) as bar, \
-            one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool:
-        # One batch queued beyond those in work: memory holds workers + 1 batches at most.
-        for chunk_rows, skipped in in_order(pool, lambda chunk: score_chunk(predictor, chunk, model_version, use_tta),
-                                            _batches(entries, batch_size), workers + 1):
-            for line in skipped:
-                tqdm.write(line, file=sys.stderr)
-            rows.extend(chunk_rows)
-            bar.update(len(chunk_rows))
+    rows = _score_entries(predictor, _expand(paths), model_version, use_tta, batch_size, workers)
 
     scored = [r for r in rows if not r["error"]]
     if not scored:
         what = f"none of {len(rows)} file(s) could be scored" if rows else "no image files found"
         return _fail(f"{what} in {' '.join(paths)}; nothing written", 1)
-    write_rows(rows, out_path, {"model": model, "model_version": model_version, "threshold": band.threshold,
-                                "band": [band.lower, band.upper], "tta": use_tta,
-                                "ood": {"method": ood_method_name(predictor), "threshold": ood_threshold(predictor)}})
+    write_rows(
+        rows,
+        out_path,
+        {
+            "model": model,
+            "model_version": model_version,
+            "threshold": band.threshold,
+            "band": [band.lower, band.upper],
+            "tta": use_tta,
+            "ood": {"method": ood_method_name(predictor), "threshold": ood_threshold(predictor)},
+        },
+    )
     counts = {call: sum(r["call"] == call for r in scored) for call in ("malignant", "indeterminate", OUT_OF_DOMAIN)}
     target = f" -> {out_path}" if out_path is not None else ""
-    print(f"predict: {len(scored)} scored, {counts['malignant']} malignant, {counts['indeterminate']} indeterminate, "
-          f"{counts[OUT_OF_DOMAIN]} out of domain, {len(rows) - len(scored)} errors{target}", file=sys.stderr)
+    print(
+        f"predict: {len(scored)} scored, {counts['malignant']} malignant, {counts['indeterminate']} indeterminate, "
+        f"{counts[OUT_OF_DOMAIN]} out of domain, {len(rows) - len(scored)} errors{target}",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _score_entries(predictor, entries, model_version, use_tta: bool, batch_size: int, workers: int) -> list[dict]:
+    """Score the files in `batch_size` batches on `workers` threads; one row per file, in input order,
+    with skipped files reported above the progress bar."""
+    from tqdm import tqdm
+
+    rows: list[dict] = []
+    with (
+        tqdm(total=len(entries), desc="predict", unit="img", disable=None, file=sys.stderr, leave=False) as bar,
+        one_blas_thread(),
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool,
+    ):
+        # One batch queued beyond those in work: memory holds workers + 1 batches at most.
+        for chunk_rows, skipped in in_order(
+            pool,
+            lambda chunk: score_chunk(predictor, chunk, model_version, use_tta),
+            _batches(entries, batch_size),
+            workers + 1,
+        ):
+            for line in skipped:
+                tqdm.write(line, file=sys.stderr)
+            rows.extend(chunk_rows)
+            bar.update(len(chunk_rows))
+    return rows

@@ -1,4 +1,5 @@
 """Open the predictor a MODEL argument names (a model folder or an MLflow URI, see pipeline/registry.py)."""
+
 from __future__ import annotations
 
 from pipeline.inference.predictor import open_predictor

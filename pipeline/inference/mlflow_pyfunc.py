@@ -16,6 +16,7 @@ None (null in JSON) and its `call` is "error"; good rows are scored and have `er
 request that is not a DataFrame with an `image` column and at least one row fails as a whole,
 with an MlflowException that `mlflow models serve` answers with HTTP 400.
 """
+
 from __future__ import annotations
 
 import base64

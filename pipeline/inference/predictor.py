@@ -4,6 +4,7 @@
 Preprocessing, calibration and the OOD guard come from the model's own card (pipeline/model_card.py)
 and the shared transforms module, so training, evaluation and inference cannot drift apart.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,17 +44,18 @@ def tta_views(batch: np.ndarray) -> list[np.ndarray]:
 class Scores:
     """What scoring gives per cell: everything predict, evaluate, score-slide and the REST model report."""
 
-    probs: np.ndarray        # (N, n_labels) calibrated class probabilities
+    probs: np.ndarray  # (N, n_labels) calibrated class probabilities
     p_malignant: np.ndarray  # (N,) the summed probability of the positive labels
-    call: np.ndarray         # (N,) benign / malignant / indeterminate, or "out of domain"
-    ood_score: np.ndarray    # (N,) higher = further from the training domain; NaN without a guard
-    in_domain: np.ndarray    # (N,) bool; always True without a guard
+    call: np.ndarray  # (N,) benign / malignant / indeterminate, or "out of domain"
+    ood_score: np.ndarray  # (N,) higher = further from the training domain; NaN without a guard
+    in_domain: np.ndarray  # (N,) bool; always True without a guard
 
     @classmethod
     def concat(cls, parts: list["Scores"], n_labels: int) -> "Scores":
         if not parts:
-            return cls(np.zeros((0, n_labels)), np.zeros(0), np.zeros(0, dtype=str), np.zeros(0),
-                       np.zeros(0, dtype=bool))
+            return cls(
+                np.zeros((0, n_labels)), np.zeros(0), np.zeros(0, dtype=str), np.zeros(0), np.zeros(0, dtype=bool)
+            )
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
 
     def select(self, rows) -> "Scores":
@@ -108,8 +110,10 @@ class Predictor:
         labels = list(self.card.positive_labels())
         unknown = [x for x in labels if x not in self.labels]
         if not labels or unknown:
-            raise ModelDirError(f"{self.model_dir}: positive labels {labels or '(none)'} do not name the model's "
-                                f"labels {self.labels}; set evaluate.positive_labels")
+            raise ModelDirError(
+                f"{self.model_dir}: positive labels {labels or '(none)'} do not name the model's "
+                f"labels {self.labels}; set evaluate.positive_labels"
+            )
         return labels
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -145,8 +149,10 @@ class Predictor:
 
     def image_outputs(self, images: list[np.ndarray], tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, features) for RGB images, batched: what calibration and the guard are fitted on."""
-        parts = [self.outputs(self.preprocess(images[start:start + self.batch_size]), tta)
-                 for start in range(0, len(images), self.batch_size)]
+        parts = [
+            self.outputs(self.preprocess(images[start : start + self.batch_size]), tta)
+            for start in range(0, len(images), self.batch_size)
+        ]
         logits = np.concatenate([z for z, _ in parts]) if parts else np.zeros((0, len(self.labels)), np.float32)
         feats = None if not parts or parts[0][1] is None else np.concatenate([f for _, f in parts])
         return logits, feats
@@ -156,26 +162,32 @@ class Predictor:
     def _ood_scores(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
         """OOD score per row (higher = further from the training domain); NaN without a guard."""
         if self.ood is None:
-            self._warn_once("ood", f"has no OOD guard ({ood.OOD_FILE}; rerun the evaluate stage): "
-                                   "every cell counts as in domain")
+            self._warn_once(
+                "ood", f"has no OOD guard ({ood.OOD_FILE}; rerun the evaluate stage): every cell counts as in domain"
+            )
             return np.full(len(logits), np.nan)
         if ood.needs_features(self.ood) and features is None:
-            raise ModelDirError(f"{self.model_dir}: the model gives no features for its "
-                                f"{ood.method_of(self.ood)} OOD guard")
+            raise ModelDirError(
+                f"{self.model_dir}: the model gives no features for its {ood.method_of(self.ood)} OOD guard"
+            )
         return ood.score(self.ood, features, logits)
 
     def _scores_from(self, logits: np.ndarray, features: np.ndarray | None) -> Scores:
         """Calibrated probabilities, P(malignant), the guarded band call and the OOD score."""
         if not self.calibrated:
-            self._warn_once("calibration", "has no calibration (run the evaluate stage); using temperature 1, "
-                                           "threshold 0.5 and no indeterminate band")
+            self._warn_once(
+                "calibration",
+                "has no calibration (run the evaluate stage); using temperature 1, "
+                "threshold 0.5 and no indeterminate band",
+            )
         probs = softmax(logits, float(self.calibration.temperature))
         ood_score = self._ood_scores(logits, features)
         in_domain = ood.in_domain(self.ood, ood_score)
         if not self.calibrated and not self.card.positive_labels():
             # A multi-class model before the evaluate stage names no malignant label: probabilities only.
-            return Scores(probs, np.full(len(probs), np.nan), np.full(len(probs), "", dtype="<U1"), ood_score,
-                          in_domain)
+            return Scores(
+                probs, np.full(len(probs), np.nan), np.full(len(probs), "", dtype="<U1"), ood_score, in_domain
+            )
         p = probs[:, [self.labels.index(x) for x in self.positive_labels]].sum(axis=1)
         return Scores(probs, p, ood.guard_calls(self.band.call(p), in_domain), ood_score, in_domain)
 
@@ -185,8 +197,10 @@ class Predictor:
 
     def score(self, images: list[np.ndarray], tta: bool | None = None) -> Scores:
         """Scores for uint8 RGB images of any sizes, in batches of `batch_size`."""
-        parts = [self.score_batch(self.preprocess(images[start:start + self.batch_size]), tta)
-                 for start in range(0, len(images), self.batch_size)]
+        parts = [
+            self.score_batch(self.preprocess(images[start : start + self.batch_size]), tta)
+            for start in range(0, len(images), self.batch_size)
+        ]
         return Scores.concat(parts, len(self.labels))
 
 
@@ -198,7 +212,6 @@ class TorchPredictor(Predictor):
     def __init__(self, model_dir: Path | str, batch_size: int = 32):
         import torch
 
-
         model_dir = Path(model_dir)
         super().__init__(model_dir, ModelCard.read(model_dir), batch_size)
         weights = self.card.verify(self.model_dir, WEIGHTS_FILE, required=False)
@@ -207,8 +220,10 @@ class TorchPredictor(Predictor):
             state = torch.load(weights, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-            raise ModelDirError(f"{weights}: not a plain weights file for {self.card.arch} "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            raise ModelDirError(
+                f"{weights}: not a plain weights file for {self.card.arch} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            ) from None
         self.model.eval().to(memory_format=torch.channels_last)
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
@@ -252,8 +267,9 @@ class OnnxPredictor(Predictor):
     def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if "features" not in self.card.outputs:  # exported before the OOD guard
             return self._logits(batch), None
-        logits, feats = self.session.run(["logits", "features"],
-                                         {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        logits, feats = self.session.run(
+            ["logits", "features"], {self.input_name: np.ascontiguousarray(batch, np.float32)}
+        )
         return logits, feats
 
     def cams(self, batch: np.ndarray, label: int) -> np.ndarray:

@@ -10,6 +10,7 @@ for the gallery (Grad-CAM on torch, CAM from the ONNX graph) -> report.
 read is reported on one line and skipped, and leaves no output (each report is written into a
 hidden staging folder and moved into place only when complete).
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,15 +30,19 @@ from pipeline.report.saliency import heatmap_overlay, saliency_maps
 from pipeline.wsi.crops import read_crops
 from pipeline.wsi.readers import SlideError, open_slide
 
-SALIENCY = {"torch": "Grad-CAM (pytorch-grad-cam) at the last convolution, for the malignant output",
-            "onnx": "CAM: the classifier's malignant weights on the last feature map (computed in the ONNX "
-                    "graph; for this pooled linear head it equals Grad-CAM at that layer)"}
+SALIENCY = {
+    "torch": "Grad-CAM (pytorch-grad-cam) at the last convolution, for the malignant output",
+    "onnx": "CAM: the classifier's malignant weights on the last feature map (computed in the ONNX "
+    "graph; for this pooled linear head it equals Grad-CAM at that layer)",
+}
 
 
 def slide_rule(cfg: SlideConfig) -> str:
-    return (f"positive when at least {cfg.min_malignant_cells} cell(s) are called malignant, otherwise negative; "
-            f"out-of-domain cells are not counted, and above {cfg.max_ood_fraction:.0%} of cells out of domain "
-            "the call is marked unreliable")
+    return (
+        f"positive when at least {cfg.min_malignant_cells} cell(s) are called malignant, otherwise negative; "
+        f"out-of-domain cells are not counted, and above {cfg.max_ood_fraction:.0%} of cells out of domain "
+        "the call is marked unreliable"
+    )
 
 
 def ood_slide_call(call: str, fraction_ood: float, cfg: SlideConfig) -> str:
@@ -78,9 +83,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def score_slides(slides: list[str], model: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
-                 top: int | None = None, tta: bool | None = None, tracking_uri: str | None = None,
-                 log=print) -> int:
+def score_slides(
+    slides: list[str],
+    model: str,
+    out_dir: Path,
+    cfg: SlideConfig,
+    mpp: float | None = None,
+    top: int | None = None,
+    tta: bool | None = None,
+    tracking_uri: str | None = None,
+    log=print,
+) -> int:
     """Score each slide with one loaded model: one slide -> `out_dir`, several -> out_dir/<stem>.
 
     A slide that fails is reported on stderr as one line '<path>: <reason>' and skipped; the
@@ -92,8 +105,11 @@ def score_slides(slides: list[str], model: str, out_dir: Path, cfg: SlideConfig,
     stems = [Path(s).stem for s in slides]
     twice = sorted({stem for stem in stems if stems.count(stem) > 1})
     if len(slides) > 1 and twice:
-        print(f"{PROG}: error: several slides would share the report folder {out_dir / twice[0]}; "
-              "score them in separate runs", file=sys.stderr)
+        print(
+            f"{PROG}: error: several slides would share the report folder {out_dir / twice[0]}; "
+            "score them in separate runs",
+            file=sys.stderr,
+        )
         return 2
     missing = _missing_dirs(out_dir)
     loaded = load_model(model, cfg, tracking_uri)
@@ -118,29 +134,55 @@ def score_slides(slides: list[str], model: str, out_dir: Path, cfg: SlideConfig,
     return 1 if failed else 0
 
 
-def score_slide(slide: str, model: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
-                top: int | None = None, tta: bool | None = None, tracking_uri: str | None = None,
-                log=print) -> dict:
+def score_slide(
+    slide: str,
+    model: str,
+    out_dir: Path,
+    cfg: SlideConfig,
+    mpp: float | None = None,
+    top: int | None = None,
+    tta: bool | None = None,
+    tracking_uri: str | None = None,
+    log=print,
+) -> dict:
     """Score one slide into `out_dir`; returns the summary dict (raises SlideError for a bad slide)."""
     return score_loaded(load_model(model, cfg, tracking_uri), slide, Path(out_dir), cfg, mpp, top, tta, log)
 
 
-def score_loaded(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig, mpp: float | None = None,
-                 top: int | None = None, tta: bool | None = None, log=print) -> dict:
+def score_loaded(
+    loaded: LoadedModel,
+    slide: str,
+    out_dir: Path,
+    cfg: SlideConfig,
+    mpp: float | None = None,
+    top: int | None = None,
+    tta: bool | None = None,
+    log=print,
+) -> dict:
     """Score one slide with a loaded model into `out_dir`, all files or none; returns the summary."""
     with atomic.staged_dir(Path(out_dir)) as staging:
         summary = _score_into(loaded, slide, staging, cfg, mpp, top, tta, log)
     loaded.load_s = None
-    log(f"score-slide: {summary['n_cells']} cells, {summary['n_malignant']} malignant "
+    log(
+        f"score-slide: {summary['n_cells']} cells, {summary['n_malignant']} malignant "
         f"({summary['fraction_malignant']:.1%}), {summary['n_indeterminate']} indeterminate, "
         f"{summary['n_out_of_domain']} out of domain; slide call: "
         f"{summary['slide_call']} ({summary['rule']}); {summary['seconds']['total']:.1f}s "
-        f"-> {Path(out_dir) / 'report.html'}")
+        f"-> {Path(out_dir) / 'report.html'}"
+    )
     return summary
 
 
-def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig, mpp: float | None,
-                top: int | None, tta: bool | None, log) -> dict:
+def _score_into(
+    loaded: LoadedModel,
+    slide: str,
+    out_dir: Path,
+    cfg: SlideConfig,
+    mpp: float | None,
+    top: int | None,
+    tta: bool | None,
+    log,
+) -> dict:
     """Detect, score and write the report files into `out_dir` (the staging folder)."""
 
     predictor = loaded.predictor
@@ -150,14 +192,18 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
     source = open_slide(slide, mpp)
     seconds["open slide"] = time.perf_counter() - t
     with source:
-        log(f"score-slide: {slide}: {source.dimensions[0]}x{source.dimensions[1]} px, {source.mpp:.4f} µm/px "
-            f"(from {source.mpp_source})")
+        log(
+            f"score-slide: {slide}: {source.dimensions[0]}x{source.dimensions[1]} px, {source.mpp:.4f} µm/px "
+            f"(from {source.mpp_source})"
+        )
         cells, scores, steps = score_slide_cells(predictor, source, cfg, use_tta)
         inference_s = steps.pop("inference")
         seconds.update(steps)
-        log(f"score-slide: {len(cells)} cells detected and scored in {sum(steps.values()):.1f}s "
-            f"({predictor.backend}; {inference_s:.1f}s in the model)")
-        order = np.argsort(-scores.p_malignant, kind="stable")[:cfg.gallery if top is None else top]
+        log(
+            f"score-slide: {len(cells)} cells detected and scored in {sum(steps.values()):.1f}s "
+            f"({predictor.backend}; {inference_s:.1f}s in the model)"
+        )
+        order = np.argsort(-scores.p_malignant, kind="stable")[: cfg.gallery if top is None else top]
         t = time.perf_counter()
         top_cells = cells.iloc[order]
         crops = read_crops(source, top_cells, cfg.crop_margin) if len(order) else []
@@ -173,13 +219,22 @@ def _score_into(loaded: LoadedModel, slide: str, out_dir: Path, cfg: SlideConfig
 
         Image.fromarray(heat).save(tmp, format="PNG")
     summary = slide_summary(loaded, slide, source, scores, cfg, use_tta, seconds, inference_s)
-    gallery = [{"rank": r + 1, "cell_id": int(row.cell_id), "x": int(row.x), "y": int(row.y),
-                "diameter_um": float(row.diameter_um), "p_malignant": float(scores.p_malignant[i]),
-                "call": str(scores.call[i]), "in_domain": bool(scores.in_domain[i]),
-                "ood_score": float(scores.ood_score[i]),
-                "crop_uri": png_data_uri(np.asarray(predictor_crop(predictor, crops[r]))),
-                "cam_uri": png_data_uri(cams[r])}
-               for r, (i, row) in enumerate(zip(order, top_cells.itertuples()))]
+    gallery = [
+        {
+            "rank": r + 1,
+            "cell_id": int(row.cell_id),
+            "x": int(row.x),
+            "y": int(row.y),
+            "diameter_um": float(row.diameter_um),
+            "p_malignant": float(scores.p_malignant[i]),
+            "call": str(scores.call[i]),
+            "in_domain": bool(scores.in_domain[i]),
+            "ood_score": float(scores.ood_score[i]),
+            "crop_uri": png_data_uri(np.asarray(predictor_crop(predictor, crops[r]))),
+            "cam_uri": png_data_uri(cams[r]),
+        }
+        for r, (i, row) in enumerate(zip(order, top_cells.itertuples()))
+    ]
     seconds["report"] = time.perf_counter() - t
     seconds["total"] = sum(v for key, v in seconds.items() if key != "total")
     atomic.write_text(out_dir / "report.html", render_html(summary, png_data_uri(heat), gallery))
@@ -195,16 +250,22 @@ def cells_table(cells, scores):
     import pandas as pd
 
     some = len(cells) > 0
-    return pd.DataFrame({
-        **{k: cells[k].to_numpy() if some else [] for k in ("cell_id", "x", "y", "x0", "y0", "x1", "y1")},
-        "diameter_um": cells["diameter_um"].round(2).to_numpy() if some else [],
-        "area_um2": cells["area_um2"].round(1).to_numpy() if some else [],
-        "score": np.round(scores.p_malignant, 6), "call": scores.call, "ood_score": np.round(scores.ood_score, 6),
-        "in_domain": scores.in_domain})
+    return pd.DataFrame(
+        {
+            **{k: cells[k].to_numpy() if some else [] for k in ("cell_id", "x", "y", "x0", "y0", "x1", "y1")},
+            "diameter_um": cells["diameter_um"].round(2).to_numpy() if some else [],
+            "area_um2": cells["area_um2"].round(1).to_numpy() if some else [],
+            "score": np.round(scores.p_malignant, 6),
+            "call": scores.call,
+            "ood_score": np.round(scores.ood_score, 6),
+            "in_domain": scores.in_domain,
+        }
+    )
 
 
-def slide_summary(loaded: LoadedModel, slide: str, source, scores, cfg: SlideConfig, use_tta: bool,
-                  seconds: dict, inference_s: float) -> dict:
+def slide_summary(
+    loaded: LoadedModel, slide: str, source, scores, cfg: SlideConfig, use_tta: bool, seconds: dict, inference_s: float
+) -> dict:
     """summary.json: the slide call and its counts, the model, the timings (`seconds` is filled later)."""
     predictor, card, band = loaded.predictor, loaded.predictor.card, loaded.predictor.band
     p, calls, in_domain = scores.p_malignant, scores.call, scores.in_domain
@@ -212,28 +273,49 @@ def slide_summary(loaded: LoadedModel, slide: str, source, scores, cfg: SlideCon
     fraction_ood = n_ood / n if n else 0.0
     k, k_in = min(cfg.top_k, n), min(cfg.top_k, int(in_domain.sum()))
     return {
-        "slide": str(slide), "width": source.dimensions[0], "height": source.dimensions[1],
-        "mpp": source.mpp, "mpp_source": source.mpp_source,
-        "n_cells": n, "n_malignant": n_mal, "fraction_malignant": n_mal / n if n else 0.0,
+        "slide": str(slide),
+        "width": source.dimensions[0],
+        "height": source.dimensions[1],
+        "mpp": source.mpp,
+        "mpp_source": source.mpp_source,
+        "n_cells": n,
+        "n_malignant": n_mal,
+        "fraction_malignant": n_mal / n if n else 0.0,
         "n_indeterminate": int((calls == "indeterminate").sum()),
-        "top_k": cfg.top_k, "top_k_mean": float(np.sort(p)[::-1][:k].mean()) if k else None,
+        "top_k": cfg.top_k,
+        "top_k_mean": float(np.sort(p)[::-1][:k].mean()) if k else None,
         "top_k_mean_in_domain": float(np.sort(p[in_domain])[::-1][:k_in].mean()) if k_in else None,
         "slide_call": ood_slide_call("positive" if n_mal >= cfg.min_malignant_cells else "negative", fraction_ood, cfg)
-        if n else "no cells found",
+        if n
+        else "no cells found",
         "rule": slide_rule(cfg),
-        "n_out_of_domain": n_ood, "fraction_out_of_domain": fraction_ood, "max_ood_fraction": cfg.max_ood_fraction,
+        "n_out_of_domain": n_ood,
+        "fraction_out_of_domain": fraction_ood,
+        "max_ood_fraction": cfg.max_ood_fraction,
         "ood_warning": bool(fraction_ood > cfg.max_ood_fraction),
         "ood_method": ood.method_of(predictor.ood) if predictor.ood is not None else None,
-        "threshold": band.threshold, "band": [band.lower, band.upper],
-        "temperature": float(predictor.calibration.temperature), "tta": bool(use_tta),
-        "model": {"uri": loaded.uri, "version": loaded.version,
-                  "registered_model": (card.mlflow or {}).get("registered_model"), "arch": card.arch, "card": card.card},
+        "threshold": band.threshold,
+        "band": [band.lower, band.upper],
+        "temperature": float(predictor.calibration.temperature),
+        "tta": bool(use_tta),
+        "model": {
+            "uri": loaded.uri,
+            "version": loaded.version,
+            "registered_model": (card.mlflow or {}).get("registered_model"),
+            "arch": card.arch,
+            "card": card.card,
+        },
         "seconds": seconds,
-        "inference": {"backend": predictor.backend, "precision": getattr(predictor, "precision", "fp32"),
-                      "seconds_in_model": inference_s,
-                      "cells_per_second": n / inference_s if n and inference_s > 0 else None,
-                      "detect_workers": cfg.detect_workers, "inference_workers": cfg.inference_workers,
-                      "model_threads": cfg.model_threads(), "batch_size": cfg.batch_size},
+        "inference": {
+            "backend": predictor.backend,
+            "precision": getattr(predictor, "precision", "fp32"),
+            "seconds_in_model": inference_s,
+            "cells_per_second": n / inference_s if n and inference_s > 0 else None,
+            "detect_workers": cfg.detect_workers,
+            "inference_workers": cfg.inference_workers,
+            "model_threads": cfg.model_threads(),
+            "batch_size": cfg.batch_size,
+        },
         "saliency": SALIENCY[predictor.backend],
     }
 

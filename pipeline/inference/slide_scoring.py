@@ -13,6 +13,7 @@ At most `queue_tiles` tiles are read ahead, so memory stays flat however big the
 OpenCV and ONNX Runtime release the GIL. Tiles are consumed in order and the final table comes
 from `finish_cells`, so the result does not depend on the number of workers.
 """
+
 from __future__ import annotations
 
 import sys
@@ -60,7 +61,7 @@ class Batcher:
         crops = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
         full = len(crops) if final else len(crops) // self.batch_size * self.batch_size
         for start in range(0, full, self.batch_size):
-            self._run(crops[start:start + self.batch_size])
+            self._run(crops[start : start + self.batch_size])
         self.pending = [crops[full:]] if full < len(crops) else []
         self.n_pending = len(crops) - full
 
@@ -78,21 +79,26 @@ def with_ood(cells: pd.DataFrame, ood_score: np.ndarray) -> pd.DataFrame:
 def progress_bar(total: int, desc: str, progress: bool | None):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tile", file=sys.stderr,
-                disable=None if progress is None else not progress)
+    return tqdm(
+        total=total, desc=desc, unit="tile", file=sys.stderr, disable=None if progress is None else not progress
+    )
 
 
-def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None
-                ) -> Scores:
+def score_cells(predictor, source, cells, cfg: SlideConfig, tta: bool | None, progress: bool | None = None) -> Scores:
     """Every detected cell's scores; crops are read and scored batch by batch."""
     from tqdm import tqdm
 
-
     parts = []
-    for start in tqdm(range(0, len(cells), cfg.batch_size), desc="score", unit="batch", file=sys.stderr,
-                      disable=None if progress is None else not progress):
-        parts.append(predictor.score(read_crops(source, cells.iloc[start:start + cfg.batch_size], cfg.crop_margin),
-                                     tta))
+    for start in tqdm(
+        range(0, len(cells), cfg.batch_size),
+        desc="score",
+        unit="batch",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,
+    ):
+        parts.append(
+            predictor.score(read_crops(source, cells.iloc[start : start + cfg.batch_size], cfg.crop_margin), tta)
+        )
     return Scores.concat(parts, len(predictor.labels))
 
 
@@ -103,11 +109,14 @@ def detect_all(source, cfg: SlideConfig, progress: bool | None, seconds: dict):
     plan = plan_detection(source, cfg)
     seconds["plan tiles"] = time.perf_counter() - t0
     t = time.perf_counter()
-    with progress_bar(len(plan.tiles), f"cells {source.path.name}", progress) as bar, \
-            ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool:
+    with (
+        progress_bar(len(plan.tiles), f"cells {source.path.name}", progress) as bar,
+        ThreadPoolExecutor(max_workers=cfg.detect_workers, thread_name_prefix="detect") as pool,
+    ):
         parts = []
-        for part in in_order(pool, lambda i: detect_tile(source, plan, i, cfg), range(len(plan.tiles)),
-                              cfg.queue_tiles):
+        for part in in_order(
+            pool, lambda i: detect_tile(source, plan, i, cfg), range(len(plan.tiles)), cfg.queue_tiles
+        ):
             parts.append(part)
             bar.update()
     seconds["detect cells"] = time.perf_counter() - t
@@ -145,8 +154,11 @@ def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: 
 
     t = time.perf_counter()
     scores, busy = [], 0.0
-    with progress_bar(sum(len(g) for g in groups), "score", progress) as bar, one_blas_thread(), \
-            ThreadPoolExecutor(max_workers=cfg.inference_workers, thread_name_prefix="score") as pool:
+    with (
+        progress_bar(sum(len(g) for g in groups), "score", progress) as bar,
+        one_blas_thread(),
+        ThreadPoolExecutor(max_workers=cfg.inference_workers, thread_name_prefix="score") as pool,
+    ):
         for group_scores, group_busy, n_tiles in in_order(pool, crop_and_score, groups, cfg.inference_workers + 1):
             scores.append(group_scores)
             busy += group_busy
@@ -158,5 +170,3 @@ def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: 
     # The model's share of the phase: its time summed over the workers, per worker.
     seconds["inference"] = busy / cfg.inference_workers
     return cells, scores, seconds
-
-

@@ -6,6 +6,7 @@
 - a path to a state dict saved with `torch.save(model.state_dict())`. Every tensor except the
   final classifier must match the architecture; the classifier is re-initialised for our classes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,7 +59,9 @@ def load_backbone_weights(model, path: Path | str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise WeightsError(f"{path}: not a loadable state dict ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise WeightsError(
+            f"{path}: not a loadable state dict ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # one of our own checkpoints
     if not isinstance(state, dict):
@@ -94,11 +97,12 @@ def build_model(arch: str, num_classes: int, weights: str | None, drop_rate: flo
     """A classifier with `num_classes` outputs, initialised as `weights` says."""
     model = _create(arch, num_classes, drop_rate)
     if weights == BUILTIN_IMAGENET:
-
         family, _, name = arch.partition("/")
         if family != "timm" or name not in BUILTIN:
-            raise WeightsError(f"model.weights: '{BUILTIN_IMAGENET}' is built in for "
-                               f"{', '.join('timm/' + n for n in BUILTIN)} only; for {arch} give a local weights file or null")
+            raise WeightsError(
+                f"model.weights: '{BUILTIN_IMAGENET}' is built in for "
+                f"{', '.join('timm/' + n for n in BUILTIN)} only; for {arch} give a local weights file or null"
+            )
         try:
             path = imagenet_weights(name)
         except FileNotFoundError as exc:
@@ -120,8 +124,10 @@ def freeze_early_blocks(model, n_blocks: int) -> list:
         return []
     blocks = getattr(model, "blocks", None)
     if not hasattr(model, "conv_stem") or blocks is None:
-        raise WeightsError(f"train.freeze_blocks: {type(model).__name__} has no conv_stem/blocks to freeze; "
-                           "set train.freeze_blocks: 0 or use a timm EfficientNet")
+        raise WeightsError(
+            f"train.freeze_blocks: {type(model).__name__} has no conv_stem/blocks to freeze; "
+            "set train.freeze_blocks: 0 or use a timm EfficientNet"
+        )
     if n_blocks >= len(blocks):
         raise WeightsError(f"train.freeze_blocks: {n_blocks} would freeze all {len(blocks)} blocks; use fewer")
     frozen = [model.conv_stem, getattr(model, "bn1", None), *list(blocks)[:n_blocks]]
@@ -145,8 +151,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def preprocessing(model_cfg, model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation (mean, std) the backbone was trained with."""
     if model_cfg.weights == BUILTIN_IMAGENET:
-
         return tuple(PREPROCESSING["mean"]), tuple(PREPROCESSING["std"])
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
-    return (tuple(float(x) for x in pretrained_cfg.get("mean", IMAGENET_MEAN)),
-            tuple(float(x) for x in pretrained_cfg.get("std", IMAGENET_STD)))
+    return (
+        tuple(float(x) for x in pretrained_cfg.get("mean", IMAGENET_MEAN)),
+        tuple(float(x) for x in pretrained_cfg.get("std", IMAGENET_STD)),
+    )

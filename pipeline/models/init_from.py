@@ -5,6 +5,7 @@ The URI is resolved like every MODEL argument (pipeline/registry.py). An exporte
 torch version it was exported from, whose weights are the ones to fine-tune. The weights are
 checked against model.json's sha256 and loaded as tensors only (weights_only=True).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,7 @@ def _torch_model_dir(uri: str, tracking_uri: str | None) -> tuple[Path, ModelCar
     return folder, card, None if version is None else str(version)
 
 
-def init_from_model(model, uri: str, arch: str, labels: tuple[str, ...], tracking_uri: str | None,
-                    warn=print) -> dict:
+def init_from_model(model, uri: str, arch: str, labels: tuple[str, ...], tracking_uri: str | None, warn=print) -> dict:
     """Load the weights of the model at `uri` into `model`; returns the provenance to record.
 
     The classifier head is reused when the source model's labels are `labels` (same order),
@@ -63,10 +63,21 @@ def init_from_model(model, uri: str, arch: str, labels: tuple[str, ...], trackin
         raise WeightsError(f"model.init_from: {uri} does not fit model.arch {arch}: {first}") from None
     if not reuse:
         _reset_classifier(model, head)
-        warn(f"model.init_from: {uri} has labels {list(card.labels)}, not {list(labels)}; "
-             "its classifier head is re-initialised")
-    name = (uri[len("models:/"):].split("@")[0].rsplit("/", 1)[0] if uri.startswith("models:/")
-            else (card.mlflow or {}).get("registered_model"))
-    return {"uri": uri, "version": version, "registered_model": name,
-            "head": "reused" if reuse else "reinitialised", "weights_sha256": card.sha256_of(WEIGHTS_FILE),
-            "mean": list(card.preprocessing.mean), "std": list(card.preprocessing.std)}
+        warn(
+            f"model.init_from: {uri} has labels {list(card.labels)}, not {list(labels)}; "
+            "its classifier head is re-initialised"
+        )
+    name = (
+        uri[len("models:/") :].split("@")[0].rsplit("/", 1)[0]
+        if uri.startswith("models:/")
+        else (card.mlflow or {}).get("registered_model")
+    )
+    return {
+        "uri": uri,
+        "version": version,
+        "registered_model": name,
+        "head": "reused" if reuse else "reinitialised",
+        "weights_sha256": card.sha256_of(WEIGHTS_FILE),
+        "mean": list(card.preprocessing.mean),
+        "std": list(card.preprocessing.std),
+    }

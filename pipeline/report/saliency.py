@@ -1,6 +1,7 @@
 """Where the model looked and where the suspicious cells are: the slide heat map and per-cell
 saliency overlays (Grad-CAM on a torch model, the graph's CAM on an exported ONNX one).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,9 @@ import numpy as np
 from pipeline.data.transforms import base_resize
 
 
-def heatmap_overlay(thumbnail: np.ndarray, downsample: float, cells, scores: np.ndarray, mark: int = 0,
-                    bin_px: int = 24) -> np.ndarray:
+def heatmap_overlay(
+    thumbnail: np.ndarray, downsample: float, cells, scores: np.ndarray, mark: int = 0, bin_px: int = 24
+) -> np.ndarray:
     """Thumbnail with the maximum cell score per bin as a translucent colour map; the `mark`
     most suspicious cells are circled and numbered."""
     import matplotlib
@@ -68,14 +70,13 @@ def onnx_saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
     """CAM from the exported graph's `cam` output, scaled like Grad-CAM (min-max, then resized)."""
     import cv2
 
-
     size = predictor.card.image_size
     if not crops or "cam" not in predictor.card.outputs:
         return [base_resize(c, size) for c in crops]
     target = predictor.labels.index(predictor.positive_labels[0])
     out = []
     for start in range(0, len(crops), predictor.batch_size):
-        chunk = crops[start:start + predictor.batch_size]
+        chunk = crops[start : start + predictor.batch_size]
         maps = predictor.cams(predictor.preprocess(chunk), target)
         for crop, m in zip(chunk, maps):
             m = m - m.min()
@@ -93,7 +94,6 @@ def saliency_maps(predictor, crops: list[np.ndarray]) -> list[np.ndarray]:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
 
     if not crops:
         return []

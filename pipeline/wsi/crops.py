@@ -1,5 +1,6 @@
 """Per-cell crops: the square box around each detected cell, read one at a time or, for the
 cells of one tile, cut from a single read of their joint bounding box."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,10 @@ def crop_box(row, margin: float, dimensions: tuple[int, int]) -> tuple[int, int,
 
 def crop_boxes(cells_df: pd.DataFrame, margin: float, dimensions: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """`crop_box` for every cell of cells_df, in order."""
-    return [crop_box(row._asdict(), margin, dimensions)
-            for row in cells_df[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+    return [
+        crop_box(row._asdict(), margin, dimensions)
+        for row in cells_df[["x0", "y0", "x1", "y1"]].itertuples(index=False)
+    ]
 
 
 def iter_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float) -> Iterator[np.ndarray]:
@@ -58,7 +61,7 @@ def _read_under(source: SlideSource, boxes, bounds: tuple[int, int, int, int]) -
     col0, row0 = bx0 // b, by0 // b
     touched = np.zeros(((by1 - 1) // b - row0 + 1, (bx1 - 1) // b - col0 + 1), bool)
     for x, y, w, h in boxes:
-        touched[y // b - row0:(y + h - 1) // b - row0 + 1, x // b - col0:(x + w - 1) // b - col0 + 1] = True
+        touched[y // b - row0 : (y + h - 1) // b - row0 + 1, x // b - col0 : (x + w - 1) // b - col0 + 1] = True
     for r in range(touched.shape[0]):
         cols = np.flatnonzero(touched[r])
         if not len(cols):
@@ -67,7 +70,7 @@ def _read_under(source: SlideSource, boxes, bounds: tuple[int, int, int, int]) -
         y0, y1 = max(by0, (row0 + r) * b), min(by1, (row0 + r + 1) * b)
         for run in runs:
             x0, x1 = max(bx0, (col0 + run[0]) * b), min(bx1, (col0 + run[-1] + 1) * b)
-            out[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] = source.read_region(x0, y0, x1 - x0, y1 - y0)
+            out[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] = source.read_region(x0, y0, x1 - x0, y1 - y0)
     return out
 
 
@@ -82,5 +85,5 @@ def tile_crops(source: SlideSource, cells_df: pd.DataFrame, margin: float, size:
     region = _read_under(source, boxes, (bx0, by0, bx1, by1))
     out = np.empty((len(boxes), size, size, 3), np.uint8)
     for i, (x, y, w, h) in enumerate(boxes):
-        out[i] = base_resize(region[y - by0:y - by0 + h, x - bx0:x - bx0 + w], size)
+        out[i] = base_resize(region[y - by0 : y - by0 + h, x - bx0 : x - bx0 + w], size)
     return out

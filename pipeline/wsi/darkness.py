@@ -2,6 +2,7 @@
 
 Shared by the foreground mask on a thumbnail and by cell segmentation on a tile.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Every cell on a slide: plan the tiles and one slide-wide threshold, segment each tile, keep
 a cell only in the tile whose core holds its centroid, and gather the slide's cell table."""
+
 from __future__ import annotations
 
 import math
@@ -68,16 +69,20 @@ def read_tile(source: SlideSource, plan: DetectionPlan, tile_no: int) -> np.ndar
     return source.read_region(rx, ry, max(1, math.ceil(rw / ds)), max(1, math.ceil(rh / ds)), level=plan.level)
 
 
-def detect_tile(source: SlideSource, plan: DetectionPlan, tile_no: int, cfg: SlideConfig,
-                pixels: np.ndarray | None = None) -> pd.DataFrame | None:
+def detect_tile(
+    source: SlideSource, plan: DetectionPlan, tile_no: int, cfg: SlideConfig, pixels: np.ndarray | None = None
+) -> pd.DataFrame | None:
     """Cells whose centroid lies in one tile's core (level-0 coordinates), or None."""
     if pixels is None:
         pixels = read_tile(source, plan, tile_no)
-    return _tile_cells(pixels, plan.tiles[tile_no], tile_no, plan.downsample, plan.level_mpp, cfg,
-                       plan.threshold, source.dimensions)
+    return _tile_cells(
+        pixels, plan.tiles[tile_no], tile_no, plan.downsample, plan.level_mpp, cfg, plan.threshold, source.dimensions
+    )
 
 
-def finish_cells(parts: list[pd.DataFrame | None], source: SlideSource, cfg: SlideConfig) -> tuple[pd.DataFrame, np.ndarray]:
+def finish_cells(
+    parts: list[pd.DataFrame | None], source: SlideSource, cfg: SlideConfig
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Per-tile cells -> the slide's cell table, and for each of its rows the position of that
     cell in the concatenated parts (so values computed per tile can follow the cells).
 
@@ -96,8 +101,9 @@ def finish_cells(parts: list[pd.DataFrame | None], source: SlideSource, cfg: Sli
     return cells[list(CELL_COLUMNS)], cells["_row"].to_numpy()
 
 
-def detect_slide(source: SlideSource, cfg: SlideConfig, progress: bool | None = None,
-                 level: int | None = None) -> pd.DataFrame:
+def detect_slide(
+    source: SlideSource, cfg: SlideConfig, progress: bool | None = None, level: int | None = None
+) -> pd.DataFrame:
     """Detect every cell on a slide. Columns: cell_id (0..n-1, sorted by y then x), x, y
     (level-0 centroid), x0, y0, x1, y1 (level-0 bbox, x1/y1 exclusive), diameter_um, area_um2.
 
@@ -108,8 +114,13 @@ def detect_slide(source: SlideSource, cfg: SlideConfig, progress: bool | None = 
     plan = plan_detection(source, cfg, level)
     tiles = plan.tiles
     parts = []
-    bar = tqdm(total=len(tiles), desc=f"cells {source.path.name}", unit="tile", file=sys.stderr,
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        total=len(tiles),
+        desc=f"cells {source.path.name}",
+        unit="tile",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,
+    )
     # Decode the next tile in a thread (OpenSlide releases the GIL) while this one is segmented.
     with bar, ThreadPoolExecutor(max_workers=1) as pool:
         reads = in_order(pool, lambda i: read_tile(source, plan, i), range(len(tiles)), ahead=1)
@@ -119,8 +130,16 @@ def detect_slide(source: SlideSource, cfg: SlideConfig, progress: bool | None = 
     return finish_cells(parts, source, cfg)[0]
 
 
-def _tile_cells(pixels: np.ndarray, tile: Tile, tile_no: int, ds: float, level_mpp: float,
-                cfg: SlideConfig, threshold: float, dimensions: tuple[int, int]) -> pd.DataFrame | None:
+def _tile_cells(
+    pixels: np.ndarray,
+    tile: Tile,
+    tile_no: int,
+    ds: float,
+    level_mpp: float,
+    cfg: SlideConfig,
+    threshold: float,
+    dimensions: tuple[int, int],
+) -> pd.DataFrame | None:
     """Cells of one tile whose centroid lies in its core, in level-0 coordinates."""
     rx, ry = tile.region[:2]
     found = segment_region(pixels, level_mpp, cfg, threshold)
@@ -135,17 +154,20 @@ def _tile_cells(pixels: np.ndarray, tile: Tile, tile_no: int, ds: float, level_m
         return None
     area_um2 = found["area_px"][inside] * level_mpp * level_mpp
     width, height = dimensions
-    return pd.DataFrame({
-        "x": x[inside], "y": y[inside],
-        "x0": rx + np.floor(found["x0"][inside] * ds).astype(np.int64),
-        "y0": ry + np.floor(found["y0"][inside] * ds).astype(np.int64),
-        # Clipped here, not at the end, so a tile's crops are final as soon as it is detected.
-        "x1": np.minimum(rx + np.ceil(found["x1"][inside] * ds).astype(np.int64), width),
-        "y1": np.minimum(ry + np.ceil(found["y1"][inside] * ds).astype(np.int64), height),
-        "diameter_um": np.sqrt(4 * area_um2 / math.pi),
-        "area_um2": area_um2,
-        "_tile": tile_no,
-    })
+    return pd.DataFrame(
+        {
+            "x": x[inside],
+            "y": y[inside],
+            "x0": rx + np.floor(found["x0"][inside] * ds).astype(np.int64),
+            "y0": ry + np.floor(found["y0"][inside] * ds).astype(np.int64),
+            # Clipped here, not at the end, so a tile's crops are final as soon as it is detected.
+            "x1": np.minimum(rx + np.ceil(found["x1"][inside] * ds).astype(np.int64), width),
+            "y1": np.minimum(ry + np.ceil(found["y1"][inside] * ds).astype(np.int64), height),
+            "diameter_um": np.sqrt(4 * area_um2 / math.pi),
+            "area_um2": area_um2,
+            "_tile": tile_no,
+        }
+    )
 
 
 def _drop_border_duplicates(cells: pd.DataFrame, radius: float) -> pd.DataFrame:

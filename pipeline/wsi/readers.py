@@ -4,6 +4,7 @@
 over plain field images (PNG/JPEG/TIFF/BMP, one in-memory level). Reads are RGB, with areas
 outside the slide (or transparent) white, like glass.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,13 +100,15 @@ class _OpenSlideSource(SlideSource):
             try:
                 return direct.read(int(round(x / ds)), int(round(y / ds)), w, h)
             except (OSError, ValueError) as exc:  # PIL raises OSError for a corrupt JPEG tile
-                raise SlideError(self.path, f"cannot read region ({x}, {y}) {w}x{h} at level {level}: "
-                                            f"{_one_line(exc)}") from None
+                raise SlideError(
+                    self.path, f"cannot read region ({x}, {y}) {w}x{h} at level {level}: {_one_line(exc)}"
+                ) from None
         try:
             rgba = np.asarray(self._slide.read_region((x, y), level, (w, h)))
         except openslide.OpenSlideError as exc:
-            raise SlideError(self.path, f"cannot read region ({x}, {y}) {w}x{h} at level {level}: "
-                                        f"{_one_line(exc)}") from None
+            raise SlideError(
+                self.path, f"cannot read region ({x}, {y}) {w}x{h} at level {level}: {_one_line(exc)}"
+            ) from None
         return _composite_white(rgba)
 
     def thumbnail(self, max_px):
@@ -148,7 +151,7 @@ class _ImageSource(SlideSource):
         iw, ih = self.dimensions
         sx0, sy0, sx1, sy1 = max(x, 0), max(y, 0), min(x + w, iw), min(y + h, ih)
         if sx0 < sx1 and sy0 < sy1:
-            out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = self._rgb[sy0:sy1, sx0:sx1]
+            out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = self._rgb[sy0:sy1, sx0:sx1]
         return out
 
     def thumbnail(self, max_px):

@@ -13,6 +13,7 @@ decoding only the tiles it touches. It is used only for pages it can read exactl
 tiled, 8-bit, 3 samples, contiguous, baseline JPEG (compression 7) without shared JPEG tables;
 anything else stays with OpenSlide.
 """
+
 from __future__ import annotations
 
 import io
@@ -69,13 +70,21 @@ class TiledJpegLevel:
         left, top = tx * self.tile_w, ty * self.tile_h
         cx0, cy0 = max(clip[0], left), max(clip[1], top)
         cx1, cy1 = min(clip[2], left + pixels.shape[1]), min(clip[3], top + pixels.shape[0])
-        out[cy0 - y:cy1 - y, cx0 - x:cx1 - x] = pixels[cy0 - top:cy1 - top, cx0 - left:cx1 - left]
+        out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = pixels[cy0 - top : cy1 - top, cx0 - left : cx1 - left]
 
 
 def _readable(page) -> bool:
-    return (page.is_tiled and page.compression == _JPEG and int(page.photometric) in _PHOTOMETRIC_RGB_OR_YCBCR
-            and page.samplesperpixel == 3 and page.bitspersample == 8 and int(page.planarconfig) == 1
-            and not page.jpegtables and len(page.shape) == 3 and page.tiledepth == 1)
+    return (
+        page.is_tiled
+        and page.compression == _JPEG
+        and int(page.photometric) in _PHOTOMETRIC_RGB_OR_YCBCR
+        and page.samplesperpixel == 3
+        and page.bitspersample == 8
+        and int(page.planarconfig) == 1
+        and not page.jpegtables
+        and len(page.shape) == 3
+        and page.tiledepth == 1
+    )
 
 
 def direct_levels(path: Path | str, level_dimensions) -> dict[int, TiledJpegLevel]:
@@ -91,10 +100,15 @@ def direct_levels(path: Path | str, level_dimensions) -> dict[int, TiledJpegLeve
                 page = pages.get(tuple(int(v) for v in dims))
                 if page is None or not _readable(page):
                     continue
-                levels[level] = TiledJpegLevel(Path(path), int(page.shape[1]), int(page.shape[0]),
-                                               int(page.tilewidth), int(page.tilelength),
-                                               tuple(int(v) for v in page.dataoffsets),
-                                               tuple(int(v) for v in page.databytecounts))
+                levels[level] = TiledJpegLevel(
+                    Path(path),
+                    int(page.shape[1]),
+                    int(page.shape[0]),
+                    int(page.tilewidth),
+                    int(page.tilelength),
+                    tuple(int(v) for v in page.dataoffsets),
+                    tuple(int(v) for v in page.databytecounts),
+                )
             return levels
     except Exception:  # noqa: BLE001 - not a TIFF tifffile understands: OpenSlide reads every level
         return {}

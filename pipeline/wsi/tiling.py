@@ -3,6 +3,7 @@
 Each tile is a core of the grid plus an overlap of one maximum cell diameter, so a cell on a
 core border is read whole by the tile whose core holds its centroid.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ class Tile:
     region: tuple[int, int, int, int]  # x, y, w, h: the core plus overlap, clipped
 
 
-def foreground_tiles(mask: np.ndarray, downsample: float, dimensions: tuple[int, int],
-                     tile_px: int, overlap_px: int) -> list[Tile]:
+def foreground_tiles(
+    mask: np.ndarray, downsample: float, dimensions: tuple[int, int], tile_px: int, overlap_px: int
+) -> list[Tile]:
     """The tiles whose tile_px grid core touches the mask (`downsample`: level-0 pixels per mask
     pixel), each with its core grown by overlap_px and clipped to the slide. Row-major order."""
     if tile_px <= 0:
@@ -55,8 +57,9 @@ def foreground_tiles(mask: np.ndarray, downsample: float, dimensions: tuple[int,
     return tiles
 
 
-def foreground_regions(mask: np.ndarray, downsample: float, dimensions: tuple[int, int],
-                       tile_px: int, overlap_px: int) -> list[tuple[int, int, int, int]]:
+def foreground_regions(
+    mask: np.ndarray, downsample: float, dimensions: tuple[int, int], tile_px: int, overlap_px: int
+) -> list[tuple[int, int, int, int]]:
     """Level-0 regions (x, y, w, h): tile_px grid cores touching the mask, each grown by
     overlap_px on every side and clipped to the slide. Row-major order."""
     return [t.region for t in foreground_tiles(mask, downsample, dimensions, tile_px, overlap_px)]

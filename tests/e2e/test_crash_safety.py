@@ -1,6 +1,7 @@
 """Faults a real training meets: SIGKILL mid-epoch, torchrun with 2 processes (and a killed one),
 two trainings sharing one MLflow store, two predicts at once. Every command runs as a subprocess,
 exactly as a user would run it."""
+
 from __future__ import annotations
 
 import os
@@ -49,6 +50,7 @@ def make_project(prepared, tmp_path):
         write_tiny_params(project, HERLEV, **overrides)
         shutil.copytree(prepared, project / "data")
         return project
+
     return make
 
 
@@ -59,13 +61,26 @@ def _env() -> dict:
 
 
 def start(project: Path, *args: str, out=subprocess.PIPE) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=project, env=_env(), text=True,
-                            stdout=out, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=project,
+        env=_env(),
+        text=True,
+        stdout=out,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def run_ok(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=project, env=_env(), text=True,
-                          capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=project,
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"cytopipe {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -75,7 +90,9 @@ def kill_after_first_checkpoint(proc: subprocess.Popen, folder: Path) -> dict:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"training ended (rc {proc.returncode}) before it could be killed:\n{proc.stderr.read()[-3000:]}")
+            pytest.fail(
+                f"training ended (rc {proc.returncode}) before it could be killed:\n{proc.stderr.read()[-3000:]}"
+            )
         if (folder / checkpoints.MANIFEST).is_file() and checkpoints.read_manifest(folder)["checkpoints"]:
             break
         time.sleep(0.05)
@@ -94,8 +111,9 @@ def kill_after_first_checkpoint(proc: subprocess.Popen, folder: Path) -> dict:
 def client(project: Path):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}",
-                               registry_uri=f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.MlflowClient(
+        tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}"
+    )
 
 
 def runs(project: Path) -> list:
@@ -191,18 +209,31 @@ def test_torchrun_killed_then_resumed(make_project):
 
 def test_nproc_with_an_indivisible_batch_is_one_clear_error(make_project):
     project = make_project("ddp_bad", train__batch_size=7)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--nproc", "2"], cwd=project, env=_env(),
-                          text=True, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--nproc", "2"],
+        cwd=project,
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "cytopipe train: error: train.batch_size 7 must divide by the 2 processes (it is the global batch)"]
+        "cytopipe train: error: train.batch_size 7 must divide by the 2 processes (it is the global batch)"
+    ]
 
 
 def test_a_failing_worker_fails_the_launch_in_one_line_per_process(make_project):
     project = make_project("ddp_fail")
     (project / "data/split/split.csv").write_text("not,a,split\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--nproc", "2"], cwd=project, env=_env(),
-                          text=True, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--nproc", "2"],
+        cwd=project,
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "cytopipe train: error: distributed training failed (rank " in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -211,8 +242,19 @@ def test_a_failing_worker_fails_the_launch_in_one_line_per_process(make_project)
 def test_two_trainings_share_one_new_mlflow_store(make_project):
     project = make_project("shared_store")
     assert not (project / "mlflow.db").exists()  # both race to create it
-    procs = [start(project, "train", "--out", f"models/m{i}", "--checkpoints", f"checkpoints/c{i}",
-                   "--reports", f"reports/r{i}") for i in (1, 2)]
+    procs = [
+        start(
+            project,
+            "train",
+            "--out",
+            f"models/m{i}",
+            "--checkpoints",
+            f"checkpoints/c{i}",
+            "--reports",
+            f"reports/r{i}",
+        )
+        for i in (1, 2)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -230,8 +272,9 @@ def test_two_predicts_at_once_write_complete_files(make_project, tmp_path):
     run_ok(project, "train", "--fresh")
     images = sorted(HERLEV.rglob("*.jpg"))[:48]
     assert len(images) == 48
-    procs = [start(project, "predict", *map(str, images), "--model", "models/train", "--out", f"out{i}.csv")
-             for i in (1, 2)]
+    procs = [
+        start(project, "predict", *map(str, images), "--model", "models/train", "--out", f"out{i}.csv") for i in (1, 2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

@@ -1,4 +1,5 @@
 """`dvc repro` runs the stages (ingest -> ... -> export) in a scratch copy of the repo, and `dvc status` tracks the source."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ pytestmark = pytest.mark.slow
 
 def _project_files() -> list[str]:
     """Tracked plus untracked-but-not-ignored files: what a clone of this work tree would hold."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [f for f in out.splitlines() if (ROOT / f).is_file() and f != "dvc.lock"]
 
 
@@ -41,8 +47,11 @@ def _scratch_repo(tmp_path, herlev_dir) -> tuple[Path, dict]:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, repo / rel)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(DVC_NO_ANALYTICS="1", NO_ALBUMENTATIONS_UPDATE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        NO_ALBUMENTATIONS_UPDATE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     _run(["git", "init", "-q"], repo, env)
     return repo, env
 
@@ -133,17 +142,25 @@ def test_calibration_and_ood_threshold_ignore_the_test_labels(shipped_repo, tmp_
     cwd = os.getcwd()
     os.chdir(repo)  # params.yaml's relative data paths
     try:
-        out = evaluate.evaluate_split(load_params("params.yaml"), Path("models/train"), tmp_path / "split.csv",
-                                      tmp_path / "model", tmp_path / "reports", log=lambda *_: None,
-                                      oof_csv=Path("reports/cv/oof.csv"))
+        out = evaluate.evaluate_split(
+            load_params("params.yaml"),
+            Path("models/train"),
+            tmp_path / "split.csv",
+            tmp_path / "model",
+            tmp_path / "reports",
+            log=lambda *_: None,
+            oof_csv=Path("reports/cv/oof.csv"),
+        )
     finally:
         os.chdir(cwd)
     for key in ("temperature", "threshold", "band"):
         assert out["calibration"][key] == shipped["calibration"][key]
     again = json.loads((tmp_path / "model" / "model.json").read_text())
     assert again["ood"]["threshold"] == shipped["ood"]["threshold"]
-    assert out["result"]["metrics"]["roc_auc"]["value"] != json.loads(
-        (repo / "reports/evaluate/metrics.json").read_text())["test"]["roc_auc"]  # the labels did change
+    assert (
+        out["result"]["metrics"]["roc_auc"]["value"]
+        != json.loads((repo / "reports/evaluate/metrics.json").read_text())["test"]["roc_auc"]
+    )  # the labels did change
 
 
 def test_model_card_is_generated_from_the_metrics_files_and_champion_is_set(shipped_repo):
@@ -154,11 +171,15 @@ def test_model_card_is_generated_from_the_metrics_files_and_champion_is_set(ship
     card = (repo / "models/calibrated/model_card.md").read_text()
     held, test = metrics["heldout"], metrics["test"]
     for flat in (held, test):
-        row = (f"{flat['roc_auc']:.3f} [{flat['roc_auc_ci_low']:.3f}, {flat['roc_auc_ci_high']:.3f}] | "
-               f"{flat['sensitivity']:.3f} [{flat['sensitivity_ci_low']:.3f}, {flat['sensitivity_ci_high']:.3f}]")
+        row = (
+            f"{flat['roc_auc']:.3f} [{flat['roc_auc_ci_low']:.3f}, {flat['roc_auc_ci_high']:.3f}] | "
+            f"{flat['sensitivity']:.3f} [{flat['sensitivity_ci_low']:.3f}, {flat['sensitivity_ci_high']:.3f}]"
+        )
         assert row in card
-    assert f"normal_columnar) cells are the commonest false positives: held-out false-positive rate " \
-           f"{held['normal_columnar_fpr']:.3f}" in card
+    assert (
+        f"normal_columnar) cells are the commonest false positives: held-out false-positive rate "
+        f"{held['normal_columnar_fpr']:.3f}" in card
+    )
     assert f"temperature {metrics['calibration']['temperature']:.3f}" in card
     assert "pulmonary-artery" in card.lower() and "## Never validated on" in card
     meta = json.loads((repo / "models/calibrated/model.json").read_text())
@@ -174,8 +195,11 @@ def test_model_card_is_generated_from_the_metrics_files_and_champion_is_set(ship
     # store (with none set it would open ./mlflow.db; once it asked whichever store an earlier test left set).
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     mlflow.set_registry_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    logged = Path(mlflow.artifacts.download_artifacts(f"models:/cytology-classifier/{champion.version}",
-                                                      tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"))
+    logged = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/cytology-classifier/{champion.version}", tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"
+        )
+    )
     card_logged = next(logged.rglob("model_card.md")).read_text()
     assert f"Registered version: {champion.version}" in card_logged
 
@@ -218,9 +242,11 @@ def test_dvc_retrain_on_herlev_plus_a_harvest_from_the_registered_model(tmp_path
         slide, cells = write_slide(slides, name, seed)
         harvest.run(slide, cells, write_labels(slides / f"{name}-labels.csv", cells), repo / "data/harvest", 0.25)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["sources"]["harvest"] = {"path": "data/harvest/manifest.csv",
-                                            "label_map": "configs/labels/harvest_binary.yaml",
-                                            "group": {"column": "group"}}
+    params["data"]["sources"]["harvest"] = {
+        "path": "data/harvest/manifest.csv",
+        "label_map": "configs/labels/harvest_binary.yaml",
+        "group": {"column": "group"},
+    }
     params["model"]["init_from"] = "models:/cytology-classifier@candidate"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _run(["dvc", "status", "--with-deps", "train"], repo, env)
@@ -228,8 +254,10 @@ def test_dvc_retrain_on_herlev_plus_a_harvest_from_the_registered_model(tmp_path
 
     _run(["dvc", "repro", "train"], repo, env)
     manifest = pd.read_csv(repo / "data/ingest/manifest.csv", dtype=str)
-    assert manifest.groupby("source").size().to_dict() == {"harvest": 2 * LABELS.count("benign") + 2 * LABELS.count(
-        "malignant"), "herlev": 722}
+    assert manifest.groupby("source").size().to_dict() == {
+        "harvest": 2 * LABELS.count("benign") + 2 * LABELS.count("malignant"),
+        "herlev": 722,
+    }
     assert set(manifest.loc[manifest["source"] == "harvest", "group"]) == {"harvest:slide-a", "harvest:slide-b"}
     meta = json.loads((repo / "models/train/model.json").read_text())
     assert meta["init_from"]["version"] == "1" and meta["init_from"]["head"] == "reused"

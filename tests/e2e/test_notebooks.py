@@ -1,5 +1,6 @@
 """The notebooks run top to bottom against the session's tiny project (committed without outputs:
 tests/unit/test_notebooks.py)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def tiny_project(tiny_project) -> Path:
 
 def execute(nb, timeout: int = 300):
     """Run every cell in a python3 kernel started in notebooks/; raises on the first failing cell."""
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     return nb
 
 
@@ -70,5 +72,3 @@ def test_error_analysis_runs(tiny_project, monkeypatch):
     assert "roc_auc" in text and "normal_columnar" in text
     assert "false negative" in text and "indeterminate" in text
     assert pngs >= 2  # score histogram and reliability diagram, plus one grid per kind of error that occurred
-
-

@@ -4,6 +4,7 @@ pagination of a large gallery, the out-of-domain display, and hostile slide path
 Reports are built with `render_html` from synthetic summaries (no model; tests/report_pages.py), so
 this stays fast.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,9 +42,10 @@ def card(page, i: int) -> str:
 
 
 def pressed(page, i: int) -> list[str]:
-    return page.eval_on_selector_all(f"{card(page, i)} button[data-label]",
-                                     "bs => bs.filter(b => b.getAttribute('aria-pressed') === 'true')"
-                                     ".map(b => b.dataset.label)")
+    return page.eval_on_selector_all(
+        f"{card(page, i)} button[data-label]",
+        "bs => bs.filter(b => b.getAttribute('aria-pressed') === 'true').map(b => b.dataset.label)",
+    )
 
 
 def test_label_change_clear_reload_and_export(browser, tmp_path):
@@ -142,8 +144,11 @@ def test_500_cells_are_paginated_and_all_reachable(browser, tmp_path):
     context.close()
 
 
-@pytest.mark.parametrize("extra", [OOD, {**OOD, "ood_warning": False, "fraction_out_of_domain": 0.01},
-                                   {}], ids=["warning", "within-limit", "no-ood-keys"])
+@pytest.mark.parametrize(
+    "extra",
+    [OOD, {**OOD, "ood_warning": False, "fraction_out_of_domain": 0.01}, {}],
+    ids=["warning", "within-limit", "no-ood-keys"],
+)
 def test_out_of_domain_banner_and_cells(browser, tmp_path, extra):
     per_cell = {1: {"in_domain": False, "ood_score": 9.5}, 0: {"in_domain": True, "ood_score": 0.3}} if extra else {}
     url = write_report(tmp_path, "r.html", summary(**extra), gallery(4, per_cell=per_cell))
@@ -197,5 +202,3 @@ def test_hostile_slide_path_is_escaped_and_the_page_works(browser, tmp_path):
     assert rows[1][3] == "benign" and rows[1][6:] == [slide, "models:/a\"b'<c>@3"]
     assert page.errors == []
     context.close()
-
-

@@ -2,6 +2,7 @@
 ONNX export): the served scores match `cytopipe predict`, bad rows are reported one by one beside the
 good ones, and a malformed request fails as a whole. The model's other paths:
 tests/integration/test_export.py and tests/integration/test_bad_inputs.py."""
+
 from __future__ import annotations
 
 import base64
@@ -12,8 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import SHARED_DATA, herlev_images, tree_digest
-from tests.corpus import (ACCEPTED, CALLS, REJECTED, SENDABLE, Run, _zero_bytes, corpus_state,
-                          run_predict)
+from tests.corpus import ACCEPTED, CALLS, REJECTED, SENDABLE, Run, _zero_bytes, corpus_state, run_predict
 from tests.serving import frame, post, serve
 
 HERLEV = SHARED_DATA / "herlev"
@@ -44,21 +44,25 @@ def test_rest_server_matches_predict_and_reports_bad_rows(project, server, tmp_p
     assert status == 200, body
     served = pd.DataFrame(body["predictions"])
     out = tmp_path / "predict.json"
-    assert predict_paths([str(f) for f in files], MODEL, str(out), None,
-                         f"sqlite:///{project['root'] / 'mlflow.db'}") == 0
+    assert (
+        predict_paths([str(f) for f in files], MODEL, str(out), None, f"sqlite:///{project['root'] / 'mlflow.db'}") == 0
+    )
     rows = json.loads(out.read_text())["predictions"]
     np.testing.assert_allclose(served["p_malignant"], [r["p_malignant"] for r in rows], atol=1e-5)
     assert list(served["call"]) == [r["call"] for r in rows]
     assert list(served["in_domain"]) == [r["in_domain"] for r in rows]
     np.testing.assert_allclose(served["ood_score"], [r["ood_score"] for r in rows], rtol=1e-5)
-    assert list(served["model_version"]) == [r["model_version"] for r in rows] == \
-        [project["export"]["model_version"]] * 8
+    assert (
+        list(served["model_version"]) == [r["model_version"] for r in rows] == [project["export"]["model_version"]] * 8
+    )
     assert list(served["error"]) == [""] * 8
 
     # A bad row is reported in its own `error` and skipped; the good rows around it are scored.
-    bad = {"!!!not base64!!!": "row 1: not valid base64",
-           base64.b64encode(b"plain text, no pixels").decode(): "row 2: not an image",
-           "": "row 3: empty"}
+    bad = {
+        "!!!not base64!!!": "row 1: not valid base64",
+        base64.b64encode(b"plain text, no pixels").decode(): "row 2: not an image",
+        "": "row 3: empty",
+    }
     good = encode_image_file(files[0])
     status, body = post(server, frame([good, *bad, good]))
     assert status == 200, body
@@ -71,8 +75,11 @@ def test_rest_server_matches_predict_and_reports_bad_rows(project, server, tmp_p
         assert r["error"] == "" and r["p_malignant"] == pytest.approx(rows[0]["p_malignant"], abs=1e-5)
 
     # A request that is malformed as a whole still fails as a whole.
-    whole = {"no rows": (frame([]), "no rows"), "empty body": (b"", "JSON"),
-             "no image column": ({"dataframe_split": {"columns": ["picture"], "data": [[good]]}}, "image")}
+    whole = {
+        "no rows": (frame([]), "no rows"),
+        "empty body": (b"", "JSON"),
+        "no image column": ({"dataframe_split": {"columns": ["picture"], "data": [[good]]}}, "image"),
+    }
     for what, (payload, message) in whole.items():
         status, body = post(server, payload)
         assert 400 <= status < 500, (what, status, body)
@@ -104,8 +111,9 @@ def test_rest_server_reports_bad_rows_and_scores_the_rest(project, corpus, predi
     expected = pd.read_csv(predict_run.out / "predictions.csv").set_index("path")["p_malignant"]
     for i, (row, reason) in enumerate(zip(got, reasons)):
         if reason is None:
-            assert row["error"] == "" and (row["call"] in CALLS if row["in_domain"] else
-                                           row["call"] == "out of domain"), (i, row)
+            assert row["error"] == "" and (
+                row["call"] in CALLS if row["in_domain"] else row["call"] == "out of domain"
+            ), (i, row)
             assert row["p_malignant"] == pytest.approx(expected[str(images / sent[i].rel)], abs=1e-5)
         else:
             assert row["error"].startswith(f"row {i}: ") and reason in row["error"], (i, row)

@@ -1,5 +1,6 @@
 """The report of `cytopipe score-slide` in Chromium: it renders without errors, and the labels exported
 from it are those of cells.csv (on the session's tiny project)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,9 +25,17 @@ def test_report_renders_in_chromium_without_errors(scored):
     out, _ = scored
     errors = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page()
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))

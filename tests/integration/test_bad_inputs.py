@@ -8,6 +8,7 @@ are accepted and scored.
 The CLI runs as a subprocess, so stderr is exactly what a user sees. As root (these tests run as
 root) a chmod 000 file is still readable, so the subprocesses drop the capabilities that allow it.
 """
+
 from __future__ import annotations
 
 import struct
@@ -19,8 +20,24 @@ import pytest
 from PIL import Image
 
 from tests.conftest import without_root_file_access
-from tests.corpus import (ACCEPTED, BAD_SLIDES, BENIGN, CALLS, EMPTY_CLASS, GOOD_SLIDES, LABELS, MALIGNANT, REJECTED,
-                          Run, corpus_state, cytopipe, leftovers, lines_about, run_cli, run_predict)
+from tests.corpus import (
+    ACCEPTED,
+    BAD_SLIDES,
+    BENIGN,
+    CALLS,
+    EMPTY_CLASS,
+    GOOD_SLIDES,
+    LABELS,
+    MALIGNANT,
+    REJECTED,
+    Run,
+    corpus_state,
+    cytopipe,
+    leftovers,
+    lines_about,
+    run_cli,
+    run_predict,
+)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -38,9 +55,22 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ingest_run(project, corpus, state_before, work) -> Run:
-    return run_cli(corpus, work, "ingest", "ingest", "--params", project["root"] / "params.yaml",
-                "--source", corpus / "images", "--label-map", LABELS, "--group-regex", "(.+)",
-                "--out", work / "ingest")
+    return run_cli(
+        corpus,
+        work,
+        "ingest",
+        "ingest",
+        "--params",
+        project["root"] / "params.yaml",
+        "--source",
+        corpus / "images",
+        "--label-map",
+        LABELS,
+        "--group-regex",
+        "(.+)",
+        "--out",
+        work / "ingest",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +80,42 @@ def predict_run(project, corpus, state_before, work) -> Run:
 
 @pytest.fixture(scope="module")
 def evaluate_run(project, corpus, state_before, work) -> Run:
-    return run_cli(corpus, work, "evaluate", "evaluate", "--data", corpus / "images", "--label-map", LABELS,
-                "--model", project["root"] / "models/exported", "--params", project["root"] / "params.yaml",
-                "--out", work / "evaluate")
+    return run_cli(
+        corpus,
+        work,
+        "evaluate",
+        "evaluate",
+        "--data",
+        corpus / "images",
+        "--label-map",
+        LABELS,
+        "--model",
+        project["root"] / "models/exported",
+        "--params",
+        project["root"] / "params.yaml",
+        "--out",
+        work / "evaluate",
+    )
 
 
 @pytest.fixture(scope="module")
 def slides_run(project, corpus, state_before, work) -> Run:
     slides = [corpus / "slides" / c.rel for c in GOOD_SLIDES + BAD_SLIDES] + [corpus / "empty"]
-    return run_cli(corpus, work, "slides", "score-slide", *slides, "--model", project["root"] / "models/exported",
-                "--params", project["root"] / "params.yaml", "--out", work / "slides", "--top", 2)
+    return run_cli(
+        corpus,
+        work,
+        "slides",
+        "score-slide",
+        *slides,
+        "--model",
+        project["root"] / "models/exported",
+        "--params",
+        project["root"] / "params.yaml",
+        "--out",
+        work / "slides",
+        "--top",
+        2,
+    )
 
 
 RUNS = {"ingest": "ingest_run", "predict": "predict_run", "evaluate": "evaluate_run"}
@@ -154,11 +210,31 @@ def test_an_empty_folder_alone_is_a_one_line_failure(entry, project, corpus, sta
     root = project["root"]
     out = tmp_path / "out"
     args = {
-        "ingest": ["ingest", "--params", root / "params.yaml", "--source", corpus / "empty",
-                   "--label-map", LABELS, "--out", out],
+        "ingest": [
+            "ingest",
+            "--params",
+            root / "params.yaml",
+            "--source",
+            corpus / "empty",
+            "--label-map",
+            LABELS,
+            "--out",
+            out,
+        ],
         "predict": ["predict", corpus / "empty", "--model", root / "models/exported", "--out", out / "p.csv"],
-        "evaluate": ["evaluate", "--params", root / "params.yaml", "--data", corpus / "empty",
-                     "--label-map", LABELS, "--model", root / "models/exported", "--out", out],
+        "evaluate": [
+            "evaluate",
+            "--params",
+            root / "params.yaml",
+            "--data",
+            corpus / "empty",
+            "--label-map",
+            LABELS,
+            "--model",
+            root / "models/exported",
+            "--out",
+            out,
+        ],
     }[entry]
     proc = cytopipe(*args, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -218,9 +294,24 @@ def test_failed_slides_leave_no_folders_and_shared_names_are_refused(project, co
 
 def test_one_slide_in_an_odd_path_reports_into_out_itself(project, corpus, tmp_path):
     slide = corpus / "slides" / GOOD_SLIDES[1].rel
-    proc = cytopipe("score-slide", slide, "--model", project["root"] / "models/exported",
-                    "--params", project["root"] / "params.yaml", "--out", tmp_path / "report", "--top", 2, cwd=tmp_path)
+    proc = cytopipe(
+        "score-slide",
+        slide,
+        "--model",
+        project["root"] / "models/exported",
+        "--params",
+        project["root"] / "params.yaml",
+        "--out",
+        tmp_path / "report",
+        "--top",
+        2,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["cells.csv", "heatmap.png", "report.html",
-                                                                        "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "cells.csv",
+        "heatmap.png",
+        "report.html",
+        "summary.json",
+    ]
     assert str(slide) in (tmp_path / "report" / "report.html").read_text()

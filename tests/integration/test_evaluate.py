@@ -1,4 +1,5 @@
 """Evaluate stage on a tiny project, external-folder evaluation, promotion, and CV."""
+
 from __future__ import annotations
 
 import json
@@ -36,16 +37,32 @@ def test_stage_writes_calibrated_model_and_reports(project):
     assert cal["validation"]["sensitivity"] >= params.evaluate.target_sensitivity  # rule met on val
     assert cal["validation"]["nll_after"] <= cal["validation"]["nll_before"] + 1e-9
     metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
-    for name in ("roc_auc", "pr_auc", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
-                 "brier", "ece"):
+    for name in (
+        "roc_auc",
+        "pr_auc",
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "f1",
+        "brier",
+        "ece",
+    ):
         value, lo, hi = (metrics["test"][f"{name}{s}"] for s in ("", "_ci_low", "_ci_high"))
         assert lo - 1e-9 <= value <= hi + 1e-9, name
     assert {"test_with_tta", "test_without_tta"} <= set(metrics) and 0 < metrics["test"]["coverage"] <= 1
     assert "normal_columnar_fpr" in metrics["test"]
     by_class = json.loads((root / "reports/evaluate/by_class.json").read_text())
     assert {r["original_class"] for r in by_class} == {
-        "normal_superficiel", "normal_intermediate", "normal_columnar", "light_dysplastic",
-        "moderate_dysplastic", "severe_dysplastic", "carcinoma_in_situ"}
+        "normal_superficiel",
+        "normal_intermediate",
+        "normal_columnar",
+        "light_dysplastic",
+        "moderate_dysplastic",
+        "severe_dysplastic",
+        "carcinoma_in_situ",
+    }
     for name in ("roc.csv", "pr.csv", "confusion.csv", "reliability.csv", "test_predictions.csv"):
         assert len(pd.read_csv(root / "reports/evaluate" / name)) > 0, name
     preds = pd.read_csv(root / "reports/evaluate/test_predictions.csv")
@@ -78,14 +95,23 @@ def test_promotion_sets_champion_only_when_minimums_are_met(tiny_project_copy):
     assert float(champion.tags["calibration.threshold"]) == pytest.approx(out["calibration"]["threshold"])
 
     strict = params.promotion.__class__(min_auc=0.999, min_sensitivity=0.999)
-    promote, reason = evaluate.promotion_decision({"roc_auc": 0.98, "sensitivity": 0.97},
-                                                  params.__class__(**{**params.__dict__, "promotion": strict}))
+    promote, reason = evaluate.promotion_decision(
+        {"roc_auc": 0.98, "sensitivity": 0.97}, params.__class__(**{**params.__dict__, "promotion": strict})
+    )
     assert not promote and "test AUC 0.9800 < 0.999" in reason
     # Registering a version that is not promoted leaves @champion where it was.
-    logged = tracking.log_evaluation(params.mlflow, None, root / "models/calibrated",
-                                     pd.DataFrame({"image": [_b64(root)]}),
-                                     metrics={"test_roc_auc": 0.5}, artifacts=[], calibration=out["calibration"],
-                                     promote=False, reason=reason, champion_alias="champion")
+    logged = tracking.log_evaluation(
+        params.mlflow,
+        None,
+        root / "models/calibrated",
+        pd.DataFrame({"image": [_b64(root)]}),
+        metrics={"test_roc_auc": 0.5},
+        artifacts=[],
+        calibration=out["calibration"],
+        promote=False,
+        reason=reason,
+        champion_alias="champion",
+    )
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(champion.version)
     assert str(client.get_model_version_by_alias(name, "candidate").version) == logged["version"]
     assert client.get_model_version(name, logged["version"]).tags["promotion.decision"] == "not promoted"
@@ -101,8 +127,9 @@ def _b64(root: Path) -> str:
 
 def test_registry_uri_resolves_to_the_calibrated_model(project):
     root, out, params = project
-    model_dir = resolve_model_dir(f"models:/{params.mlflow.registered_model}/{out['mlflow']['version']}",
-                                  params.mlflow.tracking_uri)
+    model_dir = resolve_model_dir(
+        f"models:/{params.mlflow.registered_model}/{out['mlflow']['version']}", params.mlflow.tracking_uri
+    )
     remote, local = TorchPredictor(model_dir), TorchPredictor(root / "models/calibrated")
     assert remote.calibration == local.calibration
     image = np.full((200, 200, 3), 180, dtype=np.uint8)
@@ -112,8 +139,16 @@ def test_registry_uri_resolves_to_the_calibrated_model(project):
     from pipeline.calibration import Band
 
     served = mlflow.pyfunc.load_model(out["mlflow"]["model_uri"]).predict(pd.DataFrame({"image": [_b64(root)]}))
-    assert list(served.columns) == ["prob_benign", "prob_malignant", "p_malignant", "call", "in_domain", "ood_score",
-                                    "model_version", "error"]
+    assert list(served.columns) == [
+        "prob_benign",
+        "prob_malignant",
+        "p_malignant",
+        "call",
+        "in_domain",
+        "ood_score",
+        "model_version",
+        "error",
+    ]
     assert served["error"].tolist() == [""]
     # The logged copy knows the version it was registered as (not the training registration's).
     assert served["model_version"].tolist() == [out["mlflow"]["version"]]
@@ -144,8 +179,10 @@ def test_external_folder_with_a_bad_file_and_an_excluded_class(project, tmp_path
             shutil.copy(p, data / cls / p.name)
     (data / "carcinoma_in_situ" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     labels = tmp_path / "labels.yaml"
-    labels.write_text("labels: [benign, malignant]\nclasses:\n  normal_superficiel: benign\n"
-                      "  carcinoma_in_situ: malignant\n  debris: exclude\n")
+    labels.write_text(
+        "labels: [benign, malignant]\nclasses:\n  normal_superficiel: benign\n"
+        "  carcinoma_in_situ: malignant\n  debris: exclude\n"
+    )
     before = tree_digest(data)
     out_dir = tmp_path / "report"
     report = evaluate_folder(str(root / "models/calibrated"), data, labels, out_dir, params.evaluate)
@@ -162,10 +199,25 @@ def test_external_folder_with_a_bad_file_and_an_excluded_class(project, tmp_path
 
 def test_cli_folder_mode_errors_are_one_line(project, tmp_path):
     root, _, _ = project
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", "--params", str(root / "params.yaml"),
-                           "--model", str(tmp_path / "missing"), "--data", str(tmp_path),
-                           "--label-map", str(ROOT / "configs/labels/herlev_binary.yaml")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "evaluate",
+            "--params",
+            str(root / "params.yaml"),
+            "--model",
+            str(tmp_path / "missing"),
+            "--data",
+            str(tmp_path),
+            "--label-map",
+            str(ROOT / "configs/labels/herlev_binary.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "not a model folder" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
@@ -201,8 +253,9 @@ def test_a_model_trained_on_val_is_never_calibrated_on_val(project, tmp_path):
     bad = tmp_path / "oof.csv"
     bad.write_text("path,label\na.jpg,benign\n")
     with pytest.raises(evaluate.EvaluationError, match="oof.csv: not out-of-fold predictions .*missing group"):
-        evaluate.evaluate_split(params, model, root / "data/split/split.csv", tmp_path / "out", tmp_path / "reports",
-                                oof_csv=bad)
+        evaluate.evaluate_split(
+            params, model, root / "data/split/split.csv", tmp_path / "out", tmp_path / "reports", oof_csv=bad
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,7 @@
 """Export stage and the ONNX Runtime path: validation, integrity, registry, and every inference
 command (on the session's exported tiny project; REST serving with `mlflow models serve`:
 tests/e2e/test_rest_serving.py)."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,13 @@ def test_export_folder_metadata_and_validation(project, exported):
 
     meta = json.loads((exported / "metadata.json").read_text())
     calibrated = json.loads((project["root"] / "models/calibrated/model.json").read_text())
-    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", INT8_FILE, ONNX_FILE, "model_card.md",
-                                                          "ood.npz"]
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "metadata.json",
+        INT8_FILE,
+        ONNX_FILE,
+        "model_card.md",
+        "ood.npz",
+    ]
     assert (exported / "model_card.md").read_text() == (project["root"] / "models/calibrated/model_card.md").read_text()
     assert meta["onnx_file"] == INT8_FILE and meta["quantization"]["served"]  # tiny.yaml: max_auc_drop 1
     q = meta["quantization"]
@@ -49,11 +55,13 @@ def test_export_folder_metadata_and_validation(project, exported):
     assert meta["preprocessing"]["mean"] == calibrated["mean"] and "bicubic" in meta["preprocessing"]["resize"]
     cal = calibrated["calibration"]
     assert meta["temperature"] == cal["temperature"] and meta["threshold"] == cal["threshold"]
-    assert meta["indeterminate_band"] == pytest.approx([cal["threshold"] - cal["band_width"] / 2,
-                                                        cal["threshold"] + cal["band_width"] / 2])
+    assert meta["indeterminate_band"] == pytest.approx(
+        [cal["threshold"] - cal["band_width"] / 2, cal["threshold"] + cal["band_width"] / 2]
+    )
     assert meta["source"]["version"] == calibrated["mlflow"]["version"] == project["export"]["source_version"]
     assert meta["registered_version"] == project["export"]["model_version"] != meta["source"]["version"]
     import hashlib
+
     for name in (ONNX_FILE, INT8_FILE):
         assert meta["sha256"][name] == hashlib.sha256((exported / name).read_bytes()).hexdigest()
     assert meta["validation"]["images"] == project["params"].export.validation_images
@@ -72,8 +80,7 @@ def test_onnx_matches_torch_for_any_batch_and_tta(project, exported):
     torch_p = TorchPredictor(project["root"] / "models/calibrated", batch_size=3)
     onnx_p = OnnxPredictor(exported, batch_size=5, file=ONNX_FILE)
     for tta in (False, True):
-        np.testing.assert_allclose(onnx_p.score(images, tta=tta).probs, torch_p.score(images, tta=tta).probs,
-                                   atol=1e-4)
+        np.testing.assert_allclose(onnx_p.score(images, tta=tta).probs, torch_p.score(images, tta=tta).probs, atol=1e-4)
     single = np.concatenate([onnx_p.score([im], tta=False).probs for im in images])
     np.testing.assert_allclose(single, onnx_p.score(images, tta=False).probs, atol=1e-6)
 
@@ -138,7 +145,7 @@ import sys, json
 sys.modules['torch'] = None  # any import of torch now fails
 import mlflow, pandas as pd
 from pipeline.inference.mlflow_pyfunc import encode_image_file
-mlflow.set_tracking_uri({f'sqlite:///{root / "mlflow.db"}'!r})
+mlflow.set_tracking_uri({"sqlite:///" + str(root / "mlflow.db")!r})
 model = mlflow.pyfunc.load_model({MODEL!r})
 out = model.predict(pd.DataFrame({{'image': [encode_image_file(f) for f in {files!r}]}}))
 print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].tolist(), 'e': out['error'].tolist(),
@@ -154,8 +161,16 @@ print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].t
     np.testing.assert_allclose(got["p"], want, atol=1e-6)
     assert got["v"] == [project["export"]["model_version"]] * 3 and got["e"] == [""] * 3
     # The logged signature names every output column, the per-row `error` included.
-    assert got["outputs"] == ["prob_benign", "prob_malignant", "p_malignant", "call", "in_domain", "ood_score",
-                              "model_version", "error"]
+    assert got["outputs"] == [
+        "prob_benign",
+        "prob_malignant",
+        "p_malignant",
+        "call",
+        "in_domain",
+        "ood_score",
+        "model_version",
+        "error",
+    ]
 
 
 def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
@@ -181,8 +196,9 @@ def test_predict_and_evaluate_use_onnx(project, exported, tmp_path, capsys):
     for f in files:
         (data / f.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, data / f.parent.name / f.name)
-    report = evaluate_folder(str(exported), data, ROOT / "configs/labels/herlev_binary.yaml", tmp_path / "ev",
-                             project["params"].evaluate)
+    report = evaluate_folder(
+        str(exported), data, ROOT / "configs/labels/herlev_binary.yaml", tmp_path / "ev", project["params"].evaluate
+    )
     scored = pd.read_csv(tmp_path / "ev/predictions.csv").set_index("path")["p_malignant"]
     assert report["n_scored"] == 4
     for f, p in zip(files, a["p_malignant"]):
@@ -197,10 +213,16 @@ def test_score_slide_with_onnx_has_cam_saliency(project, exported, tmp_path):
     field = np.full((700, 900, 3), 235, np.uint8)
     for i, f in enumerate(herlev_images(3)):
         cell = np.asarray(Image.open(f).convert("RGB").resize((120, 120)))
-        field[100 + 150 * i:220 + 150 * i, 100 + 220 * i:220 + 220 * i] = cell
+        field[100 + 150 * i : 220 + 150 * i, 100 + 220 * i : 220 + 220 * i] = cell
     Image.fromarray(field).save(tmp_path / "field.png")
-    summary = score_slide(str(tmp_path / "field.png"), str(exported), tmp_path / "out", project["params"].slide,
-                          mpp=0.5, log=lambda *_: None)
+    summary = score_slide(
+        str(tmp_path / "field.png"),
+        str(exported),
+        tmp_path / "out",
+        project["params"].slide,
+        mpp=0.5,
+        log=lambda *_: None,
+    )
     assert summary["inference"]["backend"] == "onnx" and summary["saliency"].startswith("CAM")
     assert summary["n_cells"] >= 1 and summary["model"]["version"] == project["export"]["model_version"]
     html = (tmp_path / "out/report.html").read_text()

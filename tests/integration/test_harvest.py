@@ -1,5 +1,6 @@
 """Harvest as a data source beside the real Herlev cells (one merged manifest), and model.init_from
 on the session's tiny project."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,10 +35,17 @@ def slides(tmp_path_factory):
 def write_two_source_params(path: Path, herlev_dir: Path, harvest_dir: Path) -> Path:
     raw = load_params(ROOT / "configs/tiny.yaml").to_dict()  # an overlay: written out whole
     raw["data"]["sources"] = {
-        "herlev": {"path": str(herlev_dir), "label_map": str(ROOT / "configs/labels/herlev_binary.yaml"),
-                   "group": {"regex": r"(\d+)-\d+-\d+"}},
-        "harvest": {"path": str(harvest_dir / "manifest.csv"),
-                    "label_map": str(ROOT / "configs/labels/harvest_binary.yaml"), "group": {"column": "group"}}}
+        "herlev": {
+            "path": str(herlev_dir),
+            "label_map": str(ROOT / "configs/labels/herlev_binary.yaml"),
+            "group": {"regex": r"(\d+)-\d+-\d+"},
+        },
+        "harvest": {
+            "path": str(harvest_dir / "manifest.csv"),
+            "label_map": str(ROOT / "configs/labels/harvest_binary.yaml"),
+            "group": {"column": "group"},
+        },
+    }
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -59,10 +67,34 @@ def test_two_sources_merge_into_one_manifest(slides, tmp_path, herlev_dir):
 
     # The per-source DVC stages (--only) then --merge give the same manifest.
     for name in ("herlev", "harvest"):
-        assert main(["ingest", "--params", str(tmp_path / "params.yaml"), "--only", name,
-                     "--out", str(tmp_path / "sources" / name)]) == 0
-    assert main(["ingest", "--params", str(tmp_path / "params.yaml"), "--merge", str(tmp_path / "sources"),
-                 "--out", str(tmp_path / "merged")]) == 0
+        assert (
+            main(
+                [
+                    "ingest",
+                    "--params",
+                    str(tmp_path / "params.yaml"),
+                    "--only",
+                    name,
+                    "--out",
+                    str(tmp_path / "sources" / name),
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "ingest",
+                "--params",
+                str(tmp_path / "params.yaml"),
+                "--merge",
+                str(tmp_path / "sources"),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "merged/manifest.csv", dtype=str), manifest)
 
 
@@ -84,10 +116,19 @@ def test_training_starts_from_a_registered_model(tiny_project_copy, tmp_path, mo
     monkeypatch.chdir(root)  # the tiny project's MLflow store and paths
     source = json.loads((root / "models/train/model.json").read_text())
     # A learning rate of ~0 leaves the weights where they started: the registered model's, head included.
-    p = dataclasses.replace(params, model=dataclasses.replace(params.model, init_from="models:/cytology-classifier/1"),
-                            train=dataclasses.replace(params.train, epochs=1, lr=1e-12))
-    result, metrics = train.run(p, root / "data/split/split.csv", root / "data/ingest/manifest.csv",
-                                tmp_path / "model", tmp_path / "ckpt", tmp_path / "reports")
+    p = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, init_from="models:/cytology-classifier/1"),
+        train=dataclasses.replace(params.train, epochs=1, lr=1e-12),
+    )
+    result, metrics = train.run(
+        p,
+        root / "data/split/split.csv",
+        root / "data/ingest/manifest.csv",
+        tmp_path / "model",
+        tmp_path / "ckpt",
+        tmp_path / "reports",
+    )
     before = torch.load(root / "models/train/model.pt", weights_only=True)
     after = torch.load(tmp_path / "model/model.pt", weights_only=True)
     for key, value in before.items():
@@ -111,8 +152,7 @@ def test_init_from_other_labels_reinitialises_the_head_and_bad_uris_fail(tiny, c
     root, _, params = tiny
     model = build_model(params.model.arch, 3, None)
     warnings = []
-    info = init_from_model(model, str(root / "models/train"), params.model.arch, ("a", "b", "c"), None,
-                           warnings.append)
+    info = init_from_model(model, str(root / "models/train"), params.model.arch, ("a", "b", "c"), None, warnings.append)
     source = torch.load(root / "models/train/model.pt", weights_only=True)
     state = model.state_dict()
     assert info["head"] == "reinitialised" and info["version"] == "1" and "re-initialised" in warnings[0]
@@ -131,8 +171,9 @@ def test_init_from_an_onnx_export_follows_it_to_its_torch_version(tiny, tmp_path
 
     root, _, _ = tiny
     # What the export stage writes beside model.onnx: the torch version it came from.
-    (tmp_path / "metadata.json").write_text(json.dumps({"source": {"registered_model": "cytology-classifier",
-                                                                   "version": "1"}}))
+    (tmp_path / "metadata.json").write_text(
+        json.dumps({"source": {"registered_model": "cytology-classifier", "version": "1"}})
+    )
     folder, meta, version = _torch_model_dir(str(tmp_path), f"sqlite:///{root / 'mlflow.db'}")
     assert version == "1" and (folder / "model.pt").is_file()
     assert meta.sha256["model.pt"] == json.loads((root / "models/train/model.json").read_text())["sha256"]["model.pt"]

@@ -1,4 +1,5 @@
 """Integration on the real Herlev cells in ../shared/data/herlev (fails if the data is missing)."""
+
 from __future__ import annotations
 
 from pipeline.config import GroupRule, LabelMap, load_params

@@ -1,6 +1,7 @@
 """The domain-shift (OOD) guard fitted by the evaluate stage and carried by the export, and that no
 prediction path calls an out-of-domain cell benign or malignant (on the session's exported tiny
 project; the guard's math: tests/unit/test_ood.py)."""
+
 from __future__ import annotations
 
 import base64
@@ -24,6 +25,7 @@ CALLS = {"benign", "malignant", "indeterminate"}
 
 
 # ---------------------------------------------------------------- the tiny project
+
 
 @pytest.fixture(scope="module")
 def project(exported_project):
@@ -83,7 +85,9 @@ def test_synthetic_inputs_score_higher_than_cells(project, folder):
     model_dir = project["root"] / folder
     # The float ONNX graph: the tiny int8 model (served by tiny.yaml) quantizes the near-zero
     # features of a black image to a low score, so its guard is checked on cells/noise only below.
-    predictor = OnnxPredictor(model_dir, file="model.onnx") if folder.endswith("exported") else TorchPredictor(model_dir)
+    predictor = (
+        OnnxPredictor(model_dir, file="model.onnx") if folder.endswith("exported") else TorchPredictor(model_dir)
+    )
     # tta=None: the view setting the model (and its guard) was calibrated with.
     cells, odd = predictor.score(test_cells(project)), predictor.score(synthetic_ood_images())
     s_cells, in_cells, s_ood, in_ood = cells.ood_score, cells.in_domain, odd.ood_score, odd.in_domain
@@ -183,8 +187,18 @@ def test_predict_workers_give_the_same_rows_in_order(project, tmp_path):
     frames = []
     for workers in (1, 3):
         out = tmp_path / f"w{workers}.csv"
-        assert predict_paths([str(tmp_path / "in")], str(project["root"] / "models/exported"), str(out), None,
-                             None, batch_size=4, workers=workers) == 0
+        assert (
+            predict_paths(
+                [str(tmp_path / "in")],
+                str(project["root"] / "models/exported"),
+                str(out),
+                None,
+                None,
+                batch_size=4,
+                workers=workers,
+            )
+            == 0
+        )
         frames.append(pd.read_csv(out))
     one, three = frames
     assert list(one["path"]) == sorted(one["path"]) and list(three["path"]) == list(one["path"])
@@ -192,8 +206,10 @@ def test_predict_workers_give_the_same_rows_in_order(project, tmp_path):
     np.testing.assert_allclose(three["p_malignant"], one["p_malignant"], atol=1e-5)
     np.testing.assert_allclose(three["ood_score"], one["ood_score"], rtol=1e-4)
     assert list(three["call"].fillna("")) == list(one["call"].fillna(""))
-    assert predict_paths([str(tmp_path / "in")], str(project["root"] / "models/exported"), None, None, None,
-                         workers=0) == 2
+    assert (
+        predict_paths([str(tmp_path / "in")], str(project["root"] / "models/exported"), None, None, None, workers=0)
+        == 2
+    )
 
 
 def test_pyfunc_never_calls_an_out_of_domain_image(project):
@@ -222,8 +238,9 @@ def test_score_slide_excludes_out_of_domain_cells(project, tmp_path):
 
     slide = write_pyramid(tmp_path / "cells.tiff", draw_cells(glass(SIZE), CELLS))
     out = tmp_path / "report"
-    summary = score_slide(str(slide), str(project["root"] / "models/exported"), out, project["params"].slide,
-                          top=6, log=lambda *_: None)
+    summary = score_slide(
+        str(slide), str(project["root"] / "models/exported"), out, project["params"].slide, top=6, log=lambda *_: None
+    )
     cells = pd.read_csv(out / "cells.csv")
     assert list(cells.columns)[-3:] == ["call", "ood_score", "in_domain"]
     outside = cells[~cells["in_domain"]]
@@ -252,8 +269,14 @@ def test_score_slide_gallery_items_carry_the_guard(project, tmp_path, monkeypatc
 
     monkeypatch.setattr(scoring, "render_html", spy)
     slide = write_pyramid(tmp_path / "cells.tiff", draw_cells(glass(SIZE), CELLS))
-    score_slide(str(slide), str(project["root"] / "models/calibrated"), tmp_path / "r", project["params"].slide,
-                top=4, log=lambda *_: None)
+    score_slide(
+        str(slide),
+        str(project["root"] / "models/calibrated"),
+        tmp_path / "r",
+        project["params"].slide,
+        top=4,
+        log=lambda *_: None,
+    )
     items = seen["gallery"]
     assert len(items) == 4
     for item in items:

@@ -1,4 +1,5 @@
 """`cytopipe predict` body: files and folders in, one row per file out (CSV/JSON), on a tiny trained project."""
+
 from __future__ import annotations
 
 import io
@@ -18,10 +19,24 @@ from tests.conftest import ROOT, tree_digest
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
 GOOD = ["a_good.jpg", "sub/g_good.JPG", "sub/h_good.png", "z_good.jpg"]
 # Relative path -> the reason its row must carry (substring).
-BAD = {"b_empty.jpg": "empty file", "c_text.png": "not an image", "d_trunc.jpg": "truncated or corrupt",
-       "e_broken.jpg": "broken symlink", "f_dir.jpg": "is a directory"}
-ORDER = ["a_good.jpg", "b_empty.jpg", "c_text.png", "d_trunc.jpg", "e_broken.jpg", "f_dir.jpg",
-         "sub/g_good.JPG", "sub/h_good.png", "z_good.jpg"]
+BAD = {
+    "b_empty.jpg": "empty file",
+    "c_text.png": "not an image",
+    "d_trunc.jpg": "truncated or corrupt",
+    "e_broken.jpg": "broken symlink",
+    "f_dir.jpg": "is a directory",
+}
+ORDER = [
+    "a_good.jpg",
+    "b_empty.jpg",
+    "c_text.png",
+    "d_trunc.jpg",
+    "e_broken.jpg",
+    "f_dir.jpg",
+    "sub/g_good.JPG",
+    "sub/h_good.png",
+    "z_good.jpg",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +64,10 @@ def cases(tmp_path) -> Path:
     """A folder (with a subfolder) of good Herlev images and every kind of bad file."""
     folder = tmp_path / "cases"
     (folder / "sub").mkdir(parents=True)
-    sources = [sorted((HERLEV / c).glob("*.jpg"))[0] for c in
-               ("normal_superficiel", "carcinoma_in_situ", "normal_intermediate", "severe_dysplastic")]
+    sources = [
+        sorted((HERLEV / c).glob("*.jpg"))[0]
+        for c in ("normal_superficiel", "carcinoma_in_situ", "normal_intermediate", "severe_dysplastic")
+    ]
     shutil.copyfile(sources[0], folder / "a_good.jpg")
     shutil.copyfile(sources[1], folder / "sub/g_good.JPG")  # suffixes match case-insensitively
     Image.open(sources[2]).save(folder / "sub/h_good.png")
@@ -73,8 +90,15 @@ def _rows_by_rel(frame: pd.DataFrame, folder: Path) -> dict[str, pd.Series]:
 
 def test_collect_paths_expands_folders_and_reports_bad_paths(cases, tmp_path):
     files, errors = collect_paths([str(cases), str(cases / "notes.txt"), str(tmp_path / "missing")])
-    assert [str(p.relative_to(cases)) for p in files] == ["a_good.jpg", "b_empty.jpg", "c_text.png", "d_trunc.jpg",
-                                                          "sub/g_good.JPG", "sub/h_good.png", "z_good.jpg"]
+    assert [str(p.relative_to(cases)) for p in files] == [
+        "a_good.jpg",
+        "b_empty.jpg",
+        "c_text.png",
+        "d_trunc.jpg",
+        "sub/g_good.JPG",
+        "sub/h_good.png",
+        "z_good.jpg",
+    ]
     reasons = {Path(e["path"]).name: e["error"] for e in errors}
     assert reasons["e_broken.jpg"] == "broken symlink"
     assert "directory" in reasons["f_dir.jpg"]
@@ -111,8 +135,9 @@ def test_folder_rows_in_order_with_errors(project, model_dir, meta, cases, tmp_p
     n_mal = sum(rows[r]["call"] == "malignant" for r in GOOD)
     n_ind = sum(rows[r]["call"] == "indeterminate" for r in GOOD)
     n_ood = sum(rows[r]["call"] == "out of domain" for r in GOOD)
-    assert (f"predict: 4 scored, {n_mal} malignant, {n_ind} indeterminate, {n_ood} out of domain, 5 errors -> {out}"
-            in err)
+    assert (
+        f"predict: 4 scored, {n_mal} malignant, {n_ind} indeterminate, {n_ood} out of domain, 5 errors -> {out}" in err
+    )
     assert tree_digest(cases) == before
     assert (cases / "e_broken.jpg").is_symlink() and (cases / "f_dir.jpg").is_dir()
 
@@ -134,8 +159,13 @@ def test_csv_and_json_outputs(project, model_dir, meta, cases, tmp_path, capsys)
     assert doc["band"] == pytest.approx(cal["band"]) and doc["tta"] is bool(cal.get("tta", False))
     preds = doc["predictions"]
     assert [tuple(r) for r in preds] == [COLUMNS] * len(preds)
-    expected_paths = [str(cases / "a_good.jpg"), str(missing), str(cases / "b_empty.jpg"),
-                      str(cases / "sub/g_good.JPG"), str(cases / "sub/h_good.png")]
+    expected_paths = [
+        str(cases / "a_good.jpg"),
+        str(missing),
+        str(cases / "b_empty.jpg"),
+        str(cases / "sub/g_good.JPG"),
+        str(cases / "sub/h_good.png"),
+    ]
     assert [r["path"] for r in preds] == expected_paths == list(frame["path"])
     assert preds[1]["error"] == "no such file or directory" and preds[1]["p_malignant"] is None
     assert preds[1]["call"] == "" and "empty file" in preds[2]["error"]

@@ -1,5 +1,6 @@
 """Whole-slide reading and cell detection on the real CSF slide in ../shared/data/slides: a region
 of it, and direct reads of its reduced levels against OpenSlide's."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_real_slide_region(real_slide):
 
         def coverage(r):
             x, y, w, h = (int(v / ds) for v in r)
-            return mask[y:y + h, x:x + w].mean()
+            return mask[y : y + h, x : x + w].mean()
 
         x, y, w, h = max(regions, key=coverage)
         assert (w, h) == (2048, 2048)

@@ -1,5 +1,6 @@
 """`cytopipe score-slide` end to end: synthetic slides, a real CSF field, and bad input (the report in
 Chromium: tests/e2e/test_score_slide_report.py)."""
+
 from __future__ import annotations
 
 import json
@@ -25,21 +26,38 @@ def project(tiny_project):
 def test_cells_are_found_scored_and_summarised(scored):
     out, summary = scored
     cells = pd.read_csv(out / "cells.csv")
-    assert list(cells.columns) == ["cell_id", "x", "y", "x0", "y0", "x1", "y1", "diameter_um", "area_um2", "score", "call",
-                                   "ood_score", "in_domain"]
+    assert list(cells.columns) == [
+        "cell_id",
+        "x",
+        "y",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
+        "diameter_um",
+        "area_um2",
+        "score",
+        "call",
+        "ood_score",
+        "in_domain",
+    ]
     assert len(cells) == len(CELLS) == summary["n_cells"]
     for cx, cy, r, *_ in CELLS:  # every drawn cell, at the right level-0 place
         d = np.hypot(cells["x"] - cx, cells["y"] - cy)
         assert d.min() < 8, (cx, cy)
     inside = cells["in_domain"]
-    assert cells["score"].between(0, 1).all() and set(cells.loc[inside, "call"]) <= {"benign", "malignant", "indeterminate"}
+    assert cells["score"].between(0, 1).all() and set(cells.loc[inside, "call"]) <= {
+        "benign",
+        "malignant",
+        "indeterminate",
+    }
     assert (cells.loc[~inside, "call"] == "out of domain").all() and summary["n_out_of_domain"] == int((~inside).sum())
     assert summary["mpp"] == pytest.approx(MPP) and summary["mpp_source"] == "slide properties"
     assert summary["n_malignant"] == int((cells["call"] == "malignant").sum())
     assert summary["slide_call"].split(" ")[0] in ("positive", "negative") and "at least" in summary["rule"]
-    top = np.sort(cells["score"].to_numpy())[::-1][:summary["top_k"]].mean()
+    top = np.sort(cells["score"].to_numpy())[::-1][: summary["top_k"]].mean()
     assert summary["top_k_mean"] == pytest.approx(top, abs=1e-5)
-    top_in = np.sort(cells.loc[inside, "score"].to_numpy())[::-1][:summary["top_k"]].mean() if inside.any() else None
+    top_in = np.sort(cells.loc[inside, "score"].to_numpy())[::-1][: summary["top_k"]].mean() if inside.any() else None
     assert summary["top_k_mean_in_domain"] == (pytest.approx(top_in, abs=1e-5) if inside.any() else None)
     assert {"plan tiles", "detect cells", "crop + inference", "saliency", "report", "total"} <= set(summary["seconds"])
     assert summary["inference"]["backend"] == "torch" and summary["inference"]["inference_workers"] >= 1
@@ -79,16 +97,18 @@ def test_real_csf_field_as_a_plain_png(project, tmp_path):
         field = np.asarray(s.read_region((13000, 13000), 0, (1536, 1536)).convert("RGB"))
     png = tmp_path / "csf field.png"
     Image.fromarray(field).save(png)
-    summary = score_slide(str(png), str(root / "models/calibrated"), tmp_path / "out", params.slide, mpp=0.25,
-                          top=4, log=lambda *_: None)
+    summary = score_slide(
+        str(png), str(root / "models/calibrated"), tmp_path / "out", params.slide, mpp=0.25, top=4, log=lambda *_: None
+    )
     assert summary["mpp_source"] == "--mpp" and summary["n_cells"] > 0
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     assert cells["x"].between(0, 1536).all() and cells["diameter_um"].between(5, 60).all()
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "score-slide", *args], capture_output=True,
-                          text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "score-slide", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "not a slide"])
@@ -97,8 +117,16 @@ def test_bad_slide_input_is_one_line(project, tmp_path, kind):
     target = {"missing": tmp_path / "nope.svs", "directory": tmp_path, "not a slide": tmp_path / "notes.tiff"}[kind]
     if kind == "not a slide":
         target.write_text("this is not a slide")
-    proc = _cli(str(target), "--model", str(root / "models/calibrated"), "--out", str(tmp_path / "o"),
-                "--params", str(root / "params.yaml"), cwd=tmp_path)
+    proc = _cli(
+        str(target),
+        "--model",
+        str(root / "models/calibrated"),
+        "--out",
+        str(tmp_path / "o"),
+        "--params",
+        str(root / "params.yaml"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert str(target.name) in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not (tmp_path / "o").exists()

@@ -1,4 +1,5 @@
 """MLflow: a tiny training run records params, metrics, tags, artifacts and a registered model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,10 +52,18 @@ def test_run_has_params_metrics_tags_and_artifacts(trained):
     assert len(tags["manifest.sha256"]) == 64 and len(tags["split.sha256"]) == 64
     assert tags["dvc.stage"] == "train"
     assert tags["version.torch"].startswith("2.") and "version.timm" in tags and "version.mlflow" in tags
-    artifacts = {a.path for folder in ("config", "data", "plots", "checkpoint")
-                 for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"config/config.yaml", "data/split.csv", "plots/curves.png", "plots/history.csv",
-            "checkpoint/best.pt"} <= artifacts
+    artifacts = {
+        a.path
+        for folder in ("config", "data", "plots", "checkpoint")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "config/config.yaml",
+        "data/split.csv",
+        "plots/curves.png",
+        "plots/history.csv",
+        "checkpoint/best.pt",
+    } <= artifacts
     assert (tmp / "reports" / "metrics.json").is_file() and (tmp / "reports" / "curves.png").stat().st_size > 0
 
 

@@ -1,5 +1,6 @@
 """Training on the tiny config (64 px, <=32 images) over real Herlev cells (its pure parts:
 tests/unit/test_train.py and tests/unit/models/test_backbones.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,7 +90,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         fit(params, split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(1), log=lambda *_: None)
     good = _checkpoint_files(tmp_path / "ck")
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", lambda self, x, y: (x.sum() * float("nan")))
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", lambda self, x, y: x.sum() * float("nan"))
     with pytest.raises(TrainingError, match="non-finite loss"):
         fit(params, split_csv, tmp_path / "m", tmp_path / "ck", log=lambda *_: None)
     assert _checkpoint_files(tmp_path / "ck") == good  # the epoch-1 checkpoint is untouched
@@ -110,8 +111,10 @@ def _corrupt_by_truncating(path):
     """Truncated, with the manifest updated to match: only loading can tell."""
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     manifest = checkpoints.read_manifest(path.parent)
-    manifest["checkpoints"] = [checkpoints.Entry(e.file, e.epoch, checkpoints._sha256(path)) if e.file == path.name
-                               else e for e in manifest["checkpoints"]]
+    manifest["checkpoints"] = [
+        checkpoints.Entry(e.file, e.epoch, checkpoints._sha256(path)) if e.file == path.name else e
+        for e in manifest["checkpoints"]
+    ]
     checkpoints._write_manifest(path.parent, manifest)
 
 
@@ -125,21 +128,28 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny, tmp_path, 
         fit(params, split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(2), **quiet)
     corrupt(tmp_path / "ck" / "epoch-0002.pt")
     messages = []
-    resumed = fit(params, split_csv, tmp_path / "m", tmp_path / "ck", resume="require", warn=messages.append,
-                  **quiet)
+    resumed = fit(params, split_csv, tmp_path / "m", tmp_path / "ck", resume="require", warn=messages.append, **quiet)
     warning = messages[0]
     assert "epoch-0002.pt" in warning and "using the previous checkpoint epoch-0001.pt" in warning
     assert resumed.resumed_from_epoch == 2
     assert _stable(resumed.history) == _stable(full.history)
-    assert torch.equal(torch.load(tmp_path / "m" / "model.pt", weights_only=True)["classifier.weight"],
-                       torch.load(tmp_path / "m_full" / "model.pt", weights_only=True)["classifier.weight"])
+    assert torch.equal(
+        torch.load(tmp_path / "m" / "model.pt", weights_only=True)["classifier.weight"],
+        torch.load(tmp_path / "m_full" / "model.pt", weights_only=True)["classifier.weight"],
+    )
 
 
 def test_no_usable_checkpoint_is_a_clear_error(tiny, tmp_path):
     params, split_csv, _ = tiny
     with pytest.raises(KeyboardInterrupt):
-        fit(_with_train(params, epochs=3), split_csv, tmp_path / "m", tmp_path / "ck", tracker=StopAfter(2),
-            log=lambda *_: None)
+        fit(
+            _with_train(params, epochs=3),
+            split_csv,
+            tmp_path / "m",
+            tmp_path / "ck",
+            tracker=StopAfter(2),
+            log=lambda *_: None,
+        )
     for path in (tmp_path / "ck").glob("epoch-*.pt"):
         _corrupt_by_flipping(path)
     with pytest.raises(TrainingError, match="no usable checkpoint.*--fresh"):
@@ -178,5 +188,3 @@ def test_frozen_blocks_keep_their_weights_and_batchnorm_statistics(tiny, tmp_pat
     assert frozen and all(torch.equal(end[k], start[k]) for k in frozen)  # weights and running stats
     assert not torch.equal(end["blocks.2.0.conv_pw.weight"], start["blocks.2.0.conv_pw.weight"])
     assert not torch.equal(end["blocks.2.0.bn1.running_mean"], start["blocks.2.0.bn1.running_mean"])
-
-

@@ -1,4 +1,5 @@
 """Staged writes (pipeline/atomic.py): a report folder written half way is never left behind."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,4 +18,6 @@ def test_a_report_that_fails_half_way_leaves_nothing(tmp_path, existing):
             (staging / "cells.csv").write_text("new\n")
             raise RuntimeError("disk full")
     assert [p.name for p in tmp_path.iterdir()] == (["report"] if existing else [])
-    assert not existing or [p.name for p in out.iterdir()] == ["cells.csv"] and (out / "cells.csv").read_text() == "old\n"
+    assert (
+        not existing or [p.name for p in out.iterdir()] == ["cells.csv"] and (out / "cells.csv").read_text() == "old\n"
+    )

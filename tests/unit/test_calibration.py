@@ -1,4 +1,5 @@
 """Temperature scaling, threshold rules and the indeterminate band on synthetic data."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -90,8 +91,7 @@ def test_youden_picks_obvious_cut():
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
     res = choose_threshold(y, p, rule="youden")
-    assert res == {"rule": "youden", "target": None, "threshold": 0.7,
-                   "sensitivity": 1.0, "specificity": 1.0}
+    assert res == {"rule": "youden", "target": None, "threshold": 0.7, "sensitivity": 1.0, "specificity": 1.0}
 
 
 def test_youden_ties_go_to_highest_threshold():
@@ -112,8 +112,15 @@ def test_band_calls_and_coverage():
     band = Band(threshold=0.5, width=0.25)
     assert (band.lower, band.upper) == (0.375, 0.625)
     p = np.array([0.0, 0.374, 0.375, 0.5, 0.624, 0.625, 1.0])
-    assert band.call(p).tolist() == ["benign", "benign", "indeterminate", "indeterminate",
-                                     "indeterminate", "malignant", "malignant"]
+    assert band.call(p).tolist() == [
+        "benign",
+        "benign",
+        "indeterminate",
+        "indeterminate",
+        "indeterminate",
+        "malignant",
+        "malignant",
+    ]
     assert band.coverage(p) == pytest.approx(4 / 7)
     assert set(band.call(p)) <= set(CALLS)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -1,4 +1,5 @@
 """The `cytopipe` command: instant --help without heavy imports, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,18 @@ def _cytopipe(*args, cwd):
 
 
 def test_missing_source_is_one_line_without_traceback(tmp_path):
-    proc = _cytopipe("ingest", "--params", str(ROOT / "params.yaml"), "--source", str(tmp_path / "nope"),
-                     "--label-map", str(ROOT / "configs/labels/herlev_binary.yaml"), "--out", str(tmp_path / "o"),
-                     cwd=tmp_path)
+    proc = _cytopipe(
+        "ingest",
+        "--params",
+        str(ROOT / "params.yaml"),
+        "--source",
+        str(tmp_path / "nope"),
+        "--label-map",
+        str(ROOT / "configs/labels/herlev_binary.yaml"),
+        "--out",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "nope: not found" in proc.stderr
@@ -52,9 +62,11 @@ def test_ingest_then_split_from_the_cli(tmp_path, binary_map):
             cls = "normal" if g % 2 else "cancer"
             make_image(src / cls / f"f{g}-{c}.png", seed=g * 10 + c)
     params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  sources:\n    src:\n      path: {src}\n      label_map: {binary_map}\n"
-                      "      group:\n        regex: '^(f\\d+)-'\n"
-                      "split:\n  seed: 0\n  fractions: {train: 0.5, val: 0.25, test: 0.25}\n  folds: 2\n")
+    params.write_text(
+        f"data:\n  sources:\n    src:\n      path: {src}\n      label_map: {binary_map}\n"
+        "      group:\n        regex: '^(f\\d+)-'\n"
+        "split:\n  seed: 0\n  fractions: {train: 0.5, val: 0.25, test: 0.25}\n  folds: 2\n"
+    )
     ingest = _cytopipe("ingest", "--params", str(params), "--out", "ing", cwd=tmp_path)
     assert ingest.returncode == 0, ingest.stderr
     assert "24 images accepted" in ingest.stdout
@@ -70,8 +82,9 @@ def test_split_with_missing_manifest(tmp_path):
 
 
 def test_export_with_missing_inputs_is_one_line(tmp_path):
-    proc = _cytopipe("export", "--params", str(ROOT / "params.yaml"), "--model", "no-model", "--split", "none.csv",
-                     cwd=tmp_path)
+    proc = _cytopipe(
+        "export", "--params", str(ROOT / "params.yaml"), "--model", "no-model", "--split", "none.csv", cwd=tmp_path
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "none.csv" in proc.stderr
     assert not (tmp_path / "models").exists()

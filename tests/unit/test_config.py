@@ -1,4 +1,5 @@
 """params.yaml and label maps: valid files load, bad ones fail with a message naming file and key."""
+
 from __future__ import annotations
 
 import shutil
@@ -64,32 +65,37 @@ def test_group_rule_needs_exactly_one_source_and_a_capture():
         GroupRule(regex=r"\d+")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("split:\n  fractions: {train: 0.8, val: 0.1, test: 0.2}\n", "sum to 1"),
-    ("split:\n  fractions: {train: 0.9, test: 0.1}\n", "need exactly"),
-    ("split:\n  folds: 1\n", "folds"),
-    ("split:\n  seed: abc\n", "split.seed"),
-    ("data:\n  sourse: x\n", "unknown key"),
-    ("train:\n  epochs: two\n", r"train\.epochs: expected int, got 'two'"),
-    ("train:\n  epochs: 0\n", r"train\.epochs: must be >= 1, got 0"),
-    ("train:\n  lr: .nan\n", r"train\.lr: must be > 0, got nan"),
-    ("train:\n  channels_last: 1\n", r"train\.channels_last: expected bool, got 1"),
-    ("train:\n  seed: 99999999999999999999\n", r"train\.seed: 99999999999999999999 is out of range \(64-bit"),
-    ("train:\n  fit_on: train+val\n  keep: best\n", r"train\.fit_on: train\+val leaves no validation"),
-    ("evaluate:\n  band_width: 1\n", r"evaluate\.band_width: must be in \[0, 1\), got 1\.0"),
-    ("evaluate:\n  positive_labels: [malignant, 3]\n", r"evaluate\.positive_labels\[1\]: expected str, got 3"),
-    ("model:\n  weights: 3\n", r"model\.weights: expected str or null, got 3"),
-    ("slide:\n  schedule: eager\n", r"slide\.schedule: no longer read; one schedule ships"),
-    ("slide: [1]\n", r"slide: expected a mapping, got \[1\]"),
-    ("trian:\n  epochs: 1\n", r"unknown section\(s\): trian \(known: data, split, model"),
-    ("data:\n  sources: {}\n", r"data\.sources: needs at least one source"),
-    ("data:\n  sources: {h: {path: x}}\n", r"data\.sources\.h: missing key\(s\): label_map"),
-    ("data:\n  sources: {h: {path: x, label_map: y, grup: {}}}\n", r"unknown key\(s\) in 'data\.sources\.h': grup"),
-    ("data:\n  sources: {'a b': {path: x, label_map: y}}\n", r"data\.sources\.a b: a source name is letters"),
-    ("data:\n  sources: {h: {path: x, label_map: y, group: {regex: '\\d+'}}}\n",
-     r"data\.sources\.h\.group\.regex: '\\\\d\+' needs one capture group"),
-    ("data:\n  source: x\n", r"data\.source: no longer read; data\.sources replaces data\.source"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("split:\n  fractions: {train: 0.8, val: 0.1, test: 0.2}\n", "sum to 1"),
+        ("split:\n  fractions: {train: 0.9, test: 0.1}\n", "need exactly"),
+        ("split:\n  folds: 1\n", "folds"),
+        ("split:\n  seed: abc\n", "split.seed"),
+        ("data:\n  sourse: x\n", "unknown key"),
+        ("train:\n  epochs: two\n", r"train\.epochs: expected int, got 'two'"),
+        ("train:\n  epochs: 0\n", r"train\.epochs: must be >= 1, got 0"),
+        ("train:\n  lr: .nan\n", r"train\.lr: must be > 0, got nan"),
+        ("train:\n  channels_last: 1\n", r"train\.channels_last: expected bool, got 1"),
+        ("train:\n  seed: 99999999999999999999\n", r"train\.seed: 99999999999999999999 is out of range \(64-bit"),
+        ("train:\n  fit_on: train+val\n  keep: best\n", r"train\.fit_on: train\+val leaves no validation"),
+        ("evaluate:\n  band_width: 1\n", r"evaluate\.band_width: must be in \[0, 1\), got 1\.0"),
+        ("evaluate:\n  positive_labels: [malignant, 3]\n", r"evaluate\.positive_labels\[1\]: expected str, got 3"),
+        ("model:\n  weights: 3\n", r"model\.weights: expected str or null, got 3"),
+        ("slide:\n  schedule: eager\n", r"slide\.schedule: no longer read; one schedule ships"),
+        ("slide: [1]\n", r"slide: expected a mapping, got \[1\]"),
+        ("trian:\n  epochs: 1\n", r"unknown section\(s\): trian \(known: data, split, model"),
+        ("data:\n  sources: {}\n", r"data\.sources: needs at least one source"),
+        ("data:\n  sources: {h: {path: x}}\n", r"data\.sources\.h: missing key\(s\): label_map"),
+        ("data:\n  sources: {h: {path: x, label_map: y, grup: {}}}\n", r"unknown key\(s\) in 'data\.sources\.h': grup"),
+        ("data:\n  sources: {'a b': {path: x, label_map: y}}\n", r"data\.sources\.a b: a source name is letters"),
+        (
+            "data:\n  sources: {h: {path: x, label_map: y, group: {regex: '\\d+'}}}\n",
+            r"data\.sources\.h\.group\.regex: '\\\\d\+' needs one capture group",
+        ),
+        ("data:\n  source: x\n", r"data\.source: no longer read; data\.sources replaces data\.source"),
+    ],
+)
 def test_bad_params(tmp_path, text, message):
     p = tmp_path / "params.yaml"
     p.write_text(text)
@@ -137,11 +143,26 @@ def test_sections_built_in_code_check_their_values_too():
 # --------------------------------------------------------------------------- overlays (configs/tiny.yaml)
 
 # What configs/tiny.yaml changes in params.yaml, and nothing else.
-TINY = {"model.image_size": 64, "train.epochs": 2, "train.batch_size": 8, "train.warmup_epochs": 0.5,
-        "train.patience": 4, "train.fit_on": "train", "train.keep": "best", "train.min_steps": 0,
-        "train.freeze_blocks": 0, "train.max_images": 32, "evaluate.tta": True, "evaluate.bootstrap": 200,
-        "cv.epochs": 1, "slide.batch_size": 16, "export.validation_images": 16, "export.quantize": True,
-        "export.calibration_images": 16, "export.max_auc_drop": 1.0}
+TINY = {
+    "model.image_size": 64,
+    "train.epochs": 2,
+    "train.batch_size": 8,
+    "train.warmup_epochs": 0.5,
+    "train.patience": 4,
+    "train.fit_on": "train",
+    "train.keep": "best",
+    "train.min_steps": 0,
+    "train.freeze_blocks": 0,
+    "train.max_images": 32,
+    "evaluate.tta": True,
+    "evaluate.bootstrap": 200,
+    "cv.epochs": 1,
+    "slide.batch_size": 16,
+    "export.validation_images": 16,
+    "export.quantize": True,
+    "export.calibration_images": 16,
+    "export.max_auc_drop": 1.0,
+}
 
 
 def _flat(doc: dict, prefix: str = "") -> dict:
@@ -152,7 +173,10 @@ def _flat(doc: dict, prefix: str = "") -> dict:
 
 
 def test_tiny_config_is_params_yaml_with_a_few_changes():
-    base, tiny = _flat(load_params(ROOT / "params.yaml").to_dict()), _flat(load_params(ROOT / "configs/tiny.yaml").to_dict())
+    base, tiny = (
+        _flat(load_params(ROOT / "params.yaml").to_dict()),
+        _flat(load_params(ROOT / "configs/tiny.yaml").to_dict()),
+    )
     assert {k: v for k, v in tiny.items() if base[k] != v} == TINY and tiny.keys() == base.keys()
     assert load_params(ROOT / "configs/tiny.yaml").path == str(ROOT / "configs/tiny.yaml")
 
@@ -170,9 +194,15 @@ def test_overlay_moves_with_its_base_and_merges_sections_only(tmp_path):
     shutil.copy(ROOT / "configs/tiny.yaml", _write(tmp_path / "configs/tiny.yaml", ""))
     assert load_params(tmp_path / "configs/tiny.yaml").to_dict() == load_params(ROOT / "configs/tiny.yaml").to_dict()
 
-    overlay = _write(tmp_path / "configs/mine.yaml", {
-        "extends": "tiny.yaml", "train": {"epochs": 3}, "cv": None,
-        "data": {"sources": {"mine": {"path": "data/mine", "label_map": "labels.yaml"}}}})
+    overlay = _write(
+        tmp_path / "configs/mine.yaml",
+        {
+            "extends": "tiny.yaml",
+            "train": {"epochs": 3},
+            "cv": None,
+            "data": {"sources": {"mine": {"path": "data/mine", "label_map": "labels.yaml"}}},
+        },
+    )
     params = load_params(overlay)
     assert params.train.epochs == 3 and params.train.batch_size == 8  # tiny's, under mine
     assert params.cv.epochs == 1  # an empty section changes nothing
@@ -180,13 +210,24 @@ def test_overlay_moves_with_its_base_and_merges_sections_only(tmp_path):
     assert params.data.min_side == 16
 
 
-@pytest.mark.parametrize("base, overlay, message", [
-    (None, "extends: nowhere.yaml\n", r"over\.yaml: extends: .*nowhere\.yaml: file not found"),
-    (None, "extends: [a]\n", r"over\.yaml: extends: expected the path"),
-    ("train:\n  epochs: x\n", "extends: base.yaml\n", r"over\.yaml: extends: .*base\.yaml: train\.epochs: expected int"),
-    ("extends: over.yaml\n", "extends: base.yaml\n", r"over\.yaml: extends: .*base\.yaml: extends: .*a cycle"),
-    ("train:\n  epochs: 3\n", "extends: base.yaml\ntrain:\n  epochs: 0\n", r"^\S*over\.yaml: train\.epochs: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "base, overlay, message",
+    [
+        (None, "extends: nowhere.yaml\n", r"over\.yaml: extends: .*nowhere\.yaml: file not found"),
+        (None, "extends: [a]\n", r"over\.yaml: extends: expected the path"),
+        (
+            "train:\n  epochs: x\n",
+            "extends: base.yaml\n",
+            r"over\.yaml: extends: .*base\.yaml: train\.epochs: expected int",
+        ),
+        ("extends: over.yaml\n", "extends: base.yaml\n", r"over\.yaml: extends: .*base\.yaml: extends: .*a cycle"),
+        (
+            "train:\n  epochs: 3\n",
+            "extends: base.yaml\ntrain:\n  epochs: 0\n",
+            r"^\S*over\.yaml: train\.epochs: must be >= 1",
+        ),
+    ],
+)
 def test_overlay_errors_name_the_file_at_fault(tmp_path, base, overlay, message):
     if base is not None:
         _write(tmp_path / "base.yaml", base)
@@ -218,9 +259,11 @@ def test_loader_reads_any_section_by_its_type_hints():
     got = load_section(Outer, {"shape": [3, 4, 5], "scale": 2, "items": {"a": {"size": 7}, "b": None}}, "f.yaml")
     assert got == Outer((3, 4, 5), 2.0, {"a": Inner("a", 7), "b": Inner("b")}) and isinstance(got.scale, float)
     assert plain(got) == {"shape": [3, 4, 5], "scale": 2.0, "items": {"a": {"size": 7}, "b": {"size": None}}}
-    for raw, message in [({"shape": [1, "x"]}, r"^f\.yaml: shape\[1\]: expected int, got 'x'$"),
-                         ({"shape": 3}, r"^f\.yaml: shape: expected a list of int, got 3$"),
-                         ({"items": {"a": {"size": 0}}}, r"^f\.yaml: items\.a\.size: must be >= 1, got 0$"),
-                         ({"items": {"a": {"name": "b"}}}, r"^f\.yaml: unknown key\(s\) in 'items\.a': name")]:
+    for raw, message in [
+        ({"shape": [1, "x"]}, r"^f\.yaml: shape\[1\]: expected int, got 'x'$"),
+        ({"shape": 3}, r"^f\.yaml: shape: expected a list of int, got 3$"),
+        ({"items": {"a": {"size": 0}}}, r"^f\.yaml: items\.a\.size: must be >= 1, got 0$"),
+        ({"items": {"a": {"name": "b"}}}, r"^f\.yaml: unknown key\(s\) in 'items\.a': name"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_section(Outer, raw, "f.yaml")

@@ -1,6 +1,7 @@
 """dvc.yaml's code dependencies cannot drift from the code: each stage lists every project module
 its command imports, directly or through others, lazily or not (an edit to any of them must make
 `dvc status` report the stage), and nothing that no longer exists."""
+
 from __future__ import annotations
 
 import ast
@@ -12,9 +13,15 @@ import yaml
 from tests.conftest import ROOT
 
 # The module each stage's `cytopipe` command runs (pipeline/cli.py only parses arguments and calls it).
-STAGE_ENTRY = {"ingest-source": "pipeline.data.ingest", "ingest": "pipeline.data.ingest",
-               "split": "pipeline.data.split", "train": "pipeline.train", "cv": "pipeline.cv",
-               "evaluate": "pipeline.evaluate", "export": "pipeline.export"}
+STAGE_ENTRY = {
+    "ingest-source": "pipeline.data.ingest",
+    "ingest": "pipeline.data.ingest",
+    "split": "pipeline.data.split",
+    "train": "pipeline.train",
+    "cv": "pipeline.cv",
+    "evaluate": "pipeline.evaluate",
+    "export": "pipeline.export",
+}
 
 
 def module_file(name: str) -> Path | None:
@@ -35,7 +42,9 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}  # `from pipeline import ood`
     return {name for name in found if name.split(".")[0] == "pipeline" and module_file(name)}
@@ -67,8 +76,9 @@ def covered(path: Path, deps: list[str]) -> bool:
 @pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
 def test_each_stage_lists_every_module_it_imports(stage):
     deps = stage_deps()[stage]
-    missing = sorted(str(p) for p in import_closure(STAGE_ENTRY[stage]) if not covered(p, deps)
-                     and p.name != "__init__.py")
+    missing = sorted(
+        str(p) for p in import_closure(STAGE_ENTRY[stage]) if not covered(p, deps) and p.name != "__init__.py"
+    )
     assert not missing, f"dvc.yaml stage {stage} misses code it runs: {', '.join(missing)}"
 
 

@@ -1,5 +1,6 @@
 """Harvest (labelled slide cells -> class-folder dataset) on synthetic slides, and the config of several
 sources (a Herlev + harvest ingest and model.init_from: tests/integration/test_harvest.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,10 @@ def slides(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slides")
     a, a_cells = write_slide(folder, "slide-a", 1)
     b, b_cells = write_slide(folder, "slide-b", 2)
-    return {"a": (a, a_cells, write_labels(folder / "a-labels.csv", a_cells)),
-            "b": (b, b_cells, write_labels(folder / "b-labels.csv", b_cells, LABELS[::-1]))}
+    return {
+        "a": (a, a_cells, write_labels(folder / "a-labels.csv", a_cells)),
+        "b": (b, b_cells, write_labels(folder / "b-labels.csv", b_cells, LABELS[::-1])),
+    }
 
 
 def test_harvest_cuts_the_scoring_crops_and_ingest_accepts_them(slides, tmp_path):
@@ -49,8 +52,12 @@ def test_harvest_cuts_the_scoring_crops_and_ingest_accepts_them(slides, tmp_path
     assert row["sha256"] == harvest.hashlib.sha256((out / row["path"]).read_bytes()).hexdigest()
 
     # ingest reads it as a CSV source grouped by the `group` column; unsure / not_a_cell are excluded.
-    result = ingest(out / "manifest.csv", LabelMap.load(ROOT / "configs/labels/harvest_binary.yaml"),
-                    GroupRule(regex=None, column="group"), progress=False)
+    result = ingest(
+        out / "manifest.csv",
+        LabelMap.load(ROOT / "configs/labels/harvest_binary.yaml"),
+        GroupRule(regex=None, column="group"),
+        progress=False,
+    )
     assert sorted(r["label"] for r in result.rows) == ["benign", "benign", "malignant", "malignant"]
     assert {r["group"] for r in result.rows} == {"slide-a"}
     assert sorted(r["original_class"] for r in result.rejects) == ["not_a_cell", "unsure"]
@@ -95,8 +102,18 @@ def test_bad_label_rows_are_reported_and_skipped(slides, tmp_path, capsys):
     rows = pd.read_csv(labels_csv)
     rows.loc[4, "label"] = "maybe"
     rows.to_csv(tmp_path / "bad.csv", index=False)
-    code = main(["harvest", str(slide), "--cells", str(cells_csv), "--labels", str(tmp_path / "bad.csv"),
-                 "--out", str(tmp_path / "out2")])
+    code = main(
+        [
+            "harvest",
+            str(slide),
+            "--cells",
+            str(cells_csv),
+            "--labels",
+            str(tmp_path / "bad.csv"),
+            "--out",
+            str(tmp_path / "out2"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "bad.csv: line 6: label 'maybe' is not one of" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out2").exists()

@@ -1,6 +1,7 @@
-"""The house rules a reviewer would otherwise check by hand: ruff, the import-linter layer contracts
+"""The house rules a reviewer would otherwise check by hand: ruff lint and format, the import-linter layer contracts
 in pyproject.toml, functions that fit on a screen, project imports at the top of each module, and
 model.json read through pipeline/model_card.py only."""
+
 from __future__ import annotations
 
 import ast
@@ -33,9 +34,15 @@ def _modules():
 
 
 def test_ruff_finds_nothing():
-    proc = subprocess.run([_tool("ruff"), "check", "--output-format", "concise", "."], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [_tool("ruff"), "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+def test_the_code_is_ruff_formatted():
+    proc = subprocess.run([_tool("ruff"), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, "run `ruff format .` to fix:\n" + proc.stdout[-3000:] + proc.stderr[-1000:]
 
 
 def test_the_layer_contracts_hold():
@@ -63,18 +70,30 @@ def test_project_imports_sit_at_the_top():
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(func):
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                if any((name == "pipeline" or name.startswith("pipeline.")) and name not in LAZY_PROJECT_MODULES_ALLOWED
-                       for name in names):
+                names = (
+                    [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
+                if any(
+                    (name == "pipeline" or name.startswith("pipeline.")) and name not in LAZY_PROJECT_MODULES_ALLOWED
+                    for name in names
+                ):
                     lazy.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not lazy, f"project imports inside functions (put them at the top of the module): {lazy}"
 
 
 def test_model_json_is_read_only_through_the_model_card():
     pattern = re.compile(r"\bmeta\[|read_metadata\(|\.meta\.get\(")
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in _modules() if p.name != "model_card.py"
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _modules()
+        if p.name != "model_card.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not offenders, f"model.json read outside pipeline/model_card.py: {offenders}"
 
 
@@ -86,6 +105,9 @@ def test_every_user_facing_error_shares_one_base():
             if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and node.name != name:
                 classes.append((path, node))
     assert classes, "the scan found no error classes"
-    orphans = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name}" for p, n in classes
-               if not any(isinstance(b, ast.Name) and b.id == name for b in n.bases)]
+    orphans = [
+        f"{p.relative_to(ROOT)}:{n.lineno} {n.name}"
+        for p, n in classes
+        if not any(isinstance(b, ast.Name) and b.id == name for b in n.bases)
+    ]
     assert not orphans, f"errors not derived from {name} (pipeline/errors.py): {orphans}"

@@ -1,4 +1,5 @@
 """Binary metrics against hand-computed values; group-bootstrap CIs on synthetic data."""
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,7 @@ def test_ece_and_reliability_curve_hand_example():
     assert expected_calibration_error(Y10, P10) == pytest.approx(0.193)
     curve = reliability_curve(Y10, P10)
     # bins 3 and 5 are empty and left out
-    assert [c["bin_lower"] for c in curve] == pytest.approx([0, .1, .2, .4, .6, .7, .8, .9])
+    assert [c["bin_lower"] for c in curve] == pytest.approx([0, 0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9])
     assert [c["count"] for c in curve] == [2, 1, 1, 2, 1, 1, 1, 1]
     b4 = curve[3]
     assert (b4["bin_lower"], b4["bin_upper"]) == pytest.approx((0.4, 0.5))
@@ -217,8 +218,13 @@ def test_calls_by_class_with_and_without_band():
     p = [0.1, 0.45, 0.7, 0.9, 0.5, 0.55]
     plain = calls_by_class(cls, p, threshold=0.5)
     assert [r["original_class"] for r in plain] == ["carcinoma", "dysplasia", "normal"]
-    assert plain[0] == {"original_class": "carcinoma", "n": 2, "called_malignant": 2,
-                        "fraction_malignant": 1.0, "indeterminate": 0}
+    assert plain[0] == {
+        "original_class": "carcinoma",
+        "n": 2,
+        "called_malignant": 2,
+        "fraction_malignant": 1.0,
+        "indeterminate": 0,
+    }
     assert plain[2]["called_malignant"] == 1 and plain[2]["indeterminate"] == 0
     band = calls_by_class(cls, p, threshold=0.5, lower=0.4, upper=0.6)
     # carcinoma: .9 malignant, .5 indeterminate; dysplasia .55 indeterminate;

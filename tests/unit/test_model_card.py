@@ -1,5 +1,6 @@
 """pipeline/model_card.py: the model folder's card reads and writes every key it was given, types
 what the code reads, and refuses missing, changed or unlisted files with one line."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,22 +8,65 @@ import json
 
 import pytest
 
-from pipeline.model_card import (META_FILE, ONNX_META_FILE, WEIGHTS_FILE, Calibration, ModelCard, ModelDirError,
-                                 OodGuard, file_sha256)
+from pipeline.model_card import (
+    META_FILE,
+    ONNX_META_FILE,
+    WEIGHTS_FILE,
+    Calibration,
+    ModelCard,
+    ModelDirError,
+    OodGuard,
+    file_sha256,
+)
 
-TRAINED = {"arch": "timm/tf_efficientnet_lite0", "labels": ["benign", "malignant"], "positive_label": "malignant",
-           "image_size": 128, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic",
-           "resize": "long side to image_size, pad square by repeating the edge", "label_map": "configs/x.yaml",
-           "label_map_classes": {"a": "benign"}, "best_epoch": 8, "fit_on": "train+val", "keep": "last",
-           "val_metrics": {"val_auc": None}, "config_hash": "abc", "split_sha256": "def", "init_from": None,
-           "training": {"world_size": 1}, "sha256": {"model.pt": "00"},
-           "mlflow": {"run_id": "r", "version": "3", "registered_model": "cytology-classifier"}}
-CALIBRATED = {**TRAINED, "calibration": {"temperature": 1.3, "tta": False, "positive_labels": ["malignant"],
-                                         "threshold": 0.41, "threshold_rule": "sensitivity", "target_sensitivity": 0.95,
-                                         "band_width": 0.1, "band": [0.36, 0.46], "validation": {"n": 613}},
-              "test_metrics": {"roc_auc": 0.96}, "card": {"promotion": "not promoted"},
-              "ood": {"file": "ood.npz", "method": "mahalanobis", "threshold": 12.5, "pass_rate": 0.95,
-                      "val_pass_rate": 0.95, "feature_dim": 1280, "shrinkage": 0.1, "test_pass_rate": 0.9}}
+TRAINED = {
+    "arch": "timm/tf_efficientnet_lite0",
+    "labels": ["benign", "malignant"],
+    "positive_label": "malignant",
+    "image_size": 128,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bicubic",
+    "resize": "long side to image_size, pad square by repeating the edge",
+    "label_map": "configs/x.yaml",
+    "label_map_classes": {"a": "benign"},
+    "best_epoch": 8,
+    "fit_on": "train+val",
+    "keep": "last",
+    "val_metrics": {"val_auc": None},
+    "config_hash": "abc",
+    "split_sha256": "def",
+    "init_from": None,
+    "training": {"world_size": 1},
+    "sha256": {"model.pt": "00"},
+    "mlflow": {"run_id": "r", "version": "3", "registered_model": "cytology-classifier"},
+}
+CALIBRATED = {
+    **TRAINED,
+    "calibration": {
+        "temperature": 1.3,
+        "tta": False,
+        "positive_labels": ["malignant"],
+        "threshold": 0.41,
+        "threshold_rule": "sensitivity",
+        "target_sensitivity": 0.95,
+        "band_width": 0.1,
+        "band": [0.36, 0.46],
+        "validation": {"n": 613},
+    },
+    "test_metrics": {"roc_auc": 0.96},
+    "card": {"promotion": "not promoted"},
+    "ood": {
+        "file": "ood.npz",
+        "method": "mahalanobis",
+        "threshold": 12.5,
+        "pass_rate": 0.95,
+        "val_pass_rate": 0.95,
+        "feature_dim": 1280,
+        "shrinkage": 0.1,
+        "test_pass_rate": 0.9,
+    },
+}
 
 
 def test_a_calibrated_card_survives_a_round_trip_key_for_key():
@@ -43,11 +87,23 @@ def test_unknown_keys_are_kept_and_defaults_fill_an_old_card():
 
 
 def test_an_exported_card_carries_its_onnx_facts(tmp_path):
-    exported = {**CALIBRATED, "format": "onnx", "onnx_file": "model.onnx", "opset": 17, "input_name": "input",
-                "outputs": ["logits", "cam", "features"], "preprocessing": {"layout": "NCHW"},
-                "temperature": 1.3, "threshold": 0.41, "indeterminate_band": [0.36, 0.46],
-                "source": {"version": "3"}, "validation": {"max_abs_diff": 1e-6}, "quantization": None,
-                "registered_version": "4", "registered_model": "cytology-classifier"}
+    exported = {
+        **CALIBRATED,
+        "format": "onnx",
+        "onnx_file": "model.onnx",
+        "opset": 17,
+        "input_name": "input",
+        "outputs": ["logits", "cam", "features"],
+        "preprocessing": {"layout": "NCHW"},
+        "temperature": 1.3,
+        "threshold": 0.41,
+        "indeterminate_band": [0.36, 0.46],
+        "source": {"version": "3"},
+        "validation": {"max_abs_diff": 1e-6},
+        "quantization": None,
+        "registered_version": "4",
+        "registered_model": "cytology-classifier",
+    }
     exported.pop("mlflow")
     (tmp_path / ONNX_META_FILE).write_text(json.dumps(exported))
     card = ModelCard.read(tmp_path)
@@ -63,7 +119,10 @@ def test_reading_refuses_what_is_not_a_card(tmp_path):
     with pytest.raises(ModelDirError, match=f"{META_FILE}: invalid JSON"):
         ModelCard.read(tmp_path)
     (tmp_path / META_FILE).write_text(json.dumps({"labels": ["a"]}))
-    with pytest.raises(ModelDirError, match=rf"{META_FILE}: not a model card this version reads \(missing arch, image_size, mean, std\)"):
+    with pytest.raises(
+        ModelDirError,
+        match=rf"{META_FILE}: not a model card this version reads \(missing arch, image_size, mean, std\)",
+    ):
         ModelCard.read(tmp_path)
 
 
@@ -86,10 +145,13 @@ def test_verify_refuses_missing_changed_and_unlisted_files(tmp_path):
 
 def test_a_stage_changes_a_card_by_replacing_it(tmp_path):
     card = ModelCard.from_dict(TRAINED)
-    guard = OodGuard.from_summary({"method": "mahalanobis", "threshold": 3.0, "pass_rate": 0.95,
-                                   "val_pass_rate": 0.94, "feature_dim": 8}, test_pass_rate=0.9)
-    calibrated = dataclasses.replace(card.with_file("ood.npz", "11"), ood=guard,
-                                     calibration=Calibration.from_dict(CALIBRATED["calibration"]))
+    guard = OodGuard.from_summary(
+        {"method": "mahalanobis", "threshold": 3.0, "pass_rate": 0.95, "val_pass_rate": 0.94, "feature_dim": 8},
+        test_pass_rate=0.9,
+    )
+    calibrated = dataclasses.replace(
+        card.with_file("ood.npz", "11"), ood=guard, calibration=Calibration.from_dict(CALIBRATED["calibration"])
+    )
     calibrated.write(tmp_path)
     again = ModelCard.read(tmp_path)
     assert again == calibrated and again.sha256 == {"model.pt": "00", "ood.npz": "11"}

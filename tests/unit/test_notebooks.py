@@ -1,4 +1,5 @@
 """The notebooks are committed without outputs (that they run: tests/e2e/test_notebooks.py)."""
+
 from __future__ import annotations
 
 import nbformat

@@ -1,5 +1,6 @@
 """The domain-shift (OOD) guard's math (pipeline/ood.py) on synthetic features; the guard fitted on a
 tiny trained model: tests/integration/test_ood.py."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,17 +11,19 @@ from pipeline import ood
 
 # ---------------------------------------------------------------- pure math
 
+
 def _blobs(rng, n, dim=16, shift=0.0):
     """Two classes of Gaussian features; `shift` moves them along axes neither class uses."""
     y = rng.integers(0, 2, n)
     # A common positive offset, like pooled activations: cosine distances are then meaningful.
     x = rng.standard_normal((n, dim)) + 3.0 * y[:, None] * np.eye(dim)[0] + 4.0
-    x[:, dim // 2:dim // 2 + 4] += shift
+    x[:, dim // 2 : dim // 2 + 4] += shift
     return x, y
 
 
-@pytest.mark.parametrize("method,options", [("mahalanobis", {}), ("mahalanobis", {"pca_dim": 4}),
-                                            ("knn", {"k": 3}), ("energy", {})])
+@pytest.mark.parametrize(
+    "method,options", [("mahalanobis", {}), ("mahalanobis", {"pca_dim": 4}), ("knn", {"k": 3}), ("energy", {})]
+)
 def test_threshold_lets_pass_rate_of_val_through(method, options):
     rng = np.random.default_rng(0)
     x, y = _blobs(rng, 300)
@@ -177,6 +180,7 @@ def test_npz_round_trip_and_no_pickle(tmp_path):
 
 
 def test_guard_calls_replace_every_out_of_domain_call():
-    calls = ood.guard_calls(np.array(["benign", "malignant", "indeterminate", "malignant"]),
-                            np.array([True, False, False, True]))
+    calls = ood.guard_calls(
+        np.array(["benign", "malignant", "indeterminate", "malignant"]), np.array([True, False, False, True])
+    )
     assert list(calls) == ["benign", ood.OUT_OF_DOMAIN, ood.OUT_OF_DOMAIN, "malignant"]

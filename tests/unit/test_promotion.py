@@ -1,4 +1,5 @@
 """The promotion rule (pipeline/promotion.py) on constructed evidence, and its simulated error rates."""
+
 from __future__ import annotations
 
 import math
@@ -12,24 +13,30 @@ RULE = PromotionConfig(min_oof_auc_ci_low=0.95, min_auc=0.93, min_sensitivity=0.
 
 
 def _evidence(low=0.97, auc=0.96, sens=0.95, held=0.98):
-    return Evidence(heldout_auc=held, heldout_auc_ci_low=low, heldout_source="out-of-fold", test_auc=auc,
-                    test_sensitivity=sens)
+    return Evidence(
+        heldout_auc=held, heldout_auc_ci_low=low, heldout_source="out-of-fold", test_auc=auc, test_sensitivity=sens
+    )
 
 
 def test_promotes_when_all_three_hold_and_says_why():
     promote, reason = decide(_evidence(), RULE)
     assert promote
-    assert reason == ("promoted: out-of-fold AUC 0.9800 (lower 95% bound 0.9700 >= 0.95), test AUC 0.9600 >= 0.93, "
-                      "test sensitivity 0.9500 >= 0.9")
+    assert reason == (
+        "promoted: out-of-fold AUC 0.9800 (lower 95% bound 0.9700 >= 0.95), test AUC 0.9600 >= 0.93, "
+        "test sensitivity 0.9500 >= 0.9"
+    )
 
 
-@pytest.mark.parametrize("kwargs, text", [
-    ({"low": 0.949}, "out-of-fold AUC lower 95% bound 0.9490 < 0.95"),
-    ({"auc": 0.92}, "test AUC 0.9200 < 0.93"),
-    ({"sens": 0.89}, "test sensitivity 0.8900 < 0.9"),
-    ({"low": None}, "no held-out (out-of-fold) evidence"),
-    ({"auc": math.nan}, "test AUC nan < 0.93"),
-])
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [
+        ({"low": 0.949}, "out-of-fold AUC lower 95% bound 0.9490 < 0.95"),
+        ({"auc": 0.92}, "test AUC 0.9200 < 0.93"),
+        ({"sens": 0.89}, "test sensitivity 0.8900 < 0.9"),
+        ({"low": None}, "no held-out (out-of-fold) evidence"),
+        ({"auc": math.nan}, "test AUC nan < 0.93"),
+    ],
+)
 def test_refuses_and_names_each_failed_condition(kwargs, text):
     promote, reason = decide(_evidence(**kwargs), RULE)
     assert not promote and reason.startswith("not promoted: ") and text in reason

@@ -11,6 +11,7 @@ test modules.
 
 Deterministic: every test uses `derandomize=True` and no example database.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,27 @@ SMALL = ImageLimits(min_side=1, max_pixels=4_000_000)
 # The file's own modes that must always load (pipeline/data/images.py: _LOSSLESS_MODES).
 MUST_LOAD = {"RGB", "L", "LA", "RGBA", "P", "PA", "1", "I;16", "I;16B", "I;16L", "I;16N", "I"}
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp"}
-MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "I;16", "I;16B",
-         "I;16L", "I", "F", "YCbCr", "HSV", "LAB")
+MODES = (
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "I",
+    "F",
+    "YCbCr",
+    "HSV",
+    "LAB",
+)
 
 
 def _writable() -> list[tuple[str, str]]:
@@ -168,8 +188,12 @@ def test_loader_any_mode_size_format(scratch, pair, size, seed):
 
 
 @PROPS
-@given(fmt=st.sampled_from(["PNG", "TIFF", "BMP"]), mode=st.sampled_from(["RGB", "L", "1", "RGBA", "LA", "I;16"]),
-       size=st.tuples(st.integers(1, 40), st.integers(1, 40)), seed=st.integers(0, 2**32 - 1))
+@given(
+    fmt=st.sampled_from(["PNG", "TIFF", "BMP"]),
+    mode=st.sampled_from(["RGB", "L", "1", "RGBA", "LA", "I;16"]),
+    size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_loader_lossless_pixels(scratch, fmt, mode, size, seed):
     """Lossless formats: pixels survive (greys replicated, alpha over white, 16 bit scaled)."""
     assume((mode, fmt) in WRITABLE)
@@ -197,8 +221,12 @@ def test_loader_lossless_pixels(scratch, fmt, mode, size, seed):
 
 
 @PROPS
-@given(size=st.tuples(st.integers(1, 80), st.integers(1, 80)), min_side=st.integers(1, 100),
-       max_pixels=st.integers(1, 7000), fmt=st.sampled_from(["PNG", "JPEG", "BMP", "TIFF"]))
+@given(
+    size=st.tuples(st.integers(1, 80), st.integers(1, 80)),
+    min_side=st.integers(1, 100),
+    max_pixels=st.integers(1, 7000),
+    fmt=st.sampled_from(["PNG", "JPEG", "BMP", "TIFF"]),
+)
 def test_loader_limits(scratch, size, min_side, max_pixels, fmt):
     """ImageLimits: loads exactly when the header passes both limits."""
     data = encode(random_image("RGB", size, 0), fmt)
@@ -236,7 +264,7 @@ def mutate(data: bytes, ops, seed: int) -> bytes:
         elif kind in ("flip", "flip-header"):
             buf[pos] ^= n
         elif kind == "garbage":
-            buf[pos:pos + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            buf[pos : pos + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         else:
             buf[pos:pos] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
     return bytes(buf)
@@ -245,8 +273,12 @@ def mutate(data: bytes, ops, seed: int) -> bytes:
 # PIL warns about the corrupt TIFF tags it skips; the outcome is what is checked.
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")
 @settings(PROPS, max_examples=200)
-@given(pair=st.sampled_from(WRITABLE), size=st.tuples(st.integers(1, 48), st.integers(1, 48)),
-       ops=st.lists(MUTATIONS, min_size=1, max_size=4), seed=st.integers(0, 2**32 - 1))
+@given(
+    pair=st.sampled_from(WRITABLE),
+    size=st.tuples(st.integers(1, 48), st.integers(1, 48)),
+    ops=st.lists(MUTATIONS, min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_loader_corrupt_bytes(scratch, pair, size, ops, seed):
     """Truncated, flipped and garbled files: ImageError or an RGB image, nothing else."""
     mode, fmt = pair
@@ -260,8 +292,11 @@ def test_loader_corrupt_bytes(scratch, pair, size, ops, seed):
 # PIL warns about the corrupt TIFF tags it skips; the outcome is what is checked.
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")
 @PROPS
-@given(head=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF89a"]),
-       body=st.binary(max_size=300), suffix=st.sampled_from(sorted(FORMATS.values())))
+@given(
+    head=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF89a"]),
+    body=st.binary(max_size=300),
+    suffix=st.sampled_from(sorted(FORMATS.values())),
+)
 def test_loader_garbage_files(scratch, head, body, suffix):
     """Random bytes, with or without a real magic number: an ImageError, or (rarely) an image."""
     data = head + body
@@ -276,8 +311,10 @@ def test_loader_garbage_files(scratch, head, body, suffix):
 
 
 @PROPS
-@given(name=st.text(string.ascii_letters + string.digits + "._- ", min_size=1, max_size=20),
-       kind=st.sampled_from(["missing", "dir", "empty", "dangling"]))
+@given(
+    name=st.text(string.ascii_letters + string.digits + "._- ", min_size=1, max_size=20),
+    kind=st.sampled_from(["missing", "dir", "empty", "dangling"]),
+)
 def test_read_bytes_bad_paths(scratch, name, kind):
     assume(name not in (".", ".."))
     base = scratch / "paths"
@@ -298,7 +335,9 @@ def test_read_bytes_bad_paths(scratch, name, kind):
             call()
         assert_image_error(info.value, path)
     reason = info.value.reason
-    assert {"missing": "not found", "dir": "directory", "empty": "0 bytes", "dangling": "broken symlink"}[kind] in reason
+    assert {"missing": "not found", "dir": "directory", "empty": "0 bytes", "dangling": "broken symlink"}[
+        kind
+    ] in reason
 
 
 # --------------------------------------------------------------------------- crops
@@ -306,13 +345,24 @@ def test_read_bytes_bad_paths(scratch, name, kind):
 
 def boxes_and_slides():
     """A slide size, a margin and cell bboxes anywhere: inside, at the edges, partly outside."""
-    return st.integers(1, 400).flatmap(lambda w: st.integers(1, 400).flatmap(lambda h: st.tuples(
-        st.just((w, h)),
-        st.one_of(st.just(0.0), st.floats(0, 2, allow_nan=False), st.sampled_from([0.25, 0.5, 1.0])),
-        st.lists(st.tuples(st.integers(-50, w + 50), st.integers(-50, h + 50),
-                           st.integers(1, max(w, h) + 60), st.integers(1, max(w, h) + 60)),
-                 min_size=1, max_size=8),
-    )))
+    return st.integers(1, 400).flatmap(
+        lambda w: st.integers(1, 400).flatmap(
+            lambda h: st.tuples(
+                st.just((w, h)),
+                st.one_of(st.just(0.0), st.floats(0, 2, allow_nan=False), st.sampled_from([0.25, 0.5, 1.0])),
+                st.lists(
+                    st.tuples(
+                        st.integers(-50, w + 50),
+                        st.integers(-50, h + 50),
+                        st.integers(1, max(w, h) + 60),
+                        st.integers(1, max(w, h) + 60),
+                    ),
+                    min_size=1,
+                    max_size=8,
+                ),
+            )
+        )
+    )
 
 
 @settings(PROPS, max_examples=200)
@@ -344,10 +394,13 @@ def test_crop_box_geometry(case):
 
 
 @settings(PROPS, max_examples=60)
-@given(size=st.tuples(st.integers(8, 240), st.integers(8, 240)), seed=st.integers(0, 2**32 - 1),
-       margin=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.5]), out=st.sampled_from([8, 17, 32]),
-       discs=st.lists(st.tuples(st.floats(-0.2, 1.2), st.floats(-0.2, 1.2), st.integers(2, 40)),
-                      min_size=1, max_size=5))
+@given(
+    size=st.tuples(st.integers(8, 240), st.integers(8, 240)),
+    seed=st.integers(0, 2**32 - 1),
+    margin=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.5]),
+    out=st.sampled_from([8, 17, 32]),
+    discs=st.lists(st.tuples(st.floats(-0.2, 1.2), st.floats(-0.2, 1.2), st.integers(2, 40)), min_size=1, max_size=5),
+)
 def test_crops_hold_the_whole_cell(size, seed, margin, out, discs):
     """Cells drawn anywhere on a fake in-memory slide (also across its edges): each crop holds
     every pixel of its cell that is on the slide; tile_crops == base_resize of read_crops."""
@@ -373,8 +426,8 @@ def test_crops_hold_the_whole_cell(size, seed, margin, out, discs):
     boxes = crop_boxes(cells, margin, source.dimensions)
     for crop, (x, y, w, h), mask in zip(crops, boxes, masks):
         assert crop.shape == (h, w, 3) and crop.dtype == np.uint8
-        np.testing.assert_array_equal(crop, img[y:y + h, x:x + w])  # inside the slide: no white fill
-        assert mask[y:y + h, x:x + w].sum() == mask.sum()
+        np.testing.assert_array_equal(crop, img[y : y + h, x : x + w])  # inside the slide: no white fill
+        assert mask[y : y + h, x : x + w].sum() == mask.sum()
     cut = tile_crops(source, cells, margin, out)
     assert cut.shape == (len(cells), out, out, 3) and cut.dtype == np.uint8
     np.testing.assert_array_equal(cut, np.stack([base_resize(c, out) for c in crops]))
@@ -386,11 +439,18 @@ def _extent(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 @settings(PROPS, max_examples=150)
-@given(shape=st.one_of(
-    st.tuples(st.just(1), st.integers(1, 5000)), st.tuples(st.integers(1, 5000), st.just(1)),
-    st.tuples(st.integers(1, 300), st.integers(1, 300)),
-    st.tuples(st.integers(1, 4), st.integers(500, 4000)), st.tuples(st.integers(500, 4000), st.integers(1, 4))),
-    size=st.integers(1, 256), seed=st.integers(0, 2**32 - 1), view=st.booleans())
+@given(
+    shape=st.one_of(
+        st.tuples(st.just(1), st.integers(1, 5000)),
+        st.tuples(st.integers(1, 5000), st.just(1)),
+        st.tuples(st.integers(1, 300), st.integers(1, 300)),
+        st.tuples(st.integers(1, 4), st.integers(500, 4000)),
+        st.tuples(st.integers(500, 4000), st.integers(1, 4)),
+    ),
+    size=st.integers(1, 256),
+    seed=st.integers(0, 2**32 - 1),
+    view=st.booleans(),
+)
 def test_base_resize_shape_and_centring(shape, size, seed, view):
     import cv2
 
@@ -399,8 +459,8 @@ def test_base_resize_shape_and_centring(shape, size, seed, view):
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     if view:  # a crop out of a larger region, as tile_crops passes it
         big = rng.integers(0, 256, (h + 2, w + 3, 3), dtype=np.uint8)
-        big[1:1 + h, 2:2 + w] = img
-        img = big[1:1 + h, 2:2 + w]
+        big[1 : 1 + h, 2 : 2 + w] = img
+        img = big[1 : 1 + h, 2 : 2 + w]
     before = img.copy()
     res = base_resize(img, size)
     assert res.shape == (size, size, 3) and res.dtype == np.uint8
@@ -412,19 +472,27 @@ def test_base_resize_shape_and_centring(shape, size, seed, view):
     bottom, right = size - nh - top, size - nw - left
     assert abs(top - bottom) <= 1 and abs(left - right) <= 1  # centred
     # The image sits at (top, left); the padding repeats its edge rows / columns.
-    inner = res[top:top + nh, left:left + nw]
-    want = img if (nh, nw) == (h, w) else cv2.resize(np.ascontiguousarray(img), (nw, nh),
-                                                       interpolation=cv2.INTER_CUBIC).reshape(nh, nw, 3)
+    inner = res[top : top + nh, left : left + nw]
+    want = (
+        img
+        if (nh, nw) == (h, w)
+        else cv2.resize(np.ascontiguousarray(img), (nw, nh), interpolation=cv2.INTER_CUBIC).reshape(nh, nw, 3)
+    )
     np.testing.assert_array_equal(inner, want)
     np.testing.assert_array_equal(res[:top], np.broadcast_to(res[top], (top, size, 3)))
-    np.testing.assert_array_equal(res[top + nh:], np.broadcast_to(res[top + nh - 1], (bottom, size, 3)))
-    np.testing.assert_array_equal(res[:, :left], np.broadcast_to(res[:, left:left + 1], (size, left, 3)))
-    np.testing.assert_array_equal(res[:, left + nw:], np.broadcast_to(res[:, left + nw - 1:left + nw], (size, right, 3)))
+    np.testing.assert_array_equal(res[top + nh :], np.broadcast_to(res[top + nh - 1], (bottom, size, 3)))
+    np.testing.assert_array_equal(res[:, :left], np.broadcast_to(res[:, left : left + 1], (size, left, 3)))
+    np.testing.assert_array_equal(
+        res[:, left + nw :], np.broadcast_to(res[:, left + nw - 1 : left + nw], (size, right, 3))
+    )
 
 
 @PROPS
-@given(shape=st.tuples(st.integers(1, 200), st.integers(1, 200)), size=st.integers(1, 128),
-       colour=st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)))
+@given(
+    shape=st.tuples(st.integers(1, 200), st.integers(1, 200)),
+    size=st.integers(1, 128),
+    colour=st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)),
+)
 def test_base_resize_flat_stays_flat(shape, size, colour):
     h, w = shape
     flat = np.empty((h, w, 3), np.uint8)
@@ -470,8 +538,11 @@ DEFAULTS = _defaults()
 SECTION_NAMES = list(DEFAULTS)
 HERLEV_SOURCE = ("data", "sources", "herlev")
 FIELD_PATHS = [(s, k) for s in SECTION_NAMES for k in DEFAULTS[s]] + [
-    HERLEV_SOURCE + ("path",), HERLEV_SOURCE + ("label_map",), HERLEV_SOURCE + ("group", "regex"),
-    HERLEV_SOURCE + ("group", "column")]
+    HERLEV_SOURCE + ("path",),
+    HERLEV_SOURCE + ("label_map",),
+    HERLEV_SOURCE + ("group", "regex"),
+    HERLEV_SOURCE + ("group", "column"),
+]
 
 
 def assert_config_error(exc: ConfigError, path: Path) -> None:
@@ -480,14 +551,28 @@ def assert_config_error(exc: ConfigError, path: Path) -> None:
     assert msg.startswith(f"{path}: ") and len(msg) > len(f"{path}: "), repr(msg)
 
 
-KEYS = st.one_of(st.text(max_size=12), st.integers(-5, 10**30), st.booleans(), st.none(), st.floats(allow_nan=False),
-                 st.sampled_from(["labels", "classes", "data", "split", "train", "model", "slide", "regex", "column"]))
+KEYS = st.one_of(
+    st.text(max_size=12),
+    st.integers(-5, 10**30),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+    st.sampled_from(["labels", "classes", "data", "split", "train", "model", "slide", "regex", "column"]),
+)
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-(10**400), 10**400), st.floats(), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(10**400), 10**400),
+    st.floats(),
+    st.text(max_size=20),
     st.sampled_from(["benign", "malignant", EXCLUDE, "", "\n", "a\nb", "ünïcødé", "(\\d+)", "(", "sensitivity"]),
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)), max_leaves=12)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def dump(doc) -> str:
@@ -524,10 +609,15 @@ def try_params(path: Path):
 LABEL_DOCS = st.one_of(
     VALUES,
     st.fixed_dictionaries({"labels": VALUES, "classes": VALUES}),
-    st.fixed_dictionaries({"labels": st.lists(st.one_of(st.text(max_size=8), SCALARS), max_size=5),
-                           "classes": st.dictionaries(KEYS, st.one_of(st.sampled_from(["benign", "malignant", EXCLUDE]),
-                                                                       VALUES), max_size=6)},
-                          optional={"extra": VALUES}),
+    st.fixed_dictionaries(
+        {
+            "labels": st.lists(st.one_of(st.text(max_size=8), SCALARS), max_size=5),
+            "classes": st.dictionaries(
+                KEYS, st.one_of(st.sampled_from(["benign", "malignant", EXCLUDE]), VALUES), max_size=6
+            ),
+        },
+        optional={"extra": VALUES},
+    ),
 )
 
 
@@ -545,14 +635,33 @@ def test_label_map_random_documents(scratch, doc):
 
 
 @PROPS
-@given(text=st.one_of(st.text(max_size=200),
-                      st.builds(lambda a, b: a + b, st.sampled_from(["labels: [a, b]\nclasses:\n", "data:\n  ", "[",
-                                                                     "{", "- ", "&a x: *a\n", "!!python/object:os.system\n",
-                                                                     "? [a, b]\n: c\n", "x: 1\n---\ny: 2\n"]),
-                                st.text(max_size=80))),
-       raw=st.binary(max_size=60), kind=st.sampled_from(["text", "bytes", "huge", "deep"]),
-       where=st.sampled_from(FIELD_PATHS), n=st.one_of(st.integers(1, 6000), st.sampled_from([4300, 4301])),
-       depth=st.one_of(st.integers(1, 700), st.just(1000)))
+@given(
+    text=st.one_of(
+        st.text(max_size=200),
+        st.builds(
+            lambda a, b: a + b,
+            st.sampled_from(
+                [
+                    "labels: [a, b]\nclasses:\n",
+                    "data:\n  ",
+                    "[",
+                    "{",
+                    "- ",
+                    "&a x: *a\n",
+                    "!!python/object:os.system\n",
+                    "? [a, b]\n: c\n",
+                    "x: 1\n---\ny: 2\n",
+                ]
+            ),
+            st.text(max_size=80),
+        ),
+    ),
+    raw=st.binary(max_size=60),
+    kind=st.sampled_from(["text", "bytes", "huge", "deep"]),
+    where=st.sampled_from(FIELD_PATHS),
+    n=st.one_of(st.integers(1, 6000), st.sampled_from([4300, 4301])),
+    depth=st.one_of(st.integers(1, 700), st.just(1000)),
+)
 def test_config_random_text_and_bytes(scratch, text, raw, kind, where, n, depth):
     """Any file content, even invalid YAML, invalid UTF-8, an unsafe tag, integers of thousands
     of digits (decimal or hex) anywhere, or deep nesting: ConfigError or a result."""
@@ -573,14 +682,22 @@ def test_config_random_text_and_bytes(scratch, text, raw, kind, where, n, depth)
 
 
 LABEL_NAMES = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=10).filter(
-    lambda s: s != EXCLUDE)
+    lambda s: s != EXCLUDE
+)
 
 
 @settings(PROPS, max_examples=150)
-@given(labels=st.lists(LABEL_NAMES, min_size=2, max_size=6, unique=True),
-       names=st.lists(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12),
-                      min_size=1, max_size=12, unique=True),
-       picks=st.lists(st.integers(0, 100), min_size=12, max_size=12), missing=st.text(max_size=12))
+@given(
+    labels=st.lists(LABEL_NAMES, min_size=2, max_size=6, unique=True),
+    names=st.lists(
+        st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12),
+        min_size=1,
+        max_size=12,
+        unique=True,
+    ),
+    picks=st.lists(st.integers(0, 100), min_size=12, max_size=12),
+    missing=st.text(max_size=12),
+)
 def test_label_map_round_trip(scratch, labels, names, picks, missing):
     """A valid label map (unicode names and labels, 'exclude' among the targets) loads as written."""
     targets = [*labels, EXCLUDE]
@@ -598,15 +715,38 @@ def test_label_map_round_trip(scratch, labels, names, picks, missing):
             lm.label_of(missing)
         assert len(str(info.value).splitlines()) == 1 and str(path) in str(info.value)
     # The same map written with its keys in another order: same labels, same mapping.
-    again = LabelMap.load(write_yaml(scratch / "valid_labels2.yaml",
-                                     {"classes": dict(reversed(list(classes.items()))), "labels": labels}))
+    again = LabelMap.load(
+        write_yaml(scratch / "valid_labels2.yaml", {"classes": dict(reversed(list(classes.items()))), "labels": labels})
+    )
     assert again.labels == lm.labels and again.classes == lm.classes
 
 
 GOOD_VALUES = st.one_of(
-    st.integers(-3, 300), st.floats(-1, 2), st.floats(0, 1), st.booleans(), st.none(),
-    st.sampled_from(["auto", "cpu", "cuda", "sampler", "none", "train_light", "eval", "youden", "phased",
-                     "overlapped", "(\\w+)-\\d", "\\d+", "[", "class", "imagenet", ""]),
+    st.integers(-3, 300),
+    st.floats(-1, 2),
+    st.floats(0, 1),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(
+        [
+            "auto",
+            "cpu",
+            "cuda",
+            "sampler",
+            "none",
+            "train_light",
+            "eval",
+            "youden",
+            "phased",
+            "overlapped",
+            "(\\w+)-\\d",
+            "\\d+",
+            "[",
+            "class",
+            "imagenet",
+            "",
+        ]
+    ),
     st.lists(st.sampled_from(["malignant", "benign"]), max_size=3),
     st.fixed_dictionaries({"train": st.floats(0, 1), "val": st.floats(0, 1), "test": st.floats(0, 1)}),
     st.just({"train": 0.5, "val": 0.25, "test": 0.25}),
@@ -695,8 +835,13 @@ def test_settings_and_search_space():
 
 
 @settings(PROPS, max_examples=60)
-@given(batch=st.integers(0, 4), size=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
-       mean=st.tuples(*[st.floats(0.0, 1.0)] * 3), std=st.tuples(*[st.floats(0.05, 1.0)] * 3))
+@given(
+    batch=st.integers(0, 4),
+    size=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    mean=st.tuples(*[st.floats(0.0, 1.0)] * 3),
+    std=st.tuples(*[st.floats(0.05, 1.0)] * 3),
+)
 def test_normalize_is_the_whole_array_formula_bit_for_bit(batch, size, seed, mean, std):
     """The per-plane, in-place normalisation gives the same float32 bits as ((x / 255) - mean) / std
     on the whole array, then HWC -> CHW; for one image and for a batch."""

@@ -1,5 +1,6 @@
 """Model files are loaded with torch.load(weights_only=True) or as ONNX; nothing unpickles
 untrusted content. A static scan of the code, plus real malicious pickles that must be refused."""
+
 from __future__ import annotations
 
 import ast
@@ -14,9 +15,23 @@ from tests.conftest import ROOT
 
 SCANNED = ("pipeline", "benchmarks", "notebooks")
 # Calls that unpickle (or run) whatever a file holds.
-UNSAFE_TEXT = [r"\bpickle\.loads?\(", r"\bcloudpickle\.", r"\bjoblib\.load\(", r"\bdill\.", r"\bshelve\.",
-               r"allow_pickle\s*=\s*True", r"mlflow\.(pytorch|sklearn)\.load_model", r"from\s+torch\s+import\s+load\b",
-               r"from\s+pickle\s+import", r"(?m)^\s*import\s+(cloud)?pickle\b", r"\byaml\.load\(", r"\byaml\.unsafe_load", r"(?<![\w.])eval\(", r"(?<![\w.])exec\(", r"pd\.read_pickle"]
+UNSAFE_TEXT = [
+    r"\bpickle\.loads?\(",
+    r"\bcloudpickle\.",
+    r"\bjoblib\.load\(",
+    r"\bdill\.",
+    r"\bshelve\.",
+    r"allow_pickle\s*=\s*True",
+    r"mlflow\.(pytorch|sklearn)\.load_model",
+    r"from\s+torch\s+import\s+load\b",
+    r"from\s+pickle\s+import",
+    r"(?m)^\s*import\s+(cloud)?pickle\b",
+    r"\byaml\.load\(",
+    r"\byaml\.unsafe_load",
+    r"(?<![\w.])eval\(",
+    r"(?<![\w.])exec\(",
+    r"pd\.read_pickle",
+]
 
 
 def _sources() -> list[tuple[str, str]]:
@@ -37,8 +52,13 @@ def _sources() -> list[tuple[str, str]]:
 
 def _torch_load_calls(tree: ast.AST):
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ):
             yield node
 
 
@@ -53,8 +73,10 @@ def test_every_torch_load_is_weights_only():
     unsafe = []
     for name, source in _sources():
         for call in _torch_load_calls(ast.parse(source)):
-            ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                     for k in call.keywords)
+            ok = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in call.keywords
+            )
             if not ok:
                 unsafe.append(f"{name}:{call.lineno}")
         # a torch.load that the AST walk could not see (aliased, or in a string passed to exec)
@@ -63,8 +85,9 @@ def test_every_torch_load_is_weights_only():
 
 
 def test_no_pickle_style_loading_anywhere():
-    hits = [f"{name}: {pattern}" for name, source in _sources() for pattern in UNSAFE_TEXT
-            if re.search(pattern, source)]
+    hits = [
+        f"{name}: {pattern}" for name, source in _sources() for pattern in UNSAFE_TEXT if re.search(pattern, source)
+    ]
     assert hits == []
 
 
@@ -92,8 +115,14 @@ def test_a_malicious_model_file_with_a_matching_checksum_is_refused_and_never_ru
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     torch.save({"classifier.weight": _Payload(marker)}, model_dir / "model.pt")
-    meta = {"arch": "timm/tf_efficientnet_lite0", "labels": ["benign", "malignant"], "image_size": 64,
-            "mean": [0.5] * 3, "std": [0.5] * 3, "sha256": {"model.pt": _sha256(model_dir / "model.pt")}}
+    meta = {
+        "arch": "timm/tf_efficientnet_lite0",
+        "labels": ["benign", "malignant"],
+        "image_size": 64,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "sha256": {"model.pt": _sha256(model_dir / "model.pt")},
+    }
     (model_dir / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelDirError, match=r"model\.pt: not a plain weights file") as err:
         TorchPredictor(model_dir)
@@ -125,9 +154,20 @@ def test_a_malicious_init_weights_file_is_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("bad", ["pickle.load(f)", "pickle.loads(b)", "np.load(p, allow_pickle=True)", "yaml.load(s)",
-                                 "mlflow.pytorch.load_model(uri)", "joblib.load(p)", "eval(text)", "pd.read_pickle(p)",
-                                 "import pickle"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "pickle.load(f)",
+        "pickle.loads(b)",
+        "np.load(p, allow_pickle=True)",
+        "yaml.load(s)",
+        "mlflow.pytorch.load_model(uri)",
+        "joblib.load(p)",
+        "eval(text)",
+        "pd.read_pickle(p)",
+        "import pickle",
+    ],
+)
 def test_the_scan_catches_unsafe_code(bad):
     assert any(re.search(p, bad) for p in UNSAFE_TEXT)
     assert not any(re.search(p, "model.eval()\nyaml.safe_load(s)") for p in UNSAFE_TEXT)

@@ -1,5 +1,6 @@
 """Training's pure parts: the learning-rate schedule, planned epochs, and TrainConfig checks (the
 training runs themselves: tests/integration/test_train.py)."""
+
 from __future__ import annotations
 
 import pytest

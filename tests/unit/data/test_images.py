@@ -1,4 +1,5 @@
 """The one image reader: every bad-file case gets a one-line reason; lossless modes become RGB."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Ingest on synthetic folders and CSV manifests: rejects with reasons, duplicates, groups, outputs."""
+
 from __future__ import annotations
 
 import json
@@ -129,11 +130,13 @@ def test_union_of_groups_is_transitive():
 def test_csv_manifest_source_with_group_column(tmp_path, binary_map):
     src = _good_dataset(tmp_path / "imgs")
     csv = tmp_path / "cases.csv"
-    pd.DataFrame({
-        "path": ["imgs/normal/fovA-0.png", "imgs/cancer/fovB-0.jpg", str(src / "cancer" / "fovB-1.jpg")],
-        "class": ["normal", "cancer", "cancer"],
-        "patient": ["p1", "p2", "p2"],
-    }).to_csv(csv, index=False)
+    pd.DataFrame(
+        {
+            "path": ["imgs/normal/fovA-0.png", "imgs/cancer/fovB-0.jpg", str(src / "cancer" / "fovB-1.jpg")],
+            "class": ["normal", "cancer", "cancer"],
+            "patient": ["p1", "p2", "p2"],
+        }
+    ).to_csv(csv, index=False)
     result = ingest(csv, LabelMap.load(binary_map), GroupRule(regex=None, column="patient"))
     assert [r["group"] for r in result.rows] == ["p2", "p2", "p1"]
     assert result.rows[-1]["path"] == "imgs/normal/fovA-0.png"  # relative to the CSV's folder
@@ -144,9 +147,13 @@ def _harvest_like_csv(folder, n_cells=4):
     a file-name rule such as RULE would split into one group per cell; the `group` column says slide7."""
     for i in range(n_cells):
         make_image(folder / ("normal" if i % 2 else "cancer") / f"cell{i}-x.png", seed=200 + i)
-    pd.DataFrame({"path": [f"{'normal' if i % 2 else 'cancer'}/cell{i}-x.png" for i in range(n_cells)],
-                  "class": ["normal" if i % 2 else "cancer" for i in range(n_cells)],
-                  "group": ["slide7"] * n_cells}).to_csv(folder / "manifest.csv", index=False)
+    pd.DataFrame(
+        {
+            "path": [f"{'normal' if i % 2 else 'cancer'}/cell{i}-x.png" for i in range(n_cells)],
+            "class": ["normal" if i % 2 else "cancer" for i in range(n_cells)],
+            "group": ["slide7"] * n_cells,
+        }
+    ).to_csv(folder / "manifest.csv", index=False)
     return folder / "manifest.csv"
 
 
@@ -168,14 +175,57 @@ def test_cli_source_csv_keeps_its_groups_whatever_the_params_rule(tmp_path, bina
     csv = _harvest_like_csv(tmp_path / "harvest")
     params = tmp_path / "params.yaml"
     for rule in (r"(\d+)-\d+-\d+", r"^(\w+?)-"):  # Herlev's, and one that splits the slide's cells
-        params.write_text(yaml.safe_dump({"data": {"sources": {"first": {
-            "path": str(tmp_path / "elsewhere"), "label_map": str(binary_map), "group": {"regex": rule}}}}}))
-        assert main(["ingest", "--params", str(params), "--source", str(csv), "--label-map", str(binary_map),
-                     "--out", str(tmp_path / "out")]) == 0
+        params.write_text(
+            yaml.safe_dump(
+                {
+                    "data": {
+                        "sources": {
+                            "first": {
+                                "path": str(tmp_path / "elsewhere"),
+                                "label_map": str(binary_map),
+                                "group": {"regex": rule},
+                            }
+                        }
+                    }
+                }
+            )
+        )
+        assert (
+            main(
+                [
+                    "ingest",
+                    "--params",
+                    str(params),
+                    "--source",
+                    str(csv),
+                    "--label-map",
+                    str(binary_map),
+                    "--out",
+                    str(tmp_path / "out"),
+                ]
+            )
+            == 0
+        )
         manifest = pd.read_csv(tmp_path / "out/manifest.csv", dtype=str)
         assert len(manifest) == 4 and set(manifest["group"]) == {"slide7"}, rule
-    assert main(["ingest", "--params", str(params), "--source", str(csv), "--label-map", str(binary_map),
-                 "--group-regex", r"^(\w+?)-", "--out", str(tmp_path / "out")]) == 0  # the flag says otherwise
+    assert (
+        main(
+            [
+                "ingest",
+                "--params",
+                str(params),
+                "--source",
+                str(csv),
+                "--label-map",
+                str(binary_map),
+                "--group-regex",
+                r"^(\w+?)-",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )  # the flag says otherwise
     assert pd.read_csv(tmp_path / "out/manifest.csv", dtype=str)["group"].nunique() == 4
 
 
@@ -186,9 +236,18 @@ def test_a_second_source_does_not_take_the_first_sources_group_rule(tmp_path, bi
     src = _good_dataset(tmp_path / "src")
     csv = _harvest_like_csv(tmp_path / "harvest")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"sources": {
-        "first": {"path": str(src), "label_map": str(binary_map), "group": {"regex": RULE.regex}},
-        "second": {"path": str(csv), "label_map": str(binary_map)}}}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "sources": {
+                        "first": {"path": str(src), "label_map": str(binary_map), "group": {"regex": RULE.regex}},
+                        "second": {"path": str(csv), "label_map": str(binary_map)},
+                    }
+                }
+            }
+        )
+    )
     sources = load_params(params).data.sources
     assert sources["first"].group == RULE and sources["second"].group is None  # its own: none written
     rows = ingest_sources(tuple(sources.values()), progress=False).rows

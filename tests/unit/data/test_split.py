@@ -1,4 +1,5 @@
 """Grouped, stratified, seeded split: no group crosses, every part has every label, folds too."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,18 @@ def synthetic_manifest(n_groups=120, seed=0) -> pd.DataFrame:
     for g in range(n_groups):
         cls = list(classes)[g % 4]
         for c in range(int(rng.integers(1, 8))):
-            rows.append({"path": f"{cls}/{g:04d}-{c}.jpg", "sha256": f"{g}-{c}", "width": 200, "height": 200,
-                         "mode": "RGB", "original_class": cls, "label": classes[cls], "group": f"{g:04d}"})
+            rows.append(
+                {
+                    "path": f"{cls}/{g:04d}-{c}.jpg",
+                    "sha256": f"{g}-{c}",
+                    "width": 200,
+                    "height": 200,
+                    "mode": "RGB",
+                    "original_class": cls,
+                    "label": classes[cls],
+                    "group": f"{g:04d}",
+                }
+            )
     return pd.DataFrame(rows)
 
 

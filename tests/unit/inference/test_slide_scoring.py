@@ -1,6 +1,7 @@
 """The shipped slide schedule and the ones it was measured against (benchmarks/slide_schedules.py:
 phased, overlapped, sequential) give the same cells and scores,
 on a synthetic pyramidal slide, with a small deterministic model standing in for the network."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,15 @@ class PixelModel(Predictor):
     backend = "stub"
 
     def __init__(self, batch_size: int = 8, size: int = 32):
-        meta = {"arch": "stub", "labels": ["benign", "malignant"], "positive_label": "malignant", "image_size": size,
-                "mean": [0.5] * 3, "std": [0.5] * 3, "calibration": {"temperature": 1.0}}
+        meta = {
+            "arch": "stub",
+            "labels": ["benign", "malignant"],
+            "positive_label": "malignant",
+            "image_size": size,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "calibration": {"temperature": 1.0},
+        }
         super().__init__("stub", ModelCard.from_dict(meta), batch_size)
         self.weights = np.random.default_rng(0).standard_normal((2, 3 * size * size)).astype(np.float32) / size
         self.threads: set[str] = set()
@@ -43,8 +51,12 @@ class PixelModel(Predictor):
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
     rng = np.random.default_rng(3)
-    extra = [(int(x), int(y), int(r)) for x, y, r in zip(rng.integers(60, SIZE[0] - 60, 25),
-                                                         rng.integers(60, SIZE[1] - 60, 25), rng.integers(18, 36, 25))]
+    extra = [
+        (int(x), int(y), int(r))
+        for x, y, r in zip(
+            rng.integers(60, SIZE[0] - 60, 25), rng.integers(60, SIZE[1] - 60, 25), rng.integers(18, 36, 25)
+        )
+    ]
     img = draw_cells(glass(SIZE, seed=1), CELLS + extra, DEBRIS, BLOB)
     return write_pyramid(tmp_path_factory.mktemp("slides") / "pipelined.tiff", img)
 
@@ -69,8 +81,9 @@ def test_tile_crops_are_the_model_input_of_read_crops(slide, cfg):
 @pytest.mark.parametrize("schedule", [score_parallel, score_phased, score_overlapped])
 @pytest.mark.parametrize("workers,queue,batch,crop", [(1, 4, 5, 0), (2, 1, 5, 1), (2, 3, 64, 2), (3, 2, 3, 1)])
 def test_pipelined_equals_sequential(slide, cfg, schedule, workers, queue, batch, crop):
-    run_cfg = dataclasses.replace(cfg, detect_workers=workers, queue_tiles=queue, batch_size=batch,
-                                  inference_workers=workers)
+    run_cfg = dataclasses.replace(
+        cfg, detect_workers=workers, queue_tiles=queue, batch_size=batch, inference_workers=workers
+    )
     extra = {"crop_workers": crop} if schedule is score_phased else {}
     with open_slide(slide) as src:
         cells_seq, scores_seq, _ = score_sequential(PixelModel(batch), src, run_cfg, tta=False, progress=False)
@@ -113,8 +126,13 @@ def test_pipelined_blank_slide_and_model_errors(tmp_path, cfg, schedule):
 
 
 def test_slide_config_rejects_bad_pipeline_values():
-    for field, value in (("detect_workers", 0), ("queue_tiles", 0), ("batch_size", 0), ("inference_threads", -1),
-                         ("inference_workers", 0)):
+    for field, value in (
+        ("detect_workers", 0),
+        ("queue_tiles", 0),
+        ("batch_size", 0),
+        ("inference_threads", -1),
+        ("inference_workers", 0),
+    ):
         with pytest.raises(ConfigError, match=f"slide.{field}"):
             SlideConfig(**{field: value})
 

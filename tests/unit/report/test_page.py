@@ -1,5 +1,6 @@
 """report.html without a browser (pipeline/report/page.py): a report without cells has no labelling UI,
 and a full one fetches nothing from elsewhere. In Chromium: tests/e2e/test_report_labels.py."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Whole-slide reading and cell detection: synthetic pyramidal TIFFs, a plain field image,
 broken files, and direct reads of reduced levels (the real CSF slide: tests/integration/test_real_slide.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -252,14 +253,15 @@ def test_tiled_jpeg_level_assembles_tiles_clips_and_leaves_glass_white(tmp_path)
     rng = np.random.default_rng(0)
     width, height, tile = 150, 100, 64  # 3 x 2 tiles, the last column and row partial
     # Flat 16 px blocks on JPEG's 16 px grid: chroma subsampling and the DCT keep them nearly exact.
-    level = np.repeat(np.repeat(rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8),
-                                16, axis=0), 16, axis=1)[:height, :width]
+    level = np.repeat(
+        np.repeat(rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8), 16, axis=0), 16, axis=1
+    )[:height, :width]
     blobs, offsets, counts, pos = [], [], [], 0
     for ty in range(2):
         for tx in range(3):
             padded = np.full((tile, tile, 3), 255, np.uint8)
-            part = level[ty * tile:(ty + 1) * tile, tx * tile:(tx + 1) * tile]
-            padded[:part.shape[0], :part.shape[1]] = part
+            part = level[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile]
+            padded[: part.shape[0], : part.shape[1]] = part
             data = b"" if (tx, ty) == (2, 1) else _jpeg(padded)  # one tile the writer left empty
             blobs.append(data)
             offsets.append(pos)
@@ -268,14 +270,23 @@ def test_tiled_jpeg_level_assembles_tiles_clips_and_leaves_glass_white(tmp_path)
     path = tmp_path / "tiles.bin"
     path.write_bytes(b"".join(blobs))
     reader = TiledJpegLevel(path, width, height, tile, tile, tuple(offsets), tuple(counts))
-    decoded = np.concatenate([np.concatenate([_decode_jpeg(blobs[ty * 3 + tx])
-                                              if counts[ty * 3 + tx] else np.full((tile, tile, 3), 255, np.uint8)
-                                              for tx in range(3)], axis=1) for ty in range(2)])[:height, :width]
+    decoded = np.concatenate(
+        [
+            np.concatenate(
+                [
+                    _decode_jpeg(blobs[ty * 3 + tx]) if counts[ty * 3 + tx] else np.full((tile, tile, 3), 255, np.uint8)
+                    for tx in range(3)
+                ],
+                axis=1,
+            )
+            for ty in range(2)
+        ]
+    )[:height, :width]
     region = reader.read(40, 30, 140, 90)  # crosses both tile borders, runs past the right and bottom edges
     assert region.shape == (90, 140, 3) and region.dtype == np.uint8
     np.testing.assert_array_equal(region[:70, :110], decoded[30:100, 40:150])
     assert (region[70:] == 255).all() and (region[:, 110:] == 255).all()  # beyond the level: white
-    assert (region[64 - 30:70, 128 - 40:110] == 255).all()  # the empty tile reads as glass
+    assert (region[64 - 30 : 70, 128 - 40 : 110] == 255).all()  # the empty tile reads as glass
     # Close to the source pixels (JPEG loss ~5 on saturated random colours; a misplaced tile gives ~80).
     assert np.abs(region[:34, :88].astype(int) - level[30:64, 40:128].astype(int)).mean() < 8
     assert (reader.read(-50, -50, 20, 20) == 255).all()
