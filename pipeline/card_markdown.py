@@ -137,6 +137,7 @@ def render(
     lines += [f"| {cls} | {n} |" for cls, n in sorted((data.get("counts") or {}).items())]
     lines += _metrics_section(held, test, cv_metrics, heldout_by_class, by_class)
     lines += _calibration_section(cal, ood)
+    lines += _morphometry_section(model.morphometry)
     lines += _closing_section(promoted, reason, held, test)
     return "\n".join(lines)
 
@@ -204,6 +205,34 @@ def _calibration_section(cal: dict, ood: dict) -> list[str]:
         ]
     else:
         lines += ["- none (the model gives no pooled features)"]
+    return lines
+
+
+def _morphometry_section(morphometry: dict | None) -> list[str]:
+    """The atypia scores: which ships, how both measured, the logistic model's coefficients."""
+    if not morphometry:
+        return []
+    settings, metrics = morphometry.get("settings") or {}, morphometry.get("metrics") or {}
+    lines = ["", "## Atypia score (nuclear morphometry)", ""]
+    lines.append(
+        f"Shipped score: {settings.get('atypia')}. Atypia burden: N/C >= {settings.get('nc_threshold')} and nuclear "
+        f"diameter >= {settings.get('min_nucleus_um')} µm. See docs/morphometry.md."
+    )
+    lines += ["", "| score | out-of-fold AUC | test AUC |", "|---|---|---|"]
+    for name in ("criteria", "logistic"):
+        m = metrics.get(name) or {}
+        cells = [
+            f"{_num(part.get('auc'))} [{_num(part.get('auc_ci_low'))}, {_num(part.get('auc_ci_high'))}]"
+            for part in (m.get("oof") or {}, m.get("test") or {})
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    coefficients = (metrics.get("logistic") or {}).get("coefficients") or {}
+    if coefficients:
+        lines += [
+            "",
+            "Logistic coefficients (standardised features): "
+            + ", ".join(f"{k} {v:+.3f}" for k, v in coefficients.items()),
+        ]
     return lines
 
 

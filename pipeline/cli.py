@@ -168,6 +168,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Path(args.out or "models/calibrated"),
         Path(args.reports),
         oof_csv=Path(args.oof) if args.oof else None,
+        atypia_json=Path(args.atypia) if args.atypia else None,
+        atypia_metrics=Path(args.atypia_metrics) if args.atypia_metrics else None,
     )
     return 0
 
@@ -177,6 +179,20 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from pipeline.config import load_params
 
     cv.run(load_params(args.params), Path(args.split), Path(args.reports), Path(args.work))
+    return 0
+
+
+def cmd_morphometry(args: argparse.Namespace) -> int:
+    from pipeline import morphometry_stage
+    from pipeline.config import load_params
+
+    morphometry_stage.run(
+        load_params(args.params),
+        Path(args.split),
+        Path(args.oof) if args.oof else None,
+        Path(args.out),
+        Path(args.reports),
+    )
     return 0
 
 
@@ -200,7 +216,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     params = _params_or_defaults(args.params)
     return predict_paths(
-        args.paths, args.model, args.out, args.tta, _tracking_uri(params), args.batch_size, args.workers
+        args.paths,
+        args.model,
+        args.out,
+        args.tta,
+        _tracking_uri(params),
+        args.batch_size,
+        args.workers,
+        args.morphometry,
     )
 
 
@@ -385,6 +408,14 @@ def _add_evaluate(sub) -> None:
         help="stage mode: the cv stage's out-of-fold predictions to calibrate "
         "on (needed for a model trained on train+val)",
     )
+    p.add_argument(
+        "--atypia",
+        metavar="JSON",
+        help="stage mode: the morphometry stage's atypia.json, shipped with the calibrated model",
+    )
+    p.add_argument(
+        "--atypia-metrics", metavar="JSON", help="stage mode: the morphometry stage's metrics.json, for the card"
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -407,6 +438,27 @@ def _add_cv(sub) -> None:
         help="per-fold models and checkpoints, resumable (default: %(default)s)",
     )
     p.set_defaults(func=cmd_cv)
+
+
+def _add_morphometry(sub) -> None:
+    p = sub.add_parser(
+        "morphometry",
+        help="nuclear features of every cell; fit and measure the atypia scores",
+        description="Segment the nucleus and cell of every ingested cell, measure the criteria and logistic "
+        "atypia scores out of fold and on test (AUC with group-bootstrap CIs), fit the logistic one on the "
+        "train split, and draw a contact sheet of the segmentation.",
+    )
+    _add_params(p)
+    p.add_argument("--split", default="data/split/split.csv", help="split file with folds (default: %(default)s)")
+    p.add_argument("--oof", metavar="CSV", help="the cv stage's out-of-fold predictions: also measure network + atypia")
+    p.add_argument("--out", default="models/atypia", metavar="DIR", help="atypia.json (default: %(default)s)")
+    p.add_argument(
+        "--reports",
+        default="reports/morphometry",
+        metavar="DIR",
+        help="metrics.json, features.csv, contact_sheet.png (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_morphometry)
 
 
 def _add_export(sub) -> None:
@@ -463,6 +515,13 @@ def _add_predict(sub) -> None:
         type=int,
         default=None,
         help="batches read and scored at once, each on cores / workers ONNX Runtime threads (default: one per core)",
+    )
+    p.add_argument(
+        "--morphometry",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure each cell's nucleus (N/C ratio, hyperchromasia, shape) and its atypia score "
+        "(default: on; --no-morphometry is faster)",
     )
     p.set_defaults(func=cmd_predict)
 
@@ -527,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_cv(sub)
+    _add_morphometry(sub)
     _add_export(sub)
     _add_predict(sub)
     _add_score_slide(sub)

@@ -419,6 +419,25 @@ class ExportConfig(Section):
 
 
 @dataclass(frozen=True)
+class MorphometryConfig(Section):
+    """Nuclear morphometry of every cell and the atypia score (pipeline/morphometry/)."""
+
+    KEY = "morphometry"
+
+    size: int = setting(128, ge=32)  # px: crops are segmented at this size (slides: the model's crops, resized)
+    background_od: float = setting(0.1, ge=0)  # plain images: summed OD above the glass that makes a pixel cell
+    glass_od: float = setting(0.25, ge=0)  # plain images: the brightest 2% are glass when their OD is at most this
+    min_nucleus_contrast: float = setting(0.04, ge=0)  # haematoxylin OD across the nucleus edge, inside minus outside
+    min_nucleus_od: float = setting(0.3, ge=0)  # haematoxylin OD of a nucleus with almost no cytoplasm
+    min_nucleus_px: int = setting(12, ge=1)  # at `size`: a smaller dark spot is not a nucleus
+    max_nucleus_cut: float = setting(0.35, ge=0, le=1)  # share of the outline on the crop edge; more: not measured
+    atypia: str = setting("criteria", choices=("criteria", "logistic"))  # the score reports and calls use
+    nc_threshold: float = setting(0.5, gt=0, le=1)  # atypia burden: N/C ratio at least this...
+    min_nucleus_um: float = setting(10.0, ge=0)  # ...and a nuclear diameter at least this (µm)
+    gallery: int = setting(24, ge=0)  # report: the most atypical cells shown (over all cells)
+
+
+@dataclass(frozen=True)
 class Params(Section):
     """A whole params file; `path` is the file it was loaded from."""
 
@@ -433,6 +452,7 @@ class Params(Section):
     slide: SlideConfig = setting(factory=SlideConfig)
     export: ExportConfig = setting(factory=ExportConfig)
     ood: OodConfig = setting(factory=OodConfig)
+    morphometry: MorphometryConfig = setting(factory=MorphometryConfig)
     path: str = setting("", internal=True)
 
     def to_dict(self) -> dict:

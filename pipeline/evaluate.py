@@ -36,6 +36,7 @@ from pipeline.measurement import (
     write_plots,
 )
 from pipeline.metrics import expected_calibration_error
+from pipeline.morphometry import model_files
 from pipeline.model_card import WEIGHTS_FILE, Calibration, ModelCard, OodGuard, file_sha256
 from pipeline.promotion import Evidence, decide
 from pipeline.tracking import input_example
@@ -468,12 +469,17 @@ def run(
     out_model_dir: Path,
     reports_dir: Path,
     oof_csv: Path | None = None,
+    atypia_json: Path | None = None,
+    atypia_metrics: Path | None = None,
 ) -> dict:
-    """The stage: evaluate, then log to the training run, register the calibrated model, promote."""
+    """The stage: evaluate, then log to the training run, register the calibrated model, promote.
+    `atypia_json` (the morphometry stage's fitted atypia model) travels into the calibrated model."""
 
     out = evaluate_split(params, model_dir, split_csv, out_model_dir, reports_dir, oof_csv=oof_csv)
     test_values = {k: v["value"] for k, v in out["result"]["metrics"].items()}
     promote, reason = promotion_decision(test_values, params, out["heldout"])
+    if atypia_json is not None:
+        model_files.attach(Path(out_model_dir), Path(atypia_json), atypia_metrics, params.morphometry)
     write_card(
         params,
         Path(out_model_dir),

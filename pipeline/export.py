@@ -31,6 +31,7 @@ from pipeline.data.images import ImageError, load_rgb
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 from pipeline.errors import CytopipeError
 from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
+from pipeline.morphometry import model_files
 from pipeline.model_card import INT8_FILE, ONNX_FILE, WEIGHTS_FILE, ModelCard, OnnxExport, file_sha256
 from pipeline.tracking import input_example
 
@@ -307,6 +308,7 @@ def export_model(
             export_card(torch_predictor.card, outputs, cfg.opset, file_sha256(onnx_path), len(images), cfg),
             outputs,
         )
+        card = model_files.copy_into(torch_predictor.model_dir, torch_predictor.card, staging, card)
         markdown = Path(model_dir) / CARD_FILE
         if markdown.is_file():  # the same model, so the same card (its version is filled in when registered)
             shutil.copyfile(markdown, staging / CARD_FILE)

@@ -28,6 +28,7 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 ONNX_META_FILE = "metadata.json"
 OOD_FILE = "ood.npz"  # the guard's parameters (pipeline/ood.py reads and writes it)
+ATYPIA_FILE = "atypia.json"  # the fitted logistic atypia model (pipeline/morphometry/atypia.py)
 RESIZE_RULE = "long side to image_size, pad square by repeating the edge"
 
 
@@ -165,6 +166,9 @@ class ModelCard:
     test_metrics: dict | None = None
     ood: OodGuard | None = None
     card: dict | None = None
+    # morphometry: the atypia score shipped, the segmentation settings, the logistic model's coefficients
+    # (its file is ATYPIA_FILE) and both scores' metrics
+    morphometry: dict | None = None
     # registry
     mlflow: dict | None = None
     registered_version: str | None = None
@@ -289,6 +293,7 @@ _PLAIN_FIELDS = (
     "training",
     "test_metrics",
     "card",
+    "morphometry",
     "mlflow",
     "registered_version",
     "registered_model",

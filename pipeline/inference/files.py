@@ -20,12 +20,14 @@ import numpy as np
 from pipeline import atomic
 from pipeline.concurrency import in_order
 from pipeline.data.images import IMAGE_SUFFIXES, ImageError, load_rgb
+from pipeline.morphometry.cells import IMAGE_COLUMNS
 from pipeline.inference.loading import load_predictor
 from pipeline.model_card import ModelDirError
 from pipeline.ood import OUT_OF_DOMAIN, method_of, one_blas_thread
 from pipeline.registry import DEFAULT_MODEL  # noqa: F401  (re-exported for callers)
 
-COLUMNS = ("path", "p_malignant", "call", "in_domain", "ood_score", "model_version", "error")
+# Morphometry adds the scale-free nuclear features and atypia scores (a plain image has no µm scale).
+COLUMNS = ("path", "p_malignant", "call", "in_domain", "ood_score", *IMAGE_COLUMNS, "model_version", "error")
 OUT_SUFFIXES = (".csv", ".json")
 PROG = "cytopipe predict"
 
@@ -138,7 +140,7 @@ def default_workers() -> int:
 
 
 def score_chunk(
-    predictor, chunk: list[tuple[Path, str | None]], model_version: str, tta: bool
+    predictor, chunk: list[tuple[Path, str | None]], model_version: str, tta: bool, morphometry: bool = True
 ) -> tuple[list[dict], list[str]]:
     """Read, decode, preprocess and score one batch: its rows (in input order) and skip notes."""
     rows, images, slots, skipped = [], [], [], []
@@ -157,6 +159,7 @@ def score_chunk(
                 "call": "",
                 "in_domain": None,
                 "ood_score": None,
+                **dict.fromkeys(IMAGE_COLUMNS),
                 "model_version": model_version,
                 "error": reason or "",
             }
@@ -174,7 +177,16 @@ def score_chunk(
                 ood_score=_finite(float(score)),
                 error="" if value is not None else "model returned a non-finite score",
             )
+        for slot, measured in zip(slots, predictor.measure(images).to_dict("records") if morphometry else []):
+            rows[slot].update({k: _morph_value(measured[k]) for k in IMAGE_COLUMNS})
     return rows, skipped
+
+
+def _morph_value(value):
+    """A feature for CSV/JSON: a float rounded to 6 places, the reason text, or None for NaN."""
+    if isinstance(value, str):
+        return value
+    return None if value is None or not np.isfinite(value) else round(float(value), 6)
 
 
 def write_rows(rows: list[dict], out_path: Path | None, header: dict) -> None:
@@ -199,6 +211,7 @@ def predict_paths(
     tracking_uri: str | None,
     batch_size: int = 32,
     workers: int | None = None,
+    morphometry: bool = True,
 ) -> int:
     """Score image files/folders; write CSV (stdout or .csv) or JSON (.json). Returns the exit code.
 
@@ -227,7 +240,7 @@ def predict_paths(
     if predictor.backend != "onnx":
         workers = 1  # eager torch already spreads one batch over every core
 
-    rows = _score_entries(predictor, _expand(paths), model_version, use_tta, batch_size, workers)
+    rows = _score_entries(predictor, _expand(paths), model_version, use_tta, batch_size, workers, morphometry)
 
     scored = [r for r in rows if not r["error"]]
     if not scored:
@@ -255,7 +268,9 @@ def predict_paths(
     return 0
 
 
-def _score_entries(predictor, entries, model_version, use_tta: bool, batch_size: int, workers: int) -> list[dict]:
+def _score_entries(
+    predictor, entries, model_version, use_tta: bool, batch_size: int, workers: int, morphometry: bool = True
+) -> list[dict]:
     """Score the files in `batch_size` batches on `workers` threads; one row per file, in input order,
     with skipped files reported above the progress bar."""
     from tqdm import tqdm
@@ -269,7 +284,7 @@ def _score_entries(predictor, entries, model_version, use_tta: bool, batch_size:
         # One batch queued beyond those in work: memory holds workers + 1 batches at most.
         for chunk_rows, skipped in in_order(
             pool,
-            lambda chunk: score_chunk(predictor, chunk, model_version, use_tta),
+            lambda chunk: score_chunk(predictor, chunk, model_version, use_tta, morphometry),
             _batches(entries, batch_size),
             workers + 1,
         ):

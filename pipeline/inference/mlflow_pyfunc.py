@@ -5,7 +5,9 @@ Output: a DataFrame with one column `prob_<label>` per label (temperature-scaled
 is calibrated), `model_version`, `error`, and, for a calibrated model, `p_malignant` and `call`
 (benign / malignant / indeterminate, from the model's own threshold and band; "out of domain"
 for a cell the OOD guard rejects), `in_domain` and `ood_score` (higher = further from the
-training domain; None for a model without a guard).
+training domain; None for a model without a guard), then the cell's scale-free nuclear features
+(N/C ratio, nuclear optical density, hyperchromasia, shape), `morph_reason` (why a nucleus was not
+measured, else "") and the atypia scores (`atypia` is the one the model ships; docs/morphometry.md).
 
 The same file serves both backends: an exported model (model.onnx + metadata.json) runs on
 ONNX Runtime without torch; a torch model folder on eager torch.
@@ -31,6 +33,7 @@ from mlflow.pyfunc import PythonModel
 
 from pipeline.data.images import ImageError, decode_rgb
 from pipeline.inference.predictor import open_predictor
+from pipeline.morphometry.cells import IMAGE_COLUMNS
 from pipeline.registry import UNREGISTERED
 
 IMAGE_COLUMN = "image"
@@ -95,12 +98,22 @@ def predict_frame(predictor, model_input: pd.DataFrame) -> pd.DataFrame:
     out["in_domain"] = in_domain.astype(object)
     # None, not NaN: the server writes NaN as a bare token that strict JSON parsers reject.
     out["ood_score"] = pd.Series(ood_score).astype(object).where(np.isfinite(ood_score), None)
+    out = pd.concat([out, _morphometry(predictor, images, good)], axis=1)
     if not good.all():
         for column in out.columns.drop("call", errors="ignore"):
             out[column] = out[column].astype(object).where(good, None)
     out["model_version"] = predictor.registered_version or UNREGISTERED
     out["error"] = errors
     return out
+
+
+def _morphometry(predictor, images, good) -> pd.DataFrame:
+    """The scale-free nuclear features and atypia scores of the good rows (None where not measured)."""
+    frame = pd.DataFrame(index=range(len(images)), columns=list(IMAGE_COLUMNS), dtype=object)
+    if good.any():
+        measured = predictor.measure([image for image in images if image is not None])[list(IMAGE_COLUMNS)]
+        frame.loc[good] = measured.astype(object).where(measured.notna(), None).to_numpy()
+    return frame
 
 
 class CytologyModel(PythonModel):

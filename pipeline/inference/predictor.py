@@ -19,6 +19,9 @@ from pipeline.calibration import Band, softmax
 from pipeline.data.transforms import base_resize, normalize
 from pipeline.model_card import INT8_FILE, WEIGHTS_FILE, Calibration, ModelCard, ModelDirError, card_file, is_exported
 from pipeline.models.backbones import build_model
+from pipeline.morphometry import model_files
+from pipeline.morphometry.cells import measure_images
+from pipeline.morphometry.segmentation import SegmentationSettings
 
 
 def load_guard(model_dir: Path, card: ModelCard) -> dict | None:
@@ -84,6 +87,9 @@ class Predictor:
         self.labels = list(card.labels)
         self.batch_size = batch_size
         self.ood = load_guard(self.model_dir, card)
+        # How cells are measured and which atypia score ships: as the morphometry stage did it.
+        self.morphometry = model_files.settings_of(card)
+        self.atypia_model = model_files.logistic_of(self.model_dir, card)
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------- what the card says
@@ -120,6 +126,13 @@ class Predictor:
         if key not in self._warned:
             self._warned.add(key)
             print(f"warning: {self.model_dir} {message}", file=sys.stderr)
+
+    def measure(self, images: list[np.ndarray]):
+        """Nuclear features and atypia scores of plain images (scale-free: no µm), one row per image."""
+        cfg = self.morphometry
+        method = cfg.atypia if self.atypia_model is not None else "criteria"
+        features, _ = measure_images(images, cfg.size, SegmentationSettings.of(cfg), method, self.atypia_model)
+        return features
 
     # ---------------------------------------------------------------- input
 

@@ -13,6 +13,7 @@ hidden staging folder and moved into place only when complete).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from pipeline.config import SlideConfig
 from pipeline.data.transforms import base_resize
 from pipeline.inference.loading import load_predictor
 from pipeline.inference.slide_scoring import score_slide_cells
+from pipeline.morphometry.cells import nucleus_outline
+from pipeline.morphometry.slides import CELL_COLUMNS as MORPH_COLUMNS
+from pipeline.morphometry.slides import Morphometry, evidence_line, slide_morphometry_summary
 from pipeline.report.page import png_data_uri, render_html
 from pipeline.report.saliency import heatmap_overlay, saliency_maps
 from pipeline.wsi.crops import read_crops
@@ -196,12 +200,14 @@ def _score_into(
             f"score-slide: {slide}: {source.dimensions[0]}x{source.dimensions[1]} px, {source.mpp:.4f} µm/px "
             f"(from {source.mpp_source})"
         )
-        cells, scores, steps = score_slide_cells(predictor, source, cfg, use_tta)
-        inference_s = steps.pop("inference")
+        morphometry = Morphometry(predictor.morphometry, predictor.atypia_model)
+        cells, scores, steps = score_slide_cells(predictor, source, cfg, use_tta, morphometry=morphometry)
+        inference_s, morphometry_s = steps.pop("inference"), steps.pop("morphometry", None)
+        morphometry = dataclasses.replace(morphometry, darkness_threshold=cells.attrs.get("darkness_threshold"))
         seconds.update(steps)
         log(
             f"score-slide: {len(cells)} cells detected and scored in {sum(steps.values()):.1f}s "
-            f"({predictor.backend}; {inference_s:.1f}s in the model)"
+            f"({predictor.backend}; {inference_s:.1f}s in the model, {morphometry_s or 0:.1f}s in morphometry)"
         )
         order = np.argsort(-scores.p_malignant, kind="stable")[: cfg.gallery if top is None else top]
         t = time.perf_counter()
@@ -210,6 +216,8 @@ def _score_into(
         cams = saliency_maps(predictor, crops)
         seconds["saliency"] = time.perf_counter() - t
         t = time.perf_counter()
+        shown = outlined_crops(predictor, morphometry, source, top_cells, crops, cfg)
+        atypia_gallery = atypia_cells(predictor, morphometry, source, cells, scores, cfg)
         thumbnail, downsample = source.thumbnail(cfg.mask_max_px)
         heat = heatmap_overlay(thumbnail, downsample, cells, scores.p_malignant, mark=len(order))
     out_dir = Path(out_dir)
@@ -219,6 +227,10 @@ def _score_into(
 
         Image.fromarray(heat).save(tmp, format="PNG")
     summary = slide_summary(loaded, slide, source, scores, cfg, use_tta, seconds, inference_s)
+    summary["morphometry"] = slide_morphometry_summary(
+        cells.assign(in_domain=scores.in_domain), morphometry.cfg, morphometry_s
+    )
+    summary["slide_call"] = with_evidence(summary)
     gallery = [
         {
             "rank": r + 1,
@@ -230,18 +242,69 @@ def _score_into(
             "call": str(scores.call[i]),
             "in_domain": bool(scores.in_domain[i]),
             "ood_score": float(scores.ood_score[i]),
-            "crop_uri": png_data_uri(np.asarray(predictor_crop(predictor, crops[r]))),
+            **morph_values(row),
+            "crop_uri": png_data_uri(shown[r]),
             "cam_uri": png_data_uri(cams[r]),
         }
         for r, (i, row) in enumerate(zip(order, top_cells.itertuples()))
     ]
     seconds["report"] = time.perf_counter() - t
     seconds["total"] = sum(v for key, v in seconds.items() if key != "total")
-    atomic.write_text(out_dir / "report.html", render_html(summary, png_data_uri(heat), gallery))
+    atomic.write_text(out_dir / "report.html", render_html(summary, png_data_uri(heat), gallery, atypia_gallery))
     atomic.write_json(out_dir / "summary.json", summary)
     if not len(cells):
         log("score-slide: no cells found; the report says so")
     return summary
+
+
+def morph_values(row) -> dict:
+    """A cell's morphometry for the report (plain floats, NaN as None)."""
+    value = lambda v: None if v is None or not np.isfinite(v) else float(v)  # noqa: E731
+    return {
+        "nucleus_diameter_um": value(row.nucleus_diameter_um),
+        "nc_ratio": value(row.nc_ratio),
+        "atypia": value(row.atypia),
+        "morph_reason": str(row.morph_reason),
+    }
+
+
+def outlined_crops(predictor, morphometry, source, cells, crops, cfg: SlideConfig) -> list[np.ndarray]:
+    """The crops as the model saw them, each with its nucleus outlined as morphometry segmented it."""
+    model_crops = [np.asarray(predictor_crop(predictor, c)) for c in crops]
+    if not model_crops:
+        return []
+    nuclei = morphometry.outlines(source, cells, np.stack(model_crops), cfg)
+    return [nucleus_outline(c, n) for c, n in zip(model_crops, nuclei)]
+
+
+def atypia_cells(predictor, morphometry, source, cells, scores, cfg: SlideConfig) -> list[dict]:
+    """The report's second gallery: the most atypical cells over all cells, out-of-domain ones included."""
+    atypia = cells["atypia"].to_numpy(float) if len(cells) else np.zeros(0)
+    order = np.argsort(-np.nan_to_num(atypia, nan=-1.0), kind="stable")[: morphometry.cfg.gallery]
+    order = order[np.isfinite(atypia[order])]
+    picked = cells.iloc[order]
+    crops = read_crops(source, picked, cfg.crop_margin) if len(order) else []
+    shown = outlined_crops(predictor, morphometry, source, picked, crops, cfg)
+    return [
+        {
+            "rank": r + 1,
+            "cell_id": int(row.cell_id),
+            "x": int(row.x),
+            "y": int(row.y),
+            **morph_values(row),
+            "p_malignant": float(scores.p_malignant[i]),
+            "call": str(scores.call[i]),
+            "in_domain": bool(scores.in_domain[i]),
+            "crop_uri": png_data_uri(shown[r]),
+        }
+        for r, (i, row) in enumerate(zip(order, picked.itertuples()))
+    ]
+
+
+def with_evidence(summary: dict) -> str:
+    """The slide call, and when the network's call is unreliable, which evidence remains."""
+    line = evidence_line(summary)
+    return f"{summary['slide_call']}; {line}" if line else summary["slide_call"]
 
 
 def cells_table(cells, scores):
@@ -259,6 +322,12 @@ def cells_table(cells, scores):
             "call": scores.call,
             "ood_score": np.round(scores.ood_score, 6),
             "in_domain": scores.in_domain,
+            **{
+                name: (cells[name].round(4).to_numpy() if cells[name].dtype.kind == "f" else cells[name].to_numpy())
+                if some and name in cells
+                else []
+                for name in MORPH_COLUMNS
+            },
         }
     )
 

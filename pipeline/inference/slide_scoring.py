@@ -16,6 +16,7 @@ from `finish_cells`, so the result does not depend on the number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ import pandas as pd
 from pipeline.concurrency import in_order
 from pipeline.config import SlideConfig
 from pipeline.inference.predictor import Scores
+from pipeline.morphometry.slides import Morphometry
 from pipeline.ood import one_blas_thread
 from pipeline.wsi.crops import read_crops, tile_crops
 from pipeline.wsi.detection import detect_tile, finish_cells, plan_detection
@@ -138,35 +140,52 @@ def tile_groups(parts: list, min_cells: int) -> list[list]:
     return groups + ([current] if current else [])
 
 
-def score_slide_cells(predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None):
+def score_slide_cells(
+    predictor, source, cfg: SlideConfig, tta: bool, progress: bool | None = None, morphometry: Morphometry | None = None
+):
     """(cells, Scores, seconds): detect every tile, then `inference_workers` threads each crop and score
-    their own tiles. seconds["inference"] is the model's share; `cells` has an `ood_score` column."""
+    their own tiles. seconds["inference"] is the model's share; `cells` has an `ood_score` column, and with
+    `morphometry` the nuclear features and atypia scores of every cell, measured on the same crops (and
+    the slide's detection threshold, which morphometry used, in cells.attrs["darkness_threshold"])."""
 
     seconds = {}
-    _, parts = detect_all(source, cfg, progress, seconds)
+    plan, parts = detect_all(source, cfg, progress, seconds)
     size = predictor.card.image_size
+    if morphometry:
+        morphometry = dataclasses.replace(morphometry, darkness_threshold=plan.threshold)
     groups = tile_groups(parts, 2 * cfg.batch_size)
 
     def crop_and_score(group):
         batcher = Batcher(predictor, cfg.batch_size, tta)
-        batcher.add(np.concatenate([tile_crops(source, part, cfg.crop_margin, size) for part in group]))
-        return batcher.finish(), batcher.busy, len(group)
+        crops = np.concatenate([tile_crops(source, part, cfg.crop_margin, size) for part in group])
+        batcher.add(crops)
+        t = time.perf_counter()
+        features = morphometry.measure(source, pd.concat(group), crops, cfg) if morphometry else None
+        return batcher.finish(), batcher.busy, len(group), features, time.perf_counter() - t
 
     t = time.perf_counter()
-    scores, busy = [], 0.0
+    scores, features, busy, morph_busy = [], [], 0.0, 0.0
     with (
         progress_bar(sum(len(g) for g in groups), "score", progress) as bar,
         one_blas_thread(),
         ThreadPoolExecutor(max_workers=cfg.inference_workers, thread_name_prefix="score") as pool,
     ):
-        for group_scores, group_busy, n_tiles in in_order(pool, crop_and_score, groups, cfg.inference_workers + 1):
+        for group_scores, group_busy, n_tiles, group_features, group_morph in in_order(
+            pool, crop_and_score, groups, cfg.inference_workers + 1
+        ):
             scores.append(group_scores)
+            features.append(group_features)
             busy += group_busy
+            morph_busy += group_morph
             bar.update(n_tiles)
     seconds["crop + inference"] = time.perf_counter() - t
     cells, rows = finish_cells(parts, source, cfg)
     scores = Scores.concat(scores, len(predictor.labels)).select(rows)
     cells = with_ood(cells, scores.ood_score)
+    if morphometry:
+        cells = pd.concat([cells, morphometry.concat(features).iloc[rows].reset_index(drop=True)], axis=1)
+        cells.attrs["darkness_threshold"] = plan.threshold  # what the report's nucleus outlines must use too
+        seconds["morphometry"] = morph_busy / cfg.inference_workers  # its share of crop + inference
     # The model's share of the phase: its time summed over the workers, per worker.
     seconds["inference"] = busy / cfg.inference_workers
     return cells, scores, seconds

@@ -138,10 +138,88 @@ def _card(g: dict, index: int) -> str:
         f"data-y='{_esc(g['y'])}'{hidden}><div class='pair'>{imgs}</div>"
         f"<div>#{_esc(g['rank'])} · cell {cid} · <span class='{call_class}'>{_esc(call)}</span></div>{badge}"
         f"<div>score {float(g['p_malignant']):.3f} · {float(g['diameter_um']):.1f} µm</div>"
+        f"{_morph_line(g)}"
         f"<div>level-0 x={_esc(g['x'])}, y={_esc(g['y'])}</div>"
         f"<div class='labels' role='group' aria-label='your label for cell {cid}'>{buttons}"
         f"<button type='button' class='clear' aria-label='clear the label of cell {cid}' disabled>clear"
         f"</button></div></div>"
+    )
+
+
+def _num(value, fmt: str) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return format(value, fmt) if np.isfinite(value) else "n/a"
+
+
+def _morph_line(g: dict) -> str:
+    """Nuclear diameter, N/C ratio and atypia score of a gallery cell (absent in older reports)."""
+    if "nc_ratio" not in g:
+        return ""
+    reason = f" <small>({_esc(g['morph_reason'])})</small>" if g.get("morph_reason") else ""
+    return (
+        f"<div class='morph'>nucleus {_num(g.get('nucleus_diameter_um'), '.1f')} µm · N/C "
+        f"{_num(g.get('nc_ratio'), '.2f')} · atypia {_num(g.get('atypia'), '.2f')}{reason}</div>"
+    )
+
+
+def _atypia_card(g: dict) -> str:
+    """One cell of the atypia gallery: its crop with the nucleus outlined, its measures and the network's call."""
+    cid = _esc(g["cell_id"])
+    ood = g.get("in_domain") is False
+    call = f"out of domain (model call {g['call']})" if ood else str(g["call"])
+    return (
+        f"<div class='atypia-cell{' ood' if ood else ''}' data-cell-id='{cid}' data-x='{_esc(g['x'])}' "
+        f"data-y='{_esc(g['y'])}'><img src='{_esc(g['crop_uri'])}' alt='cell {cid}, nucleus outlined' "
+        f"decoding='async' width='118' height='118'><div>#{_esc(g['rank'])} · cell {cid}</div>{_morph_line(g)}"
+        f"<div>network: {_esc(call)}, score {_num(g.get('p_malignant'), '.3f')}</div>"
+        f"<div>level-0 x={_esc(g['x'])}, y={_esc(g['y'])}</div></div>"
+    )
+
+
+def _size_histogram(morph: dict) -> str:
+    """The nuclear-diameter histogram as an inline SVG bar chart (no image file, no plotting library)."""
+    sizes = morph.get("nucleus_diameter_um") or {}
+    counts, edges = sizes.get("counts") or [], sizes.get("bin_edges") or []
+    if not counts or not any(counts):
+        return ""
+    top, width, height = max(counts), 12, 80
+    bars = "".join(
+        f"<rect x='{i * width}' y='{height - round(c / top * height)}' width='{width - 1}' "
+        f"height='{round(c / top * height)}'><title>{edges[i]:g}-{edges[i + 1]:g} µm: {c} cells</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    ticks = "".join(
+        f"<text x='{i * width}' y='{height + 12}'>{edges[i]:g}</text>" for i in range(0, len(counts) + 1, 5)
+    )
+    return (
+        f"<figure class='sizes'><svg id='size-histogram' role='img' width='{len(counts) * width + 20}' "
+        f"height='{height + 16}' aria-label='nuclear diameters of the measured cells, µm'>{bars}{ticks}</svg>"
+        f"<figcaption>Nuclear diameter (µm) of the {morph.get('n_measured')} measured cells; median "
+        f"{_num(sizes.get('median'), '.1f')} µm.</figcaption></figure>"
+    )
+
+
+def _atypia_section(summary: dict, atypia_gallery: list[dict] | None) -> str:
+    """The morphometry summary, the size histogram and the most atypical cells over all cells."""
+    morph = summary.get("morphometry")
+    if not morph or atypia_gallery is None:
+        return ""
+    burden = (
+        f"{morph['atypia_burden']} cells ({_pct(morph['atypia_burden_fraction'])}) meet the atypia criteria: N/C "
+        f">= {morph['nc_threshold']:g} and a nucleus >= {morph['min_nucleus_um']:g} µm across "
+        f"({morph['n_atypical_out_of_domain']} of them out of the network's domain)."
+    )
+    cards = "".join(_atypia_card(g) for g in atypia_gallery)
+    return (
+        "<h2>Most atypical cells</h2>"
+        f"<p>The {len(atypia_gallery)} cells with the highest atypia score ({_esc(morph['atypia_method'])}), over "
+        "all cells, those out of the network's domain included: nuclear criteria (N/C ratio, hyperchromasia, "
+        "nuclear outline, nuclear size) measured on each crop, nucleus outlined. When the network is out of its "
+        f"domain, review these.</p><p id='atypia-burden'>{_esc(burden)}</p>{_size_histogram(morph)}"
+        f"<div class='gallery' id='atypia-gallery'>{cards}</div>"
     )
 
 
@@ -195,9 +273,13 @@ def _gallery_section(summary: dict, gallery: list[dict]) -> str:
     )
 
 
-def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> str:
+def render_html(
+    summary: dict, heatmap_uri: str | None, gallery: list[dict], atypia_gallery: list[dict] | None = None
+) -> str:
     """The report page. `gallery` items: rank, cell_id, x, y, diameter_um, p_malignant, call, crop_uri,
-    cam_uri, and optionally in_domain, ood_score (the out-of-domain guard's; absent in older summaries)."""
+    cam_uri, and optionally in_domain, ood_score (the out-of-domain guard's; absent in older summaries),
+    nucleus_diameter_um, nc_ratio, atypia, morph_reason. `atypia_gallery`: the most atypical cells (rank,
+    cell_id, x, y, the morphometry keys, p_malignant, call, in_domain, crop_uri)."""
     call = summary["slide_call"]
     model = summary["model"]
     slide = str(summary["slide"])
@@ -250,6 +332,7 @@ def render_html(summary: dict, heatmap_uri: str | None, gallery: list[dict]) -> 
         details=details,
         heat=heat,
         gallery=gallery_html,
+        atypia=_atypia_section(summary, atypia_gallery),
         model_rows=model_rows,
         script=script,
     )

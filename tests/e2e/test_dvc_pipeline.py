@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -202,6 +203,26 @@ def test_model_card_is_generated_from_the_metrics_files_and_champion_is_set(ship
     )
     card_logged = next(logged.rglob("model_card.md")).read_text()
     assert f"Registered version: {champion.version}" in card_logged
+
+
+def test_the_atypia_model_travels_with_the_model_and_both_scores_are_measured(shipped_repo):
+    """The morphometry stage fits and measures both atypia scores; evaluate ships atypia.json with the
+    calibrated model (sha256 in its card, coefficients in model_card.md); export carries it along."""
+    repo, _ = shipped_repo
+    metrics = json.loads((repo / "reports/morphometry/metrics.json").read_text())
+    for name in ("criteria", "logistic"):
+        for part in ("oof", "test"):
+            m = metrics[name][part]
+            assert 0 <= m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"] <= 1 and m["n_measured"] <= m["n"]
+    assert metrics["stack_oof"]["network"]["n"] == metrics["criteria"]["oof"]["n"]
+    assert (repo / "reports/morphometry/contact_sheet.png").stat().st_size > 0
+    features = pd.read_csv(repo / "reports/morphometry/features.csv")
+    assert len(features) == metrics["n_cells"] and features["nc_ratio"].notna().mean() > 0.8
+    for folder, card_name in (("models/calibrated", "model.json"), ("models/exported", "metadata.json")):
+        card = json.loads((repo / folder / card_name).read_text())
+        digest = hashlib.sha256((repo / folder / "atypia.json").read_bytes()).hexdigest()
+        assert card["sha256"]["atypia.json"] == digest and card["morphometry"]["settings"]["atypia"] == "criteria"
+    assert "## Atypia score (nuclear morphometry)" in (repo / "models/calibrated/model_card.md").read_text()
 
 
 def test_dvc_train_stage_and_experiment_on_the_tiny_config(shipped_repo):

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.inference.score_slide import score_slide
+from pipeline.morphometry.segmentation import NO_NUCLEUS
+from pipeline.morphometry.slides import CELL_COLUMNS as MORPH_COLUMNS
 from tests.conftest import SHARED_DATA
 from tests.slides import CELLS, MPP
 
@@ -40,6 +42,7 @@ def test_cells_are_found_scored_and_summarised(scored):
         "call",
         "ood_score",
         "in_domain",
+        *MORPH_COLUMNS,
     ]
     assert len(cells) == len(CELLS) == summary["n_cells"]
     for cx, cy, r, *_ in CELLS:  # every drawn cell, at the right level-0 place
@@ -70,12 +73,31 @@ def test_report_is_self_contained(scored):
     out, summary = scored
     page = (out / "report.html").read_text()
     assert "decision support" in page.lower() and "pathologist" in page
-    assert page.count("<img") == 1 + 2 * 8  # heat map + (crop, Grad-CAM) per gallery cell
+    # heat map + (crop, Grad-CAM) per gallery cell + one outlined crop per cell of the atypia gallery
+    assert page.count("<img") == 1 + 2 * 8 + page.count("class='atypia-cell")
     assert "src='http" not in page and 'src="http' not in page  # nothing fetched from elsewhere
     assert "level-0 x=" in page and f"{summary['threshold']:.4f}" in page
     card = summary["model"]["card"]  # the model card's key facts, as the calibrated model carries them
     assert card["heldout_source"] == "validation" and "Validated on" in page
     assert f"{card['heldout_auc']:.3f} [{card['heldout_auc_ci'][0]:.3f}, {card['heldout_auc_ci'][1]:.3f}]" in page
+
+
+def test_every_drawn_nucleus_is_measured_in_micrometres(scored):
+    """tests/slides.py draws every other cell with a nucleus of half its radius: N/C 0.25, diameter = r px."""
+    out, summary = scored
+    cells = pd.read_csv(out / "cells.csv")
+    for i, (cx, cy, r) in enumerate(CELLS[:-2]):  # the last two touch each other
+        row = cells.iloc[int(np.argmin(np.hypot(cells["x"] - cx, cells["y"] - cy)))]
+        if i % 2:
+            assert row["morph_reason"] == NO_NUCLEUS and np.isnan(row["nc_ratio"]), (i, row.to_dict())
+        else:
+            assert row["morph_reason"] != NO_NUCLEUS, (i, row.to_dict())
+            assert row["nucleus_diameter_um"] == pytest.approx(r * MPP, rel=0.1), (i, row.to_dict())
+            assert row["nc_ratio"] == pytest.approx(0.25, rel=0.15), (i, row.to_dict())
+    morph = summary["morphometry"]
+    assert morph["n_measured"] == int((cells["morph_reason"].fillna("") == "").sum())
+    assert sum(morph["nucleus_diameter_um"]["counts"]) == morph["n_measured"] and morph["seconds"] >= 0
+    assert morph["atypia_method"] == "criteria" and cells["atypia"].equals(cells["atypia_criteria"])
 
 
 def test_blank_slide_reports_no_cells(project, slides, tmp_path):

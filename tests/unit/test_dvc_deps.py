@@ -20,6 +20,7 @@ STAGE_ENTRY = {
     "train": "pipeline.train",
     "cv": "pipeline.cv",
     "evaluate": "pipeline.evaluate",
+    "morphometry": "pipeline.morphometry_stage",
     "export": "pipeline.export",
 }
 

@@ -1,0 +1,1 @@
+"""Nuclear morphometry: nucleus and cell masks, features per cell and atypia scores."""
