@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--model", default=ROOT / "models/exported", type=Path, help="model folder (for the slide share)")
     ap.add_argument("--slide", default=ROOT.parent / "shared/data/slides/csf-breast-carcinoma-pap.tiff", type=Path)
     ap.add_argument("--params", default=ROOT / "params.yaml", type=Path)
-    ap.add_argument("--size", type=int, help="segmentation size in px (default: params.yaml morphometry.size)")
+    ap.add_argument("--size", type=int, help="segmentation size in px (default: params.yaml morphometry.slide_size)")
     ap.add_argument("--skip-slide", action="store_true", help="only time morphometry on the crops")
     args = ap.parse_args()
 
@@ -63,7 +63,7 @@ def main() -> None:
     params = load_params(args.params)
     slide_cfg, cfg = params.slide, params.morphometry
     if args.size:
-        cfg = dataclasses.replace(cfg, size=args.size)
+        cfg = dataclasses.replace(cfg, slide_size=args.size)
     source = open_slide(str(args.slide), None)
     cells = detect_slide(source, slide_cfg, progress=False)
     crops = np.concatenate(
@@ -73,7 +73,7 @@ def main() -> None:
     one = measure_all(morphometry, source, cells, crops, slide_cfg, 1)
     many = measure_all(morphometry, source, cells, crops, slide_cfg, slide_cfg.inference_workers)
     n = len(cells)
-    print(f"cells: {n} ({args.slide.name}), segmented at {cfg.size} px")
+    print(f"cells: {n} ({args.slide.name}), each cell's window segmented at {cfg.slide_size} px")
     print(f"morphometry, 1 thread: {one:.2f} s = {one / n * 1e3:.3f} ms/cell")
     print(
         f"morphometry, {slide_cfg.inference_workers} threads: {many:.2f} s = {many / n * 1e3:.3f} ms/cell "

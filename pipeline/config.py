@@ -424,7 +424,8 @@ class MorphometryConfig(Section):
 
     KEY = "morphometry"
 
-    size: int = setting(128, ge=32)  # px: crops are segmented at this size (slides: the model's crops, resized)
+    size: int = setting(128, ge=32)  # px: plain images are segmented at this size (long side)
+    slide_size: int = setting(64, ge=32)  # px: each slide cell's window of its crop is segmented at this size
     background_od: float = setting(0.1, ge=0)  # plain images: summed OD above the glass that makes a pixel cell
     glass_od: float = setting(0.25, ge=0)  # plain images: the brightest 2% are glass when their OD is at most this
     min_nucleus_contrast: float = setting(0.04, ge=0)  # haematoxylin OD across the nucleus edge, inside minus outside

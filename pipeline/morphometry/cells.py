@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline.morphometry.atypia import LogisticAtypia, criteria_score
 from pipeline.morphometry.features import SCALE_FREE, measure
-from pipeline.morphometry.inputs import plain_images_input, slide_crop_hints
+from pipeline.morphometry.inputs import cell_windows, plain_images_input, window_mask_in_crop
 from pipeline.morphometry.segmentation import SegmentationSettings
 
 ATYPIA_COLUMNS = ("atypia", "atypia_criteria", "atypia_logistic")
@@ -49,31 +49,34 @@ def measure_slide_crops(
     boxes,
     cell_boxes,
     mpp: float,
-    size: int = 128,
+    size: int = 64,
     settings: SegmentationSettings = SegmentationSettings(),
     method: str = "criteria",
     logistic: LogisticAtypia | None = None,
     darkness_threshold: float | None = None,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """(features with atypia, nucleus masks) for a slide's model crops (n, s, s, 3), cut at level-0
-    `boxes` (x, y, w, h) around cells with level-0 bounding boxes `cell_boxes` (x0, y0, x1, y1); `mpp`:
-    the slide's µm per level-0 pixel; `darkness_threshold`: the one cell detection used on this slide.
-    Crops are resized to `size` first if they differ."""
-    crops = _resized(np.asarray(crops), size)
-    hint, level0_per_px = slide_crop_hints(boxes, cell_boxes, size)
+    with_masks: bool = False,
+) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """(features with atypia, nucleus masks in crop pixels when `with_masks`, else None) for a slide's model crops (n, s, s, 3), cut at
+    level-0 `boxes` (x, y, w, h) around cells with level-0 bounding boxes `cell_boxes` (x0, y0, x1, y1);
+    `mpp`: the slide's µm per level-0 pixel; `darkness_threshold`: the one cell detection used on this slide.
+    Each cell is segmented in its own window of its crop, resized to `size` (cell_windows)."""
+    crops = np.asarray(crops)
+    windows = cell_windows(crops, boxes, cell_boxes, size)
     features, nuclei = measure(
-        crops, cell_hint=hint, um_per_px=level0_per_px * mpp, settings=settings, darkness_threshold=darkness_threshold
+        windows.pixels,
+        valid=windows.valid,
+        cell_hint=windows.hint,
+        um_per_px=windows.level0_per_px * mpp,
+        settings=settings,
+        darkness_threshold=darkness_threshold,
     )
-    return with_atypia(features, method, logistic), nuclei
-
-
-def _resized(crops: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    if not len(crops) or crops.shape[1] == size:
-        return crops
-    interpolation = cv2.INTER_AREA if crops.shape[1] > size else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(c, (size, size), interpolation=interpolation) for c in crops])
+    if not with_masks:
+        return with_atypia(features, method, logistic), None
+    side = crops.shape[1] if len(crops) else size
+    in_crops = np.zeros((len(crops), side, side), bool)
+    for i, (mask, bounds) in enumerate(zip(nuclei, windows.bounds)):
+        in_crops[i] = window_mask_in_crop(mask, bounds, side)
+    return with_atypia(features, method, logistic), in_crops
 
 
 def nucleus_outline(image: np.ndarray, nucleus: np.ndarray, colour=(0, 200, 255)) -> np.ndarray:

@@ -8,6 +8,8 @@ Slide crops come from the slide with their physical scale and the detected cell'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 # A padding band is a run of edge rows (or columns) whose every pixel lies within this many grey levels of
@@ -68,11 +70,11 @@ def plain_images_input(images: list[np.ndarray], size: int) -> tuple[np.ndarray,
     )
 
 
-def slide_crop_hints(boxes, cell_boxes, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """For slide crops of `size` px cut at level-0 `boxes` (x, y, w, h; square unless clipped at the slide
-    edge) around cells with level-0 `cell_boxes` (x0, y0, x1, y1): (cell_hint masks (n, size, size), level-0
-    px per crop px). The hint is the ellipse in the detected cell's box, grown by 15% and 2 crop pixels:
-    cells are round, so it keeps a touching neighbour out without cutting the cell square."""
+def _cell_ellipses(boxes, cell_boxes, size: int) -> tuple[np.ndarray, ...]:
+    """(cy, cx, ry, rx, level-0 px per crop px) of each detected cell's ellipse in its model crop of `size`
+    px: the ellipse in the cell's box, grown by 15% and 2 crop pixels (cells are round: it keeps a touching
+    neighbour out without cutting the cell square). Crops were cut at level-0 `boxes` (x, y, w, h; square
+    unless clipped at the slide edge) around cells with level-0 `cell_boxes` (x0, y0, x1, y1)."""
     boxes = np.asarray(boxes, float).reshape(-1, 4)
     cell_boxes = np.asarray(cell_boxes, float).reshape(-1, 4)
     f = size / np.maximum(boxes[:, 2], boxes[:, 3])  # base_resize: long side -> size, centred padding
@@ -82,8 +84,71 @@ def slide_crop_hints(boxes, cell_boxes, size: int) -> tuple[np.ndarray, np.ndarr
     cx = ((cell_boxes[:, 0] + cell_boxes[:, 2]) / 2 - boxes[:, 0]) * f + ox
     ry = (cell_boxes[:, 3] - cell_boxes[:, 1]) / 2 * f * 1.15 + 2
     rx = (cell_boxes[:, 2] - cell_boxes[:, 0]) / 2 * f * 1.15 + 2
+    return cy, cx, ry, rx, 1 / f
+
+
+def _ellipse_masks(cy, cx, ry, rx, size: int) -> np.ndarray:
     grid = np.arange(size, dtype=np.float32) + 0.5
-    dy = ((grid[None, :] - cy[:, None]) / ry[:, None]) ** 2
-    dx = ((grid[None, :] - cx[:, None]) / rx[:, None]) ** 2
-    hint = (dy[:, :, None] + dx[:, None, :]) <= 1.0
-    return hint, 1 / f
+    dy = ((grid[None, :] - np.asarray(cy)[:, None]) / np.asarray(ry)[:, None]) ** 2
+    dx = ((grid[None, :] - np.asarray(cx)[:, None]) / np.asarray(rx)[:, None]) ** 2
+    return (dy[:, :, None] + dx[:, None, :]) <= 1.0
+
+
+@dataclass(frozen=True)
+class CellWindows:
+    """Each cell's square window of its model crop, resized to the segmentation size."""
+
+    pixels: np.ndarray  # (n, size, size, 3) uint8
+    valid: np.ndarray  # (n, size, size): False where the window reaches past its crop
+    hint: np.ndarray  # (n, size, size): the cell's ellipse
+    level0_per_px: np.ndarray  # (n,) level-0 pixels per window pixel
+    bounds: np.ndarray  # (n, 4) int: y0, y1, x0, x1 of each window in its crop (may reach past it)
+
+
+def cell_windows(crops: np.ndarray, boxes, cell_boxes, size: int) -> CellWindows:
+    """The square around each detected cell's ellipse, cut from its model crop and resized to `size`: the
+    cell fills the window, so a small window keeps the crop's resolution where the cell is (the crop's
+    margin, a quarter of the cell's box on each side, is not segmented)."""
+    import cv2
+
+    crops = np.asarray(crops)
+    n, side = len(crops), crops.shape[1] if len(crops) else size
+    cy, cx, ry, rx, per_px = _cell_ellipses(boxes, cell_boxes, side)
+    half = np.ceil(np.maximum(ry, rx))
+    bounds = np.stack(
+        [np.floor(cy - half), np.floor(cy - half) + 2 * half, np.floor(cx - half), np.floor(cx - half) + 2 * half], 1
+    ).astype(int)
+    pixels = np.empty((n, size, size, 3), np.uint8)
+    valid = np.empty((n, size, size), bool)
+    for i, (y0, y1, x0, x1) in enumerate(bounds):
+        pad = max(0, -y0, -x0, y1 - side, x1 - side)
+        window = (
+            crops[i]
+            if not pad
+            else cv2.copyMakeBorder(crops[i], pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+        )
+        window = window[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
+        # Bilinear: 5x faster than INTER_AREA here (8 vs 42 us a window), for a ~1.6x reduction.
+        pixels[i] = cv2.resize(np.ascontiguousarray(window), (size, size), interpolation=cv2.INTER_LINEAR)
+        if not pad:  # the window lies inside its crop (nearly always)
+            valid[i] = True
+            continue
+        inside = np.zeros((side + 2 * pad,) * 2, np.uint8)
+        inside[pad : pad + side, pad : pad + side] = 1
+        inside = inside[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
+        valid[i] = cv2.resize(inside, (size, size), interpolation=cv2.INTER_NEAREST) > 0
+    g = size / np.maximum(bounds[:, 1] - bounds[:, 0], 1)
+    hint = _ellipse_masks((cy - bounds[:, 0]) * g, (cx - bounds[:, 2]) * g, ry * g, rx * g, size)
+    return CellWindows(pixels, valid, hint, per_px / g, bounds)
+
+
+def window_mask_in_crop(mask: np.ndarray, bounds, side: int) -> np.ndarray:
+    """A window's mask (size, size) placed back into its crop of `side` px (for drawing outlines)."""
+    import cv2
+
+    y0, y1, x0, x1 = (int(b) for b in bounds)
+    resized = cv2.resize(mask.astype(np.uint8), (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST)
+    out = np.zeros((side, side), bool)
+    ys, xs = slice(max(y0, 0), min(y1, side)), slice(max(x0, 0), min(x1, side))
+    out[ys, xs] = resized[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] > 0
+    return out

@@ -80,7 +80,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     import cv2
 
     background = (~mask).astype(np.uint8)
-    _, labels = cv2.connectedComponents(_tall(background), connectivity=4, ltype=cv2.CV_32S)
+    _, labels = cv2.connectedComponentsWithAlgorithm(_tall(background), 4, cv2.CV_32S, cv2.CCL_SAUF)
     return mask | (labels.reshape(mask.shape) != labels[0, 0])
 
 
@@ -93,8 +93,9 @@ def pick_central_component(mask: np.ndarray, darkness: np.ndarray | None = None,
     import cv2
 
     n, p = mask.shape[0], mask.shape[1]
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        _tall(mask.astype(np.uint8)), connectivity=8, ltype=cv2.CV_32S
+    # Spaghetti, single-threaded: 1.5x faster here than the default's parallel run inside a worker thread.
+    count, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        _tall(mask.astype(np.uint8)), 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
     )
     if count <= 1:
         return np.zeros_like(mask)
@@ -155,13 +156,13 @@ def _optical_density(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def masked_sum(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Sum of `values` over each crop's `mask`."""
-    return np.where(mask, values, 0).reshape(len(mask), -1).sum(axis=1, dtype=np.float64)
+    """Sum of `values` over each crop's `mask` (float32 sums: plenty for a few thousand pixels)."""
+    return np.where(mask, values, np.float32(0)).sum(axis=(1, 2), dtype=np.float32).astype(np.float64)
 
 
 def count(mask: np.ndarray) -> np.ndarray:
-    """True pixels per crop: a flat uint8 sum, 5x faster than bool.sum(axis=(1, 2))."""
-    return mask.reshape(len(mask), -1).view(np.uint8).sum(axis=1, dtype=np.int64)
+    """True pixels per crop: a uint8 sum, several times faster than bool.sum(axis=(1, 2))."""
+    return mask.view(np.uint8).sum(axis=(1, 2), dtype=np.int32).astype(np.int64)
 
 
 def segment(

@@ -37,7 +37,7 @@ class Morphometry:
             boxes,
             cell_boxes,
             source.mpp,
-            self.cfg.size,
+            self.cfg.slide_size,
             SegmentationSettings.of(self.cfg),
             self.cfg.atypia,
             self.logistic,
@@ -54,9 +54,10 @@ class Morphometry:
             boxes,
             cell_boxes,
             source.mpp,
-            self.cfg.size,
+            self.cfg.slide_size,
             SegmentationSettings.of(self.cfg),
             darkness_threshold=self.darkness_threshold,
+            with_masks=True,
         )
         return nuclei
 
