@@ -18,6 +18,7 @@ from pipeline.evaluate_folder import evaluate_folder
 from pipeline.registry import resolve_model_dir
 from pipeline.inference.predictor import TorchPredictor
 from pipeline.model_card import ModelDirError
+from pipeline.morphometry.cells import IMAGE_COLUMNS
 from tests.conftest import ROOT, tree_digest
 
 
@@ -146,6 +147,7 @@ def test_registry_uri_resolves_to_the_calibrated_model(project):
         "call",
         "in_domain",
         "ood_score",
+        *IMAGE_COLUMNS,
         "model_version",
         "error",
     ]

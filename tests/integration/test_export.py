@@ -17,6 +17,7 @@ import pytest
 from pipeline.config import ExportConfig
 from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
 from pipeline.model_card import INT8_FILE, ONNX_FILE, ModelDirError
+from pipeline.morphometry.cells import IMAGE_COLUMNS
 from tests.conftest import ROOT, herlev_images
 
 MODEL = "models:/cytology-classifier@champion"
@@ -168,6 +169,7 @@ print(json.dumps({{'p': out['p_malignant'].tolist(), 'v': out['model_version'].t
         "call",
         "in_domain",
         "ood_score",
+        *IMAGE_COLUMNS,
         "model_version",
         "error",
     ]
@@ -227,7 +229,8 @@ def test_score_slide_with_onnx_has_cam_saliency(project, exported, tmp_path):
     assert summary["n_cells"] >= 1 and summary["model"]["version"] == project["export"]["model_version"]
     html = (tmp_path / "out/report.html").read_text()
     shown = min(summary["n_cells"], project["params"].slide.gallery)
-    assert "CAM: the classifier" in html and html.count("data:image/png;base64,") == 1 + 2 * shown
+    atypia_cells = html.count("class='atypia-cell")  # one outlined crop each
+    assert "CAM: the classifier" in html and html.count("data:image/png;base64,") == 1 + 2 * shown + atypia_cells
 
 
 def test_cam_on_demand_equals_cam_for_every_cell(project, exported):

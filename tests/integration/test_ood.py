@@ -18,6 +18,7 @@ from PIL import Image
 from pipeline import ood
 from pipeline.inference.predictor import OnnxPredictor, TorchPredictor
 from pipeline.model_card import ModelDirError
+from pipeline.morphometry.slides import CELL_COLUMNS as MORPH_COLUMNS
 from tests.conftest import ROOT
 
 HERLEV = ROOT.parent / "shared" / "data" / "herlev"
@@ -242,7 +243,7 @@ def test_score_slide_excludes_out_of_domain_cells(project, tmp_path):
         str(slide), str(project["root"] / "models/exported"), out, project["params"].slide, top=6, log=lambda *_: None
     )
     cells = pd.read_csv(out / "cells.csv")
-    assert list(cells.columns)[-3:] == ["call", "ood_score", "in_domain"]
+    assert list(cells.columns)[-3 - len(MORPH_COLUMNS) :] == ["call", "ood_score", "in_domain", *MORPH_COLUMNS]
     outside = cells[~cells["in_domain"]]
     assert (outside["call"] == ood.OUT_OF_DOMAIN).all()
     assert set(cells.loc[cells["in_domain"], "call"]) <= CALLS

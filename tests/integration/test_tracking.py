@@ -13,6 +13,7 @@ from pipeline.data.images import load_rgb
 from pipeline.data.manifest import SPLIT_COLUMNS, read_table
 from pipeline.inference.mlflow_pyfunc import IMAGE_COLUMN, encode_image_file
 from pipeline.inference.predictor import TorchPredictor
+from pipeline.morphometry.cells import IMAGE_COLUMNS
 from tests.tiny_project import make_split
 
 
@@ -87,7 +88,15 @@ def test_registered_model_reloads_with_equal_predictions(trained):
     served = model.predict(frame)
     local = TorchPredictor(tmp / "model").score([np.asarray(load_rgb(p)) for p in paths]).probs
     # The trained (not yet evaluated) model has no OOD guard: in domain, no score.
-    assert list(served.columns) == ["prob_benign", "prob_malignant", "in_domain", "ood_score", "model_version", "error"]
+    assert list(served.columns) == [
+        "prob_benign",
+        "prob_malignant",
+        "in_domain",
+        "ood_score",
+        *IMAGE_COLUMNS,
+        "model_version",
+        "error",
+    ]
     assert served["in_domain"].tolist() == [True] * len(paths) and served["ood_score"].isna().all()
     assert set(served["error"]) == {""}
     assert served["model_version"].tolist() == [metrics["model_version"]] * len(paths)  # its own version
