@@ -14,7 +14,7 @@ from pipeline.model_card import ATYPIA_FILE, ModelCard, ModelDirError, Preproces
 from pipeline.morphometry import model_files
 from pipeline.morphometry.atypia import AtypiaModelError, LogisticAtypia, criteria_score
 from pipeline.morphometry.features import SCALE_FREE
-from pipeline.morphometry.slides import atypical, slide_morphometry_summary
+from pipeline.morphometry.slides import atypical, evidence_line, slide_morphometry_summary
 
 
 def features(nc, hyper=2.0, irregular=0.05, diameter=np.nan) -> pd.DataFrame:
@@ -90,3 +90,11 @@ def test_the_slide_summary_counts_the_atypia_burden_out_of_domain_cells_included
     summary = slide_morphometry_summary(cells, cfg, seconds=0.1)
     assert summary["atypia_burden"] == 2 and summary["n_atypical_out_of_domain"] == 1
     assert sum(summary["nucleus_diameter_um"]["counts"]) == 4 and summary["n_measured"] == 4
+
+
+def test_an_unreliable_slide_call_names_the_evidence_that_remains():
+    morph = {"atypia_burden": 312, "nc_threshold": 0.5, "min_nucleus_um": 10.0}
+    assert evidence_line({"ood_warning": False, "morphometry": morph}) is None
+    assert evidence_line({"ood_warning": True}) is None  # a summary written before morphometry
+    line = evidence_line({"ood_warning": True, "morphometry": morph})
+    assert line.startswith("312 cells meet the atypia criteria") and "review the atypia gallery" in line
