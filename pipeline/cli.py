@@ -28,6 +28,7 @@ For pathologists:
   predict      score image files or folders: calibrated probability and call per file
   score-slide  score whole slides: cells.csv, summary.json, heat map and report.html each
   harvest      cut a slide's reviewed, labelled cells into a training dataset (for ingest)
+  view         review a scored slide in the browser: deep zoom, cell overlay, labels saved to labels.csv
 """
 
 
@@ -250,7 +251,25 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     from pipeline import harvest
 
     margin = _params_or_defaults(args.params).slide.crop_margin  # the crop recipe scoring used
-    harvest.run(args.slide, args.cells, args.labels, args.out, margin, args.slide_id)
+    harvest.run(args.slide, args.cells, args.labels, args.out, margin, args.slide_id, class_map_path=args.class_map)
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from pipeline.viewer.server import serve
+
+    server = serve(args.report_dir, args.slide, args.port, verbose=args.verbose)
+    host, port = server.server_address[:2]
+    report = server.report
+    if report.slide_error:
+        print(f"cytopipe view: warning: {report.slide_error}", file=sys.stderr)
+    print(f"cytopipe view: {report.dir} on http://{host}:{port}/ (labels -> {report.labels.path}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -569,10 +588,37 @@ def _add_harvest(sub) -> None:
     _add_params(p)
     p.add_argument("slide", metavar="SLIDE", help="the slide that was scored")
     p.add_argument("--cells", required=True, metavar="CSV", help="score-slide's cells.csv for SLIDE")
-    p.add_argument("--labels", required=True, metavar="CSV", help="the report's Export labels CSV")
+    p.add_argument(
+        "--labels",
+        required=True,
+        metavar="CSV|GEOJSON",
+        help="the report's or the viewer's labels CSV, or a GeoJSON exported from QuPath after review "
+        "(.geojson/.json; docs/qupath.md)",
+    )
+    p.add_argument(
+        "--class-map",
+        metavar="YAML",
+        help="QuPath class name -> label, for a GeoJSON --labels (default: configs/labels/qupath_review.yaml)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (created, or merged into)")
     p.add_argument("--slide-id", help="id in file names and the group column (default: SLIDE's file stem)")
     p.set_defaults(func=cmd_harvest)
+
+
+def _add_view(sub) -> None:
+    p = sub.add_parser(
+        "view",
+        help="review a scored slide in the browser (deep zoom, cell overlay, labelling)",
+        description="Serve REPORT_DIR (a report folder of score-slide) on 127.0.0.1 only: the slide in "
+        "deep zoom with every cell of cells.csv drawn by call, the top cells as a gallery, and labelling "
+        "with reviewer initials, saved by the server to REPORT_DIR/labels.csv on every change (the file "
+        "`cytopipe harvest --labels` reads). Open the printed address in a browser on this machine.",
+    )
+    p.add_argument("report_dir", metavar="REPORT_DIR", help="score-slide's output folder (cells.csv, summary.json)")
+    p.add_argument("--slide", metavar="SLIDE", help="the slide (default: summary.json's `slide`)")
+    p.add_argument("--port", type=int, default=8765, metavar="N", help="port on 127.0.0.1 (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    p.set_defaults(func=cmd_view)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -591,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_score_slide(sub)
     _add_harvest(sub)
+    _add_view(sub)
     return parser
 
 

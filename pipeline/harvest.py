@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import atomic
+from pipeline import atomic, qupath
 from pipeline.errors import CytopipeError
 from pipeline.wsi.crops import read_crops
 from pipeline.wsi.readers import open_slide
@@ -87,8 +87,9 @@ def match_labels(labels: pd.DataFrame, cells: pd.DataFrame, labels_path: Path | 
     by_id = {str(r.cell_id): r for r in cells.itertuples(index=False)}
     kept: dict[str, dict] = {}
     skipped = []
-    for line, row in enumerate(labels.to_dict("records"), start=2):  # line 1 is the header
-        where = f"{labels_path}: line {line}"
+    # A CSV row is named by its line (1 is the header); a GeoJSON reader names its features in attrs.
+    places = labels.attrs.get("where") or [f"{labels_path}: line {n}" for n in range(2, len(labels) + 2)]
+    for where, row in zip(places, labels.to_dict("records")):
         if row["label"] not in LABELS:
             raise HarvestError(f"{where}: label {row['label']!r} is not one of {', '.join(LABELS)}")
         cell = by_id.get(str(row["cell_id"]))
@@ -186,6 +187,21 @@ def write_harvest(out_dir: Path | str, result: Harvest) -> pd.DataFrame:
     return manifest
 
 
+GEOJSON_SUFFIXES = (".geojson", ".json")  # a review exported from QuPath (pipeline/qupath.py)
+
+
+def read_labels(labels_path: Path | str, cells: pd.DataFrame, class_map_path: Path | str | None = None):
+    """The labels table and the reasons for skipped entries: the report's CSV export, or a GeoJSON
+    exported from QuPath whose classifications map to labels through `class_map_path`
+    (default configs/labels/qupath_review.yaml)."""
+    path = Path(labels_path)
+    if path.suffix.lower() not in GEOJSON_SUFFIXES:
+        return _read_csv(path, LABEL_COLUMNS, "a labels export (cell_id,x,y,label,...)"), []
+    skipped: list[str] = []
+    labels = qupath.labels_from_geojson(path, qupath.load_class_map(LABELS, class_map_path), cells, skipped)
+    return labels, skipped
+
+
 def run(
     slide: Path | str,
     cells_csv: Path | str,
@@ -193,12 +209,15 @@ def run(
     out_dir: Path | str,
     margin: float,
     slide_id: str | None = None,
+    class_map_path: Path | str | None = None,
 ) -> dict:
-    """The command: read cells and labels, harvest the slide into `out_dir`, report skipped rows."""
+    """The command: read cells and labels (CSV, or QuPath GeoJSON through `class_map_path`), harvest the
+    slide into `out_dir`, report skipped rows."""
     sid = slide_id_of(slide, slide_id)
     cells = _read_csv(Path(cells_csv), CELL_COLUMNS, "score-slide's cells.csv")
-    labels = _read_csv(Path(labels_csv), LABEL_COLUMNS, "a labels export (cell_id,x,y,label,...)")
+    labels, unread = read_labels(labels_csv, cells, class_map_path)
     result = harvest(slide, cells, labels, margin, sid, labels_csv)
+    result.skipped[:0] = unread
     for message in result.skipped:
         print(f"skipped: {message}", file=sys.stderr)
     if not result.rows:  # a wrong file must not wipe the slide's earlier harvest

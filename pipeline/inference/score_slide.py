@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, ood
+from pipeline import atomic, ood, qupath
 from pipeline.config import SlideConfig
 from pipeline.data.transforms import base_resize
 from pipeline.inference.loading import load_predictor
@@ -29,7 +29,7 @@ from pipeline.inference.slide_scoring import score_slide_cells
 from pipeline.morphometry.cells import nucleus_outline
 from pipeline.morphometry.slides import CELL_COLUMNS as MORPH_COLUMNS
 from pipeline.morphometry.slides import Morphometry, evidence_line, slide_morphometry_summary
-from pipeline.report.page import png_data_uri, render_html
+from pipeline.report.page import gallery_data_uri, heatmap_data_uri, render_html
 from pipeline.report.saliency import heatmap_overlay, saliency_maps
 from pipeline.wsi.crops import read_crops
 from pipeline.wsi.readers import SlideError, open_slide
@@ -221,7 +221,9 @@ def _score_into(
         thumbnail, downsample = source.thumbnail(cfg.mask_max_px)
         heat = heatmap_overlay(thumbnail, downsample, cells, scores.p_malignant, mark=len(order))
     out_dir = Path(out_dir)
-    atomic.write_csv(out_dir / "cells.csv", cells_table(cells, scores))
+    table = cells_table(cells, scores)
+    atomic.write_csv(out_dir / "cells.csv", table)
+    qupath.write_cells_geojson(out_dir / "cells.geojson", table)  # for review in QuPath (docs/qupath.md)
     with atomic.atomic_path(out_dir / "heatmap.png") as tmp:
         from PIL import Image
 
@@ -243,14 +245,14 @@ def _score_into(
             "in_domain": bool(scores.in_domain[i]),
             "ood_score": float(scores.ood_score[i]),
             **morph_values(row),
-            "crop_uri": png_data_uri(shown[r]),
-            "cam_uri": png_data_uri(cams[r]),
+            "crop_uri": gallery_data_uri(shown[r]),
+            "cam_uri": gallery_data_uri(cams[r]),
         }
         for r, (i, row) in enumerate(zip(order, top_cells.itertuples()))
     ]
     seconds["report"] = time.perf_counter() - t
     seconds["total"] = sum(v for key, v in seconds.items() if key != "total")
-    atomic.write_text(out_dir / "report.html", render_html(summary, png_data_uri(heat), gallery, atypia_gallery))
+    atomic.write_text(out_dir / "report.html", render_html(summary, heatmap_data_uri(heat), gallery, atypia_gallery))
     atomic.write_json(out_dir / "summary.json", summary)
     if not len(cells):
         log("score-slide: no cells found; the report says so")
@@ -295,7 +297,7 @@ def atypia_cells(predictor, morphometry, source, cells, scores, cfg: SlideConfig
             "p_malignant": float(scores.p_malignant[i]),
             "call": str(scores.call[i]),
             "in_domain": bool(scores.in_domain[i]),
-            "crop_uri": png_data_uri(shown[r]),
+            "crop_uri": gallery_data_uri(shown[r]),
         }
         for r, (i, row) in enumerate(zip(order, picked.itertuples()))
     ]

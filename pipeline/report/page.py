@@ -24,13 +24,52 @@ DISCLAIMER = (
 )
 
 
-def png_data_uri(image: np.ndarray, fmt: str = "PNG") -> str:
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+# Gallery images (the network gallery's crops and saliency maps, the atypia gallery's crops) are JPEG at
+# quality 90 with full-resolution colour (4:4:4). benchmarks/report_size.py on the CSF slide, --top 500
+# (500 crops + 500 saliency maps + 24 atypia crops, 128 px): the gallery's base64 is 28.7 MB as PNG, 7.5 MB
+# as JPEG q90 4:4:4 (crops 39.0 dB mean PSNR, min 36.2; saliency maps 44.9 dB); every pixel of the 1-px cyan
+# nucleus outline stays within 60 RGB of cyan (mean distance 10). Chroma subsampling is what hides the
+# outline: JPEG 4:2:0 at any quality 75-95 and WebP (always 4:2:0 when lossy; q90 3.6 MB) keep 0% of it
+# near cyan (distance ~115-130, the line turns grey-blue), so WebP's smaller files are not worth it.
+# q85 4:4:4 saves 1.3 MB but 1.5% of the outline fades; q95 costs 2.7 MB more for no visible gain.
+GALLERY_FORMAT = "JPEG"
+GALLERY_QUALITY = 90
+GALLERY_SUBSAMPLING = 0  # 4:4:4
+
+# The heat map thumbnail embedded in the page (1733 x 1776 px on the CSF slide) is JPEG too: 4.16 MB of
+# base64 as PNG, 1.24 MB as JPEG q90 4:4:4 at 39.6 dB PSNR, its rank numbers and circles still sharp.
+# heatmap.png beside the report stays lossless. With both, report.html for --top 500 is 9.29 MB against
+# 33.35 MB all PNG (issue 17 asks for <= 15 MB).
+HEATMAP_FORMAT, HEATMAP_QUALITY, HEATMAP_SUBSAMPLING = "JPEG", 90, 0
+
+
+def image_data_uri(
+    image: np.ndarray, fmt: str = "PNG", quality: int | None = None, subsampling: int | None = None
+) -> str:
+    """`image` (H x W x 3 uint8) encoded as `fmt` (PNG, JPEG or WEBP) in a data: URI."""
     from PIL import Image
 
+    options = {k: v for k, v in (("quality", quality), ("subsampling", subsampling)) if v is not None}
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    mime = "image/png" if fmt == "PNG" else "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+    Image.fromarray(image).save(buf, format=fmt, **options)
+    return f"data:{MIME[fmt]};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def png_data_uri(image: np.ndarray, fmt: str = "PNG") -> str:
+    """Lossless by default; the report's own images go through gallery_data_uri / heatmap_data_uri."""
+    return image_data_uri(image, fmt, 90 if fmt == "JPEG" else None)
+
+
+def gallery_data_uri(image: np.ndarray) -> str:
+    """A gallery image as the report embeds it (see GALLERY_FORMAT)."""
+    return image_data_uri(image, GALLERY_FORMAT, GALLERY_QUALITY, GALLERY_SUBSAMPLING)
+
+
+def heatmap_data_uri(image: np.ndarray) -> str:
+    """The heat map as the report embeds it (see HEATMAP_FORMAT)."""
+    return image_data_uri(image, HEATMAP_FORMAT, HEATMAP_QUALITY, HEATMAP_SUBSAMPLING)
 
 
 def _esc(value) -> str:

@@ -230,7 +230,7 @@ def test_score_slide_with_onnx_has_cam_saliency(project, exported, tmp_path):
     html = (tmp_path / "out/report.html").read_text()
     shown = min(summary["n_cells"], project["params"].slide.gallery)
     atypia_cells = html.count("class='atypia-cell")  # one outlined crop each
-    assert "CAM: the classifier" in html and html.count("data:image/png;base64,") == 1 + 2 * shown + atypia_cells
+    assert "CAM: the classifier" in html and html.count("data:image/jpeg;base64,") == 1 + 2 * shown + atypia_cells
 
 
 def test_cam_on_demand_equals_cam_for_every_cell(project, exported):

@@ -66,6 +66,10 @@ def test_cells_are_found_scored_and_summarised(scored):
     assert summary["inference"]["backend"] == "torch" and summary["inference"]["inference_workers"] >= 1
     assert summary["inference"]["cells_per_second"] > 0 and summary["saliency"].startswith("Grad-CAM")
     assert json.loads((out / "summary.json").read_text())["n_cells"] == len(cells)
+    geojson = json.loads((out / "cells.geojson").read_text())  # the same cells, for QuPath
+    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == len(cells)
+    ids = [f["properties"]["measurements"]["cell_id"] for f in geojson["features"]]
+    assert ids == cells["cell_id"].tolist()
     assert Image.open(out / "heatmap.png").size[0] > 0
 
 
@@ -75,6 +79,8 @@ def test_report_is_self_contained(scored):
     assert "decision support" in page.lower() and "pathologist" in page
     # heat map + (crop, Grad-CAM) per gallery cell + one outlined crop per cell of the atypia gallery
     assert page.count("<img") == 1 + 2 * 8 + page.count("class='atypia-cell")
+    # every embedded image is JPEG (a PNG gallery made a 500-cell report 33 MB; benchmarks/report_size.py)
+    assert page.count("data:image/jpeg;base64,") == page.count("<img") and "data:image/png" not in page
     assert "src='http" not in page and 'src="http' not in page  # nothing fetched from elsewhere
     assert "level-0 x=" in page and f"{summary['threshold']:.4f}" in page
     card = summary["model"]["card"]  # the model card's key facts, as the calibrated model carries them
