@@ -27,6 +27,7 @@ Stages (also run by `dvc repro`, parameters from params.yaml):
 For pathologists:
   predict      score image files or folders: calibrated probability and call per file
   score-slide  score whole slides: cells.csv, summary.json, heat map and report.html each
+  score-slides score a worklist of slides on Dask (resumable): a report each, worklist.csv and .html
   harvest      cut a slide's reviewed, labelled cells into a training dataset (for ingest)
   view         review a scored slide in the browser: deep zoom, cell overlay, labels saved to labels.csv
 """
@@ -245,6 +246,17 @@ def cmd_score_slide(args: argparse.Namespace) -> int:
         tta=args.tta,
         tracking_uri=_tracking_uri(params),
     )
+
+
+def cmd_score_slides(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline.inference.worklist import Job, run_worklist
+
+    params = _params_or_defaults(args.params)
+    cfg = params.slide if args.batch_size is None else replace(params.slide, batch_size=args.batch_size)
+    job = Job(args.model, str(Path(args.out).resolve()), cfg, _tracking_uri(params), args.mpp, args.top, args.tta)
+    return run_worklist(args.worklist, job, args.scheduler, args.workers, args.threads)
 
 
 def cmd_harvest(args: argparse.Namespace) -> int:
@@ -576,6 +588,31 @@ def _add_score_slide(sub) -> None:
     p.set_defaults(func=cmd_score_slide)
 
 
+def _add_score_slides(sub) -> None:
+    p = sub.add_parser(
+        "score-slides",
+        help="score a worklist of slides on Dask (resumable) with a cohort report",
+        description="Score every slide of WORKLIST (a folder of slides, or a CSV with a `slide` column and "
+        "optional `case_id` and `priority`) as one Dask task each, on a local cluster of --workers processes "
+        "on 127.0.0.1 or on the cluster at --scheduler. Each slide's report goes to DIR/<slide file stem>/ "
+        "as score-slide writes it, plus done.json (slide sha256, model); a slide already scored from the "
+        "same bytes by the same model is skipped, a failed one is retried once. DIR/worklist.csv and "
+        "DIR/worklist.html list every slide, most suspicious first. Exit status 1 if any slide failed.",
+    )
+    _add_params(p)
+    p.add_argument("worklist", metavar="WORKLIST", help="folder of slides, or CSV slide[,case_id,priority]")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: one report folder per slide")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="MLflow URI or model folder (default: %(default)s)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes (default: 1)")
+    p.add_argument("--threads", type=int, metavar="N", help="threads per local worker (default: cores / workers)")
+    p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when the slides' properties lack it")
+    p.add_argument("--top", type=int, help="cells in each report's gallery (default: slide.gallery in params)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="8-view test-time augmentation")
+    p.add_argument("--batch-size", type=int, help="cells per inference batch (default: slide.batch_size in params)")
+    p.set_defaults(func=cmd_score_slides)
+
+
 def _add_harvest(sub) -> None:
     p = sub.add_parser(
         "harvest",
@@ -636,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_predict(sub)
     _add_score_slide(sub)
+    _add_score_slides(sub)
     _add_harvest(sub)
     _add_view(sub)
     return parser

@@ -272,7 +272,13 @@ def test_good_slides_are_scored_beside_bad_ones(slides_run, state_before):
     assert sorted(p.name for p in slides_run.out.iterdir()) == stems  # no staging folder left
     for stem in stems:
         report = slides_run.out / stem
-        assert sorted(p.name for p in report.iterdir()) == ["cells.csv", "heatmap.png", "report.html", "summary.json"]
+        assert sorted(p.name for p in report.iterdir()) == [
+            "cells.csv",
+            "cells.geojson",
+            "heatmap.png",
+            "report.html",
+            "summary.json",
+        ]
         assert len(pd.read_csv(report / "cells.csv")) == pd.read_json(report / "summary.json", typ="series")["n_cells"]
         assert pd.read_json(report / "summary.json", typ="series")["n_cells"] >= 1
     assert slides_run.state_after == state_before
@@ -310,6 +316,7 @@ def test_one_slide_in_an_odd_path_reports_into_out_itself(project, corpus, tmp_p
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "cells.csv",
+        "cells.geojson",
         "heatmap.png",
         "report.html",
         "summary.json",

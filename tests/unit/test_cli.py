@@ -21,7 +21,7 @@ print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
 """
 
 
-COMMANDS = ("ingest", "split", "train", "evaluate", "cv", "export", "predict", "score-slide")
+COMMANDS = ("ingest", "split", "train", "evaluate", "cv", "export", "predict", "score-slide", "score-slides")
 
 
 @pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])

@@ -1,0 +1,387 @@
+"""`cytopipe score-slides`: score a worklist of slides on Dask distributed, resumably, with a cohort report.
+
+Each slide is one Dask task (`score_task`) that runs `score_slide.score_loaded` into DIR/<stem>/ (a staged
+folder, moved into place only when complete) and then writes DIR/<stem>/done.json: the slide's sha256 and
+the model's URI and version. A slide whose report folder is complete and whose done.json matches the slide
+bytes and the model is skipped without scoring, so a killed run re-run scores only what is missing. A
+slide that fails is tried once more, then recorded with its error in one line.
+
+Each worker process loads the model once (a per-process cache keyed by the model URI and its thread
+budget) and scores with the threads the worker has: a worker that advertises the resource `slide=1`
+(score-slides' own LocalCluster does) runs one slide at a time on all its threads; any other worker runs
+one slide per thread, each on one thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import atomic
+from pipeline.config import SlideConfig
+from pipeline.errors import CytopipeError
+from pipeline.inference.score_slide import LoadedModel, load_model, score_loaded
+from pipeline.report.worklist_page import render_worklist
+
+PROG = "cytopipe score-slides"
+DONE = "done.json"
+REPORT_FILES = ("summary.json", "cells.csv", "report.html", "heatmap.png")  # a complete report has all of them
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+SLIDE_SUFFIXES |= {".png", ".jpg", ".jpeg"}  # plain field images, as score-slide reads them
+RESOURCE = "slide"  # a worker with resources slide=1 runs one slide at a time on all its threads
+ATTEMPTS = 2  # a failed slide is retried once
+COLUMNS = [
+    "slide",
+    "case_id",
+    "priority",
+    "status",
+    "slide_call",
+    "n_cells",
+    "n_malignant",
+    "top_k_mean",
+    "fraction_out_of_domain",
+    "atypia_burden",
+    "seconds",
+    "model_version",
+    "report",
+    "error",
+]
+
+
+class WorklistError(CytopipeError, ValueError):
+    """A worklist that cannot be read, or a Dask scheduler that cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    slide: str
+    case_id: str = ""
+    priority: str = ""
+
+    @property
+    def stem(self) -> str:
+        return Path(self.slide).stem
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task shares: the model, where reports go, the scoring settings."""
+
+    model: str
+    out_dir: str
+    cfg: SlideConfig
+    tracking_uri: str | None = None
+    mpp: float | None = None
+    top: int | None = None
+    tta: bool | None = None
+
+
+# --------------------------------------------------------------------------- the worklist
+
+
+def read_worklist(path: Path | str) -> list[Entry]:
+    """A folder of slides (files with a slide suffix, sorted) or a CSV `slide[,case_id,priority]` (paths
+    relative to the CSV's folder). Two slides with one file stem would share a report folder: refused."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+        entries = [Entry(str(p)) for p in files if not p.name.startswith(".")]
+    elif path.is_file():
+        entries = _read_csv(path)
+    else:
+        raise WorklistError(f"{path}: no such folder or CSV file")
+    if not entries:
+        raise WorklistError(f"{path}: no slides in the worklist")
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e.stem in seen:
+            raise WorklistError(f"{path}: {seen[e.stem]} and {e.slide} would share the report folder {e.stem}/")
+        seen[e.stem] = e.slide
+    return entries
+
+
+def _read_csv(path: Path) -> list[Entry]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            header = [(c or "").strip() for c in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise WorklistError(f"{path}: not a readable CSV worklist ({exc})") from None
+    if "slide" not in header:
+        raise WorklistError(f"{path}: a worklist CSV needs a `slide` column (has: {', '.join(header)})")
+    entries = []
+    for row in rows:
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not row.get("slide"):
+            continue
+        slide = Path(row["slide"])
+        slide = slide if slide.is_absolute() else path.parent / slide
+        entries.append(Entry(str(slide), row.get("case_id", ""), row.get("priority", "")))
+    return entries
+
+
+# --------------------------------------------------------------------------- the skip rule
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_key(loaded: LoadedModel) -> dict:
+    return {"uri": loaded.uri, "version": loaded.version}
+
+
+def is_done(report_dir: Path, sha256: str, model: dict) -> bool:
+    """The report in `report_dir` is complete and was made from these slide bytes by this model."""
+    try:
+        done = json.loads((report_dir / DONE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    complete = all((report_dir / name).is_file() for name in REPORT_FILES)
+    return complete and done.get("sha256") == sha256 and done.get("model") == model
+
+
+# --------------------------------------------------------------------------- the task (runs on a worker)
+
+_MODELS: dict[tuple, LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def worker_model(job: Job, cfg: SlideConfig, threads: int = 0) -> LoadedModel:
+    """The model, loaded once per worker process for each model URI and thread budget. On a Dask worker
+    (`threads` > 0) a torch model's thread pool, process-wide, is held to the slide's threads too."""
+    key = (job.model, job.tracking_uri, cfg.batch_size, cfg.model_threads())
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_model(job.model, cfg, job.tracking_uri)
+            if threads and _MODELS[key].predictor.backend == "torch":
+                import torch
+
+                torch.set_num_threads(threads)
+        return _MODELS[key]
+
+
+def slide_threads() -> int:
+    """Threads one slide may use on this worker: all of them when it runs one slide at a time (resources
+    slide=1), else one per slide. Outside a Dask worker: 0 (the settings as they are)."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return 0
+    slots = worker.state.total_resources.get(RESOURCE)
+    return max(1, int(worker.state.nthreads // slots)) if slots else 1
+
+
+def within_threads(cfg: SlideConfig, threads: int) -> SlideConfig:
+    """The per-slide schedule (detection threads, inference runs, model threads) within `threads`."""
+    if threads <= 0:
+        return cfg
+    runs = min(cfg.inference_workers, threads)
+    model_threads = min(cfg.inference_threads or threads, max(1, threads // runs))
+    return dataclasses.replace(
+        cfg, detect_workers=min(cfg.detect_workers, threads), inference_workers=runs, inference_threads=model_threads
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    first = (str(exc).splitlines() or [""])[0].strip()
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def score_task(entry: Entry, job: Job) -> dict:
+    """Score one slide (or skip it when done.json matches); returns its worklist row, never raises."""
+    t = time.perf_counter()
+    row = {"slide": entry.slide, "case_id": entry.case_id, "priority": entry.priority, "report": ""}
+    report_dir = Path(job.out_dir) / entry.stem
+    error = ""
+    for _ in range(ATTEMPTS):
+        try:
+            threads = slide_threads()
+            cfg = within_threads(job.cfg, threads)
+            loaded = worker_model(job, cfg, threads)
+            sha, model = sha256_file(entry.slide), model_key(loaded)
+            if is_done(report_dir, sha, model):
+                return {**row, **report_row(report_dir), "status": "skipped"}
+            (report_dir / DONE).unlink(missing_ok=True)
+            score_loaded(loaded, entry.slide, report_dir, cfg, job.mpp, job.top, job.tta, log=lambda *_: None)
+            seconds = round(time.perf_counter() - t, 2)
+            done = {"slide": entry.slide, "sha256": sha, "model": model, "seconds": seconds}
+            atomic.write_json(report_dir / DONE, done)
+            return {**row, **report_row(report_dir), "status": "scored"}
+        except Exception as exc:  # noqa: BLE001 - a bad slide is a row of the cohort, not a crash
+            error = f"{entry.slide}: {_one_line(exc)}" if entry.slide not in str(exc) else _one_line(exc)
+    return failed_row(entry, error, time.perf_counter() - t)
+
+
+def failed_row(entry: Entry, error: str, seconds: float) -> dict:
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(slide=entry.slide, case_id=entry.case_id, priority=entry.priority, status="failed")
+    return {**row, "seconds": round(seconds, 2), "error": error.replace("\n", " ")}
+
+
+def report_row(report_dir: Path) -> dict:
+    """The cohort columns read back from a slide's summary.json and done.json."""
+    summary = json.loads((report_dir / "summary.json").read_text(encoding="utf-8"))
+    done = json.loads((report_dir / DONE).read_text(encoding="utf-8"))
+    morphometry = summary.get("morphometry") or {}
+    return {
+        "slide_call": summary["slide_call"],
+        "n_cells": summary["n_cells"],
+        "n_malignant": summary["n_malignant"],
+        "top_k_mean": summary["top_k_mean"],
+        "fraction_out_of_domain": summary["fraction_out_of_domain"],
+        "atypia_burden": morphometry.get("atypia_burden"),
+        "seconds": done.get("seconds"),
+        "model_version": summary["model"]["version"],
+        "report": f"{report_dir.name}/report.html",
+        "error": "",
+    }
+
+
+# --------------------------------------------------------------------------- the cohort table
+
+
+def suspicion_order(rows: list[dict]) -> list[dict]:
+    """Most suspicious first: malignant cells, then the top-k mean; failed slides last."""
+
+    def key(row):
+        failed = row["status"] == "failed"
+        return (failed, -(row.get("n_malignant") or 0), -(row.get("top_k_mean") or 0.0), row["slide"])
+
+    return sorted(rows, key=key)
+
+
+def write_cohort(rows: list[dict], out_dir: Path) -> None:
+    """DIR/worklist.csv and the self-contained DIR/worklist.html, both written atomically."""
+    import pandas as pd
+
+    rows = suspicion_order(rows)
+    atomic.write_csv(out_dir / "worklist.csv", pd.DataFrame(rows, columns=COLUMNS))
+    atomic.write_text(out_dir / "worklist.html", render_worklist(rows, out_dir))
+
+
+# --------------------------------------------------------------------------- the client
+
+
+@contextmanager
+def dask_client(scheduler: str | None, workers: int, threads: int):
+    """A Client of the scheduler at `scheduler`, else of a LocalCluster of `workers` processes on 127.0.0.1
+    (no dashboard), each running one slide at a time on `threads` threads."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise WorklistError(f"{scheduler}: cannot reach the Dask scheduler ({_one_line(exc)})") from None
+        with client:
+            yield client
+        return
+    cluster = LocalCluster(
+        host="127.0.0.1",
+        dashboard_address=None,
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        resources={RESOURCE: 1},
+        silence_logs=logging.ERROR,
+    )
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def local_threads(workers: int) -> int:
+    import os
+
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _resources(client) -> dict | None:
+    """Submit with resources slide=1 only when every worker advertises it (else the tasks would wait forever)."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {RESOURCE: 1} if workers and all(RESOURCE in (w.get("resources") or {}) for w in workers) else None
+
+
+def _priority(entry: Entry) -> int:
+    try:
+        return int(float(entry.priority))
+    except ValueError:
+        return 0
+
+
+def submit_all(client, entries: list[Entry], job: Job) -> dict:
+    """One task per slide (a higher worklist priority starts first); future -> entry."""
+    resources = _resources(client)
+    return {
+        client.submit(
+            score_task,
+            entry,
+            job,
+            key=f"score-slide-{i}-{entry.stem}-{time.time_ns()}",
+            pure=False,
+            priority=_priority(entry),
+            resources=resources,
+        ): entry
+        for i, entry in enumerate(entries)
+    }
+
+
+def collect(futures: dict, progress: bool = True) -> list[dict]:
+    """The rows as the tasks finish, with slides done / total, a rate and an ETA on the terminal."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    rows = []
+    bar = tqdm(total=len(futures), unit="slide", desc="score-slides", disable=not progress)
+    t0 = time.perf_counter()
+    for future in as_completed(list(futures)):
+        entry = futures[future]
+        try:
+            rows.append(future.result())
+        except Exception as exc:  # noqa: BLE001 - a worker that died under the slide: a failed row
+            rows.append(failed_row(entry, f"{entry.slide}: {_one_line(exc)}", time.perf_counter() - t0))
+        bar.set_postfix_str(f"{entry.stem}: {rows[-1]['status']}")
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+def run_worklist(
+    worklist: Path | str,
+    job: Job,
+    scheduler: str | None = None,
+    workers: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> int:
+    """Score every slide of the worklist into job.out_dir, write the cohort report; the exit code: 0 when
+    every slide was scored or skipped, 1 when any failed."""
+    entries = read_worklist(worklist)
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with dask_client(scheduler, workers, threads or local_threads(workers)) as client:
+        rows = collect(submit_all(client, entries, job), progress)
+    write_cohort(rows, out_dir)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("scored", "skipped", "failed")}
+    log(
+        f"score-slides: {len(rows)} slides: {counts['scored']} scored, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed -> {out_dir / 'worklist.html'}"
+    )
+    return 1 if counts["failed"] else 0
