@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from pipeline import atomic
 from pipeline.config import SlideConfig
 from pipeline.errors import CytopipeError
 from pipeline.inference.score_slide import LoadedModel, load_model, score_loaded
+from pipeline.registry import MLFLOW_SCHEMES, pin_registered, resolve_model_dir
 from pipeline.report.worklist_page import render_worklist
 
 PROG = "cytopipe score-slides"
@@ -81,6 +83,7 @@ class Job:
     mpp: float | None = None
     top: int | None = None
     tta: bool | None = None
+    per_slot: bool = False  # set by submit_all: each task holds the resource slide=1 of its worker
 
 
 # --------------------------------------------------------------------------- the worklist
@@ -92,7 +95,7 @@ def read_worklist(path: Path | str) -> list[Entry]:
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-        entries = [Entry(str(p)) for p in files if not p.name.startswith(".")]
+        entries = [Entry(str(p.absolute())) for p in files if not p.name.startswith(".")]
     elif path.is_file():
         entries = _read_csv(path)
     else:
@@ -123,7 +126,7 @@ def _read_csv(path: Path) -> list[Entry]:
         if not row.get("slide"):
             continue
         slide = Path(row["slide"])
-        slide = slide if slide.is_absolute() else path.parent / slide
+        slide = slide if slide.is_absolute() else path.parent.absolute() / slide
         entries.append(Entry(str(slide), row.get("case_id", ""), row.get("priority", "")))
     return entries
 
@@ -173,9 +176,10 @@ def worker_model(job: Job, cfg: SlideConfig, threads: int = 0) -> LoadedModel:
         return _MODELS[key]
 
 
-def slide_threads() -> int:
-    """Threads one slide may use on this worker: all of them when it runs one slide at a time (resources
-    slide=1), else one per slide. Outside a Dask worker: 0 (the settings as they are)."""
+def slide_threads(per_slot: bool) -> int:
+    """Threads one slide may use on this worker: its share of them when the tasks hold the resource `slide`
+    (a worker with slide=1 runs one slide at a time on all its threads), else one per slide. Outside a Dask
+    worker: 0 (the settings as they are)."""
     from distributed import get_worker
 
     try:
@@ -183,7 +187,7 @@ def slide_threads() -> int:
     except ValueError:
         return 0
     slots = worker.state.total_resources.get(RESOURCE)
-    return max(1, int(worker.state.nthreads // slots)) if slots else 1
+    return max(1, int(worker.state.nthreads // slots)) if per_slot and slots else 1
 
 
 def within_threads(cfg: SlideConfig, threads: int) -> SlideConfig:
@@ -210,7 +214,7 @@ def score_task(entry: Entry, job: Job) -> dict:
     error = ""
     for _ in range(ATTEMPTS):
         try:
-            threads = slide_threads()
+            threads = slide_threads(job.per_slot)
             cfg = within_threads(job.cfg, threads)
             loaded = worker_model(job, cfg, threads)
             sha, model = sha256_file(entry.slide), model_key(loaded)
@@ -242,8 +246,8 @@ def report_row(report_dir: Path) -> dict:
         "slide_call": summary["slide_call"],
         "n_cells": summary["n_cells"],
         "n_malignant": summary["n_malignant"],
-        "top_k_mean": summary["top_k_mean"],
-        "fraction_out_of_domain": summary["fraction_out_of_domain"],
+        "top_k_mean": None if summary["top_k_mean"] is None else round(summary["top_k_mean"], 6),
+        "fraction_out_of_domain": round(summary["fraction_out_of_domain"], 6),
         "atypia_burden": morphometry.get("atypia_burden"),
         "seconds": done.get("seconds"),
         "model_version": summary["model"]["version"],
@@ -328,6 +332,7 @@ def _priority(entry: Entry) -> int:
 def submit_all(client, entries: list[Entry], job: Job) -> dict:
     """One task per slide (a higher worklist priority starts first); future -> entry."""
     resources = _resources(client)
+    job = dataclasses.replace(job, per_slot=resources is not None)
     return {
         client.submit(
             score_task,
@@ -362,6 +367,28 @@ def collect(futures: dict, progress: bool = True) -> list[dict]:
     return rows
 
 
+def pin_model(job: Job) -> Job:
+    """Before any worker starts: a model folder that is not one fails here, in one line, and becomes an
+    absolute path (workers may run elsewhere); models:/NAME@ALIAS is pinned to its version now, so every
+    worker scores with the same version even if the alias moves during the run."""
+    if job.model.startswith(MLFLOW_SCHEMES):
+        return dataclasses.replace(job, model=pin_registered(job.model, job.tracking_uri)[0])
+    resolve_model_dir(job.model)
+    return dataclasses.replace(job, model=str(Path(job.model).absolute()))
+
+
+def remove_stale_staging(out_dir: Path, entries: list[Entry]) -> None:
+    """Staging folders a killed run left beside the report folders (.<stem>.*.tmp: atomic.staged_dir).
+    One run per DIR at a time: another run's staging would go too."""
+    import glob
+    import shutil
+
+    for entry in entries:
+        for stale in out_dir.glob(f".{glob.escape(entry.stem)}.*.tmp"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 def run_worklist(
     worklist: Path | str,
     job: Job,
@@ -374,11 +401,16 @@ def run_worklist(
     """Score every slide of the worklist into job.out_dir, write the cohort report; the exit code: 0 when
     every slide was scored or skipped, 1 when any failed."""
     entries = read_worklist(worklist)
+    job = pin_model(job)
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir, entries)
     with dask_client(scheduler, workers, threads or local_threads(workers)) as client:
         rows = collect(submit_all(client, entries, job), progress)
     write_cohort(rows, out_dir)
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"{PROG}: error: {row['error']}", file=sys.stderr)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("scored", "skipped", "failed")}
     log(
         f"score-slides: {len(rows)} slides: {counts['scored']} scored, {counts['skipped']} skipped, "

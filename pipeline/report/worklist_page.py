@@ -74,7 +74,7 @@ def _cell(row: dict, column: str, out_dir: Path) -> str:
     if column == "report":
         return f'<td><a href="{escape(str(value), quote=True)}">report</a></td>' if value else "<td></td>"
     if column == "slide":
-        return f"<td>{escape(Path(str(value)).name)}</td>"
+        return f'<td title="{escape(str(value), quote=True)}">{escape(Path(str(value)).name)}</td>'
     if column in NUMERIC or column == "priority":
         number = _number(value)
         sort_value = number if number is not None else -1

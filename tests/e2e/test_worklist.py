@@ -215,6 +215,7 @@ def test_a_killed_run_rerun_scores_only_what_is_missing(worklist_dir, tiny_proje
     rows = _rows(out)
     assert {s: rows[s]["status"] for s in STEMS} == {s: "skipped" if s in done else "scored" for s in STEMS}
     assert {s: _files(out / s) for s in done} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     assert rows["a"]["case_id"] == "case-a" and "score-slides: 3 slides" in rerun.stdout
 
 
@@ -227,6 +228,19 @@ def test_a_missing_worklist_is_one_line(tmp_path):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"cytopipe score-slides: error: {tmp_path / 'nope'}: no such folder or CSV file"
+
+
+def test_a_model_folder_that_is_not_one_fails_before_any_worker_starts(worklist_dir, tmp_path):
+    (tmp_path / "model").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "score-slides", str(worklist_dir), "--out", "o", "--model", "model"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("cytopipe score-slides: error: model: not a model folder")
 
 
 def test_the_cohort_page_sorts_by_a_clicked_column_in_chromium(first_run):
