@@ -293,6 +293,12 @@ def test_viewer_in_chromium(scored, tmp_path):
             page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000
 
+            # the page's own zoom buttons drive OpenSeadragon (none of its button images are shipped)
+            before = page.evaluate("window.viewer.viewport.getZoom(true)")
+            page.click("#zoom-in")
+            page.wait_for_timeout(1200)
+            assert page.evaluate("window.viewer.viewport.getZoom(true)") > before
+
             # the heat map layer: a second world item over the slide's full extent, removed again
             assert page.is_enabled("#heatmap") and not page.is_checked("#heatmap")
             page.check("#heatmap")

@@ -40,7 +40,9 @@
 
   // ------------------------------------------------------------------ the viewer and its overlay
   var viewer = OpenSeadragon({
-    id: "viewer", prefixUrl: "/static/openseadragon/images/", tileSources: "/slide.dzi",
+    // OpenSeadragon binds our own text buttons (viewer.html), so none of its button images are needed.
+    id: "viewer", tileSources: "/slide.dzi",
+    zoomInButton: "zoom-in", zoomOutButton: "zoom-out", homeButton: "zoom-home", fullPageButton: "full-page",
     showNavigator: true, visibilityRatio: 0.2, maxZoomPixelRatio: 4, animationTime: 0.6,
     gestureSettingsMouse: {clickToZoom: false}
   });
