@@ -26,12 +26,10 @@ def _flat_run(lines: np.ndarray, colour: np.ndarray) -> int:
 def padding_box(image: np.ndarray) -> tuple[int, int, int, int]:
     """(top, bottom, left, right): the widths of flat-colour bands along each edge of an RGB image."""
     h, w = image.shape[:2]
-    corner = image[0, 0].astype(np.int16)
     top = _flat_run(image, image[0, w // 2].astype(np.int16))
     bottom = _flat_run(image[::-1], image[-1, w // 2].astype(np.int16))
     left = _flat_run(image.transpose(1, 0, 2), image[h // 2, 0].astype(np.int16))
     right = _flat_run(image.transpose(1, 0, 2)[::-1], image[h // 2, -1].astype(np.int16))
-    del corner
     if top + bottom >= h or left + right >= w:  # a flat image: nothing is padding, it is all one colour
         return 0, 0, 0, 0
     return top, bottom, left, right

@@ -30,36 +30,25 @@ class Morphometry:
 
     def measure(self, source, cells: pd.DataFrame, crops: np.ndarray, slide: SlideConfig) -> pd.DataFrame:
         """Features of `cells` (one tile group's, in order) from their model crops."""
-        boxes = crop_boxes(cells, slide.crop_margin, source.dimensions)
-        cell_boxes = cells[["x0", "y0", "x1", "y1"]].to_numpy(float)
-        features, _ = measure_slide_crops(
+        return self._measure(source, cells, crops, slide, with_masks=False)[0]
+
+    def outlines(self, source, cells: pd.DataFrame, crops: np.ndarray, slide: SlideConfig) -> np.ndarray:
+        """Nucleus masks of `cells` from their model crops (for the report's outlines)."""
+        return self._measure(source, cells, crops, slide, with_masks=True)[1]
+
+    def _measure(self, source, cells, crops, slide: SlideConfig, with_masks: bool):
+        return measure_slide_crops(
             crops,
-            boxes,
-            cell_boxes,
+            crop_boxes(cells, slide.crop_margin, source.dimensions),
+            cells[["x0", "y0", "x1", "y1"]].to_numpy(float),
             source.mpp,
             self.cfg.slide_size,
             SegmentationSettings.of(self.cfg),
             self.cfg.atypia,
             self.logistic,
             self.darkness_threshold,
+            with_masks,
         )
-        return features
-
-    def outlines(self, source, cells: pd.DataFrame, crops: np.ndarray, slide: SlideConfig) -> np.ndarray:
-        """Nucleus masks of `cells` from their model crops (for the report's outlines)."""
-        boxes = crop_boxes(cells, slide.crop_margin, source.dimensions)
-        cell_boxes = cells[["x0", "y0", "x1", "y1"]].to_numpy(float)
-        _, nuclei = measure_slide_crops(
-            crops,
-            boxes,
-            cell_boxes,
-            source.mpp,
-            self.cfg.slide_size,
-            SegmentationSettings.of(self.cfg),
-            darkness_threshold=self.darkness_threshold,
-            with_masks=True,
-        )
-        return nuclei
 
     @staticmethod
     def concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
