@@ -186,7 +186,8 @@ def _morph_value(value):
     """A feature for CSV/JSON: a float rounded to 6 places, the reason text, or None for NaN."""
     if isinstance(value, str):
         return value
-    return None if value is None or not np.isfinite(value) else round(float(value), 6)
+    value = _finite(value)
+    return None if value is None else round(value, 6)
 
 
 def write_rows(rows: list[dict], out_path: Path | None, header: dict) -> None:
