@@ -4,7 +4,8 @@ Each slide is one Dask task (`score_task`) that runs `score_slide.score_loaded` 
 folder, moved into place only when complete) and then writes DIR/<stem>/done.json: the slide's sha256 and
 the model's URI and version. A slide whose report folder is complete and whose done.json matches the slide
 bytes and the model is skipped without scoring, so a killed run re-run scores only what is missing. A
-slide that fails is tried once more, then recorded with its error in one line.
+slide that fails is tried once more, then recorded with its error in one line. DIR/worklist.csv and .html list
+every slide from the start (pending) and are rewritten as each one finishes.
 
 Each worker process loads the model once (a per-process cache keyed by the model URI and its thread
 budget) and scores with the threads the worker has: a worker that advertises the resource `slide=1`
@@ -164,16 +165,30 @@ _MODELS_LOCK = threading.Lock()
 
 def worker_model(job: Job, cfg: SlideConfig, threads: int = 0) -> LoadedModel:
     """The model, loaded once per worker process for each model URI and thread budget. On a Dask worker
-    (`threads` > 0) a torch model's thread pool, process-wide, is held to the slide's threads too."""
+    (`threads` > 0) the process-wide thread pools are set for scoring: a torch model's to the slide's
+    threads, numpy's BLAS to one thread."""
     key = (job.model, job.tracking_uri, cfg.batch_size, cfg.model_threads())
     with _MODELS_LOCK:
         if key not in _MODELS:
             _MODELS[key] = load_model(job.model, cfg, job.tracking_uri)
-            if threads and _MODELS[key].predictor.backend == "torch":
-                import torch
-
-                torch.set_num_threads(threads)
+            if threads:
+                _worker_thread_pools(_MODELS[key], threads)
         return _MODELS[key]
+
+
+def _worker_thread_pools(loaded: LoadedModel, threads: int) -> None:
+    """Why BLAS goes to one thread for the whole worker process: score-slide holds it there only around its
+    scoring (`ood.one_blas_thread`, main thread only), and a Dask task runs in a worker thread, where that
+    context does nothing. OpenBLAS's busy-waiting threads then took a core from ONNX Runtime: the CSF
+    slide took 70.7 s in a Dask worker thread against 49.9 s in the main thread (py-spy: the OOD product
+    13x slower), measured one after the other. A worker process of score-slides does nothing else."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    if loaded.predictor.backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def slide_threads(per_slot: bool) -> int:
@@ -259,14 +274,28 @@ def report_row(report_dir: Path) -> dict:
 # --------------------------------------------------------------------------- the cohort table
 
 
+STATUS_ORDER = {"scored": 0, "skipped": 0, "failed": 1, "pending": 2}
+
+
 def suspicion_order(rows: list[dict]) -> list[dict]:
-    """Most suspicious first: malignant cells, then the top-k mean; failed slides last."""
+    """Most suspicious first: malignant cells, then the top-k mean; failed slides after them, then the
+    slides not scored yet."""
 
     def key(row):
-        failed = row["status"] == "failed"
-        return (failed, -(row.get("n_malignant") or 0), -(row.get("top_k_mean") or 0.0), row["slide"])
+        status = STATUS_ORDER.get(row["status"], 1)
+        return (status, -(row.get("n_malignant") or 0), -(row.get("top_k_mean") or 0.0), row["slide"])
 
     return sorted(rows, key=key)
+
+
+def pending_row(entry: Entry) -> dict:
+    row = dict.fromkeys(COLUMNS, "")
+    return {**row, "slide": entry.slide, "case_id": entry.case_id, "priority": entry.priority, "status": "pending"}
+
+
+def cohort_rows(entries: list[Entry], finished: dict[str, dict]) -> list[dict]:
+    """Every slide of the worklist: its finished row (by slide path), else a pending one."""
+    return [finished.get(entry.slide) or pending_row(entry) for entry in entries]
 
 
 def write_cohort(rows: list[dict], out_dir: Path) -> None:
@@ -281,12 +310,38 @@ def write_cohort(rows: list[dict], out_dir: Path) -> None:
 # --------------------------------------------------------------------------- the client
 
 
+# Dask's nanny puts MALLOC_TRIM_THRESHOLD_=65536 into its worker processes' environment. Set at all, it pins
+# glibc's mmap threshold at 128 KiB, so every tile and crop array is a fresh mmap that page-faults: the CSF
+# slide took 64.5 s with it against 49.2 s without, both in one plain process, one after the other. Our
+# workers go without it; the nanny's one-thread OpenMP/MKL/OpenBLAS settings stay. `dask worker` reads the same setting
+# from configs/dask/cytopipe.yaml (DASK_CONFIG=configs/dask).
+WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+MALLOC_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
+
+
+@contextmanager
+def environ_restored():
+    """This process's environment as it was, once the block ends: a nanny also writes its workers' variables
+    into the process that starts it, and a caller's later subprocesses (dvc, training) must not inherit
+    one-thread OpenMP/BLAS settings from a worklist run."""
+    import os
+
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)
+
+
 @contextmanager
 def dask_client(scheduler: str | None, workers: int, threads: int):
     """A Client of the scheduler at `scheduler`, else of a LocalCluster of `workers` processes on 127.0.0.1
-    (no dashboard), each running one slide at a time on `threads` threads."""
+    (no dashboard; its health routes on 127.0.0.1 too), each running one slide at a time on `threads` threads."""
     import logging
 
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -297,17 +352,36 @@ def dask_client(scheduler: str | None, workers: int, threads: int):
         with client:
             yield client
         return
-    cluster = LocalCluster(
-        host="127.0.0.1",
-        dashboard_address=None,
-        n_workers=workers,
-        threads_per_worker=threads,
-        processes=True,
-        resources={RESOURCE: 1},
-        silence_logs=logging.ERROR,
-    )
-    with cluster, Client(cluster) as client:
-        yield client
+    with environ_restored():
+        with dask.config.set(WORKER_DASK_CONFIG):  # read when the nannies start, and on a worker's restart
+            cluster = LocalCluster(
+                host="127.0.0.1",
+                dashboard_address=None,
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                resources={RESOURCE: 1},
+                silence_logs=logging.ERROR,
+            )
+        with cluster, Client(cluster) as client:
+            yield client
+
+
+def _malloc_setting() -> str | None:
+    import os
+
+    return os.environ.get(MALLOC_VARIABLE)
+
+
+def warn_about_workers(client, log=print) -> None:
+    """One line when some worker runs with MALLOC_TRIM_THRESHOLD_ set (a `dask worker` started without
+    configs/dask): its slides take about a third longer."""
+    slow = sorted(address for address, value in client.run(_malloc_setting).items() if value is not None)
+    if slow:
+        log(
+            f"{PROG}: warning: {len(slow)} worker(s) run with {MALLOC_VARIABLE} set ({', '.join(slow)}), which "
+            "makes each slide about a third slower; start them with DASK_CONFIG=configs/dask (docs/worklist.md)"
+        )
 
 
 def local_threads(workers: int) -> int:
@@ -347,8 +421,9 @@ def submit_all(client, entries: list[Entry], job: Job) -> dict:
     }
 
 
-def collect(futures: dict, progress: bool = True) -> list[dict]:
-    """The rows as the tasks finish, with slides done / total, a rate and an ETA on the terminal."""
+def collect(futures: dict, progress: bool = True, on_row=lambda row: None) -> list[dict]:
+    """The rows as the tasks finish (each also passed to `on_row`), with slides done / total, a rate and an
+    ETA on the terminal."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -361,6 +436,7 @@ def collect(futures: dict, progress: bool = True) -> list[dict]:
             rows.append(future.result())
         except Exception as exc:  # noqa: BLE001 - a worker that died under the slide: a failed row
             rows.append(failed_row(entry, f"{entry.slide}: {_one_line(exc)}", time.perf_counter() - t0))
+        on_row(rows[-1])
         bar.set_postfix_str(f"{entry.stem}: {rows[-1]['status']}")
         bar.update(1)
     bar.close()
@@ -405,9 +481,16 @@ def run_worklist(
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir, entries)
+    finished: dict[str, dict] = {}
+
+    def record(row: dict) -> None:  # the cohort report is rewritten as each slide finishes
+        finished[row["slide"]] = row
+        write_cohort(cohort_rows(entries, finished), out_dir)
+
+    write_cohort(cohort_rows(entries, finished), out_dir)
     with dask_client(scheduler, workers, threads or local_threads(workers)) as client:
-        rows = collect(submit_all(client, entries, job), progress)
-    write_cohort(rows, out_dir)
+        warn_about_workers(client, log)
+        rows = collect(submit_all(client, entries, job), progress, record)
     for row in rows:
         if row["status"] == "failed":
             print(f"{PROG}: error: {row['error']}", file=sys.stderr)

@@ -9,6 +9,7 @@ reason. Decision support only: every slide is reviewed by a pathologist.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from html import escape
 from pathlib import Path
@@ -24,6 +25,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:middl
 th{background:#f0f0f0;cursor:pointer;user-select:none}
 th:hover{background:#e0e0e0}
 tr.failed td{background:#fdecea}
+tr.pending td{color:#888}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{display:block;max-width:120px}
 """
@@ -46,7 +48,17 @@ SHOWN += ["fraction_out_of_domain", "atypia_burden", "n_cells", "seconds", "mode
 
 
 def thumbnail_uri(heatmap: Path) -> str | None:
-    """A small JPEG of the slide's heat map as a data URI, or None when there is none."""
+    """A small JPEG of the slide's heat map as a data URI, or None when there is none. Cached by the file's
+    modification time: the page is rewritten as each slide finishes."""
+    try:
+        stamp = Path(heatmap).stat().st_mtime_ns
+    except OSError:
+        return None
+    return _thumbnail(str(heatmap), stamp)
+
+
+@functools.lru_cache(maxsize=1024)
+def _thumbnail(heatmap: str, stamp: int) -> str | None:
     try:
         with Image.open(heatmap) as img:
             img = img.convert("RGB")
@@ -102,12 +114,13 @@ def render_worklist(rows: list[dict], out_dir: Path) -> str:
     body = "".join(
         f'<tr class="{escape(r["status"])}">' + "".join(_cell(r, c, out_dir) for c in SHOWN) + "</tr>" for r in rows
     )
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("scored", "skipped", "failed")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("scored", "skipped", "failed", "pending")}
+    pending = f", {counts['pending']} not scored yet (the run goes on)" if counts["pending"] else ""
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Slide worklist</title>'
         f"<style>{STYLE}</style></head><body><h1>Slide worklist</h1>"
         f"<p>{len(rows)} slides: {counts['scored']} scored, {counts['skipped']} already scored (skipped), "
-        f"{counts['failed']} failed. Most suspicious first (malignant cells, then the top-k mean); click a "
+        f"{counts['failed']} failed{pending}. Most suspicious first (malignant cells, then the top-k mean); click a "
         "column header to sort by it. Decision support only: every slide is reviewed by a pathologist.</p>"
         f'<table id="cohort"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
         f"{_failed_list(rows)}<script>{SCRIPT}</script></body></html>\n"

@@ -14,10 +14,20 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from pipeline.inference.score_slide import score_slide
-from pipeline.inference.worklist import DONE, REPORT_FILES, Job, dask_client, read_worklist, run_worklist
+from pipeline.inference.worklist import (
+    DONE,
+    REPORT_FILES,
+    Job,
+    dask_client,
+    environ_restored,
+    read_worklist,
+    run_worklist,
+    warn_about_workers,
+)
 from tests.conftest import ROOT
 from tests.slides import draw_cells, glass, write_pyramid
 
@@ -206,7 +216,10 @@ def test_a_killed_run_rerun_scores_only_what_is_missing(worklist_dir, tiny_proje
             os.killpg(proc.pid, signal.SIGKILL)  # the client, the scheduler and the workers at once
         proc.wait()
     done = sorted(p.parent.name for p in out.glob(f"*/{DONE}"))
-    assert 1 <= len(done) < len(STEMS) and not (out / "worklist.csv").exists()
+    assert 1 <= len(done) < len(STEMS)
+    killed = _rows(out)  # written as each slide finished: the slides not done are still pending
+    assert set(killed) == set(STEMS) and {r["status"] for r in killed.values()} <= {"scored", "pending"}
+    assert {s for s, r in killed.items() if r["status"] == "scored"} <= set(done)
     before = {s: _files(out / s) for s in done}
     rerun = subprocess.run(
         _cli(worklist, out, root), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
@@ -265,3 +278,89 @@ def test_the_cohort_page_sorts_by_a_clicked_column_in_chromium(first_run):
         cells = [float(c) if c else -1 for c in column("n cells")]
         assert cells == sorted(cells)
         assert not errors
+
+
+NANNY_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _nanny_variables() -> dict:
+    return {k: os.environ.get(k) for k in NANNY_VARIABLES}
+
+
+def test_local_workers_listen_on_loopback_without_malloc_trim_and_the_caller_keeps_its_environment():
+    before = dict(os.environ)
+    messages = []
+    with dask_client(None, workers=1, threads=1) as client:
+        (worker_env,) = client.run(_nanny_variables).values()
+        warn_about_workers(client, messages.append)
+        pids = [os.getpid(), *client.run(os.getpid).values()]  # the scheduler runs in this process
+        listening = [
+            c.laddr.ip for pid in pids for c in psutil.Process(pid).net_connections("inet") if c.status == "LISTEN"
+        ]
+    assert len(listening) >= 3 and set(listening) == {"127.0.0.1"}  # scheduler, its HTTP routes, the worker
+    assert worker_env["MALLOC_TRIM_THRESHOLD_"] is None and worker_env["OPENBLAS_NUM_THREADS"] == "1"
+    assert messages == [] and dict(os.environ) == before  # the nanny's os.environ.update is undone
+
+
+def test_a_worker_with_dasks_default_malloc_trim_is_named_in_a_warning():
+    from distributed import Client, LocalCluster
+
+    messages = []
+    with (
+        environ_restored(),
+        LocalCluster(host="127.0.0.1", dashboard_address=None, n_workers=1, threads_per_worker=1) as c,
+    ):
+        with Client(c) as client:
+            warn_about_workers(client, messages.append)
+    assert len(messages) == 1 and "1 worker(s) run with MALLOC_TRIM_THRESHOLD_ set" in messages[0]
+    assert "DASK_CONFIG=configs/dask" in messages[0]
+
+
+def test_numpys_blas_goes_to_one_thread_in_a_worker_process():
+    """A Dask task runs in a worker thread, where ood.one_blas_thread does nothing: the worker's model load
+    sets BLAS to one thread for the whole process."""
+    code = (
+        "from types import SimpleNamespace as N; from threadpoolctl import threadpool_info as info;"
+        "from pipeline.inference.worklist import _worker_thread_pools;"
+        "blas = lambda: max(i['num_threads'] for i in info() if i['user_api'] == 'blas');"
+        "before = blas(); _worker_thread_pools(N(predictor=N(backend='onnx')), 2); print(before, blas())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in NANNY_VARIABLES}
+    env["OPENBLAS_NUM_THREADS"] = "2"  # as on a 2-core machine, whatever this one has
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["2", "1"]
+
+
+def test_two_machines_scheduler_and_worker_processes_on_loopback(worklist_dir, job, tmp_path):
+    """The documented two-machine commands, as processes on this host: `dask scheduler` and `dask worker`
+    with DASK_CONFIG=configs/dask, listening on 127.0.0.1 only; score-slides joins with --scheduler."""
+    from distributed import Client
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    env = dict(os.environ, DASK_CONFIG=str(ROOT / "configs/dask"), NO_ALBUMENTATIONS_UPDATE="1")
+    file, log = tmp_path / "scheduler.json", open(tmp_path / "dask.log", "wb")  # noqa: SIM115
+    common = ["--host", "127.0.0.1", "--no-dashboard"]
+    start = lambda cmd: subprocess.Popen([dask, *cmd, *common], env=env, stdout=log, stderr=log)  # noqa: E731
+    procs = [start(["scheduler", "--port", "0", "--scheduler-file", str(file)])]
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the scheduler did not start"
+            time.sleep(0.1)
+        procs.append(start(["worker", "--scheduler-file", str(file), "--nthreads", "1", "--resources", "slide=1"]))
+        address = json.loads(file.read_text())["address"]
+        with Client(address) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert address.startswith("tcp://127.0.0.1:")
+            assert all(w.startswith("tcp://127.0.0.1:") for w in client.scheduler_info()["workers"])
+        worklist = tmp_path / "list.csv"
+        worklist.write_text(f"slide\n{worklist_dir}/c.tiff\n")
+        messages = []
+        code = run_worklist(worklist, job(tmp_path / "out"), scheduler=address, progress=False, log=messages.append)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=60)
+        log.close()
+    assert code == 0 and not [m for m in messages if "warning" in m]  # DASK_CONFIG took MALLOC_TRIM away
+    assert _rows(tmp_path / "out")["c"]["status"] == "scored"

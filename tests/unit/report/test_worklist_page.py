@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -31,3 +33,22 @@ def test_the_page_lists_every_slide_with_thumbnail_link_and_reason(tmp_path):
     assert page.index("a.tiff") < page.index("b.tiff") < page.index("bad.tiff")  # the order given
     assert 'data-v="0.91"' in page and "25.0%" in page and "<script>" in page
     assert "http" not in page  # self-contained: nothing loads from elsewhere
+
+
+def test_slides_not_scored_yet_are_listed_as_pending(tmp_path):
+    rows = [_row("a", n_malignant=1), _row("b", status="pending", report="", seconds="")]
+    page = render_worklist(rows, tmp_path)
+    assert '<tr class="pending">' in page and "1 not scored yet (the run goes on)" in page
+    assert "not scored yet" not in render_worklist(rows[:1], tmp_path)
+
+
+def test_a_rewritten_heat_map_gets_a_new_thumbnail(tmp_path):
+    (tmp_path / "a").mkdir()
+    heatmap = tmp_path / "a/heatmap.png"
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(heatmap)
+    first = render_worklist([_row("a")], tmp_path)
+    assert render_worklist([_row("a")], tmp_path) == first  # cached, the same
+    Image.fromarray(np.full((300, 400, 3), 20, np.uint8)).save(heatmap)
+    stat = heatmap.stat()
+    os.utime(heatmap, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later modification time
+    assert render_worklist([_row("a")], tmp_path) != first
