@@ -29,6 +29,7 @@ from pathlib import Path
 from pipeline import atomic
 from pipeline.config import SlideConfig
 from pipeline.errors import CytopipeError
+from pipeline.model_card import META_FILE, ONNX_META_FILE, card_file, file_sha256
 from pipeline.inference.score_slide import LoadedModel, load_model, score_loaded
 from pipeline.registry import MLFLOW_SCHEMES, pin_registered, resolve_model_dir
 from pipeline.report.worklist_page import render_worklist
@@ -144,7 +145,12 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 def model_key(loaded: LoadedModel) -> dict:
-    return {"uri": loaded.uri, "version": loaded.version}
+    """What done.json records of the model: its URI, its registered version, and the sha256 of its card (which
+    holds the sha256 of every model file and the calibration), so a folder retrained in place under the same
+    path and version ("unregistered") still counts as another model."""
+    model_dir = Path(loaded.predictor.model_dir)
+    card_sha256 = file_sha256(model_dir / card_file(model_dir))
+    return {"uri": loaded.uri, "version": loaded.version, "card_sha256": card_sha256}
 
 
 def is_done(report_dir: Path, sha256: str, model: dict) -> bool:
@@ -163,13 +169,30 @@ _MODELS: dict[tuple, LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+def model_stamp(model: str) -> tuple:
+    """When a model folder's metadata last changed (its files' mtimes): a folder retrained in place under the
+    same path gets a new stamp, so a long-lived worker loads it again. () for an MLflow URI, which pin_model
+    has already pinned to one version."""
+    if model.startswith(MLFLOW_SCHEMES):
+        return ()
+    stamps = []
+    for name in (META_FILE, ONNX_META_FILE):
+        try:
+            stamps.append((Path(model) / name).stat().st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
 def worker_model(job: Job, cfg: SlideConfig, threads: int = 0) -> LoadedModel:
-    """The model, loaded once per worker process for each model URI and thread budget. On a Dask worker
-    (`threads` > 0) the process-wide thread pools are set for scoring: a torch model's to the slide's
-    threads, numpy's BLAS to one thread."""
-    key = (job.model, job.tracking_uri, cfg.batch_size, cfg.model_threads())
+    """The model, loaded once per worker process for each model URI, state on disk and thread budget (an
+    older state of the same model is dropped). On a Dask worker (`threads` > 0) the process-wide thread
+    pools are set for scoring: a torch model's to the slide's threads, numpy's BLAS to one thread."""
+    key = (job.model, model_stamp(job.model), job.tracking_uri, cfg.batch_size, cfg.model_threads())
     with _MODELS_LOCK:
         if key not in _MODELS:
+            for stale in [k for k in _MODELS if k[0] == job.model and k[1] != key[1]]:
+                del _MODELS[stale]
             _MODELS[key] = load_model(job.model, cfg, job.tracking_uri)
             if threads:
                 _worker_thread_pools(_MODELS[key], threads)

@@ -104,6 +104,7 @@ def test_a_cluster_scores_the_worklist_like_score_slide(first_run, worklist_dir,
         assert all((report / name).is_file() for name in (*REPORT_FILES, DONE))
         done = json.loads((report / DONE).read_text())
         assert len(done["sha256"]) == 64 and done["model"]["uri"] == str(root / "models/calibrated")
+        assert len(done["model"]["card_sha256"]) == 64
         direct = tmp_path / stem
         want = score_slide(
             str(worklist_dir / f"{stem}.tiff"), done["model"]["uri"], direct, params.slide, top=8, log=quiet
