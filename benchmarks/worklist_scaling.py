@@ -1,8 +1,10 @@
 """`cytopipe score-slides` on Dask against sequential `score-slide` (issue 18).
 
-    python benchmarks/worklist_scaling.py --model models/exported --slide SLIDE [--copies 6] [--two-machines]
+    python benchmarks/worklist_scaling.py --model models/exported --slide SLIDE [--copies 6] [--regions 0]
+        [--two-machines]
 
-Copies SLIDE --copies times into a scratch folder and times, each into a fresh output folder and one after
+Copies SLIDE --copies times into a scratch folder, adds --regions slides cut from its centre (square, of a
+quarter, a third, a half... of its side: a cohort of mixed sizes), and times, each into a fresh output folder and one after
 the other in one run (this machine's speed varies from day to day):
   sequential    `score_slides` in this process (the model loaded once, the shipped 2-thread schedule);
   1x2           score-slides on a LocalCluster of 1 worker process of 2 threads (one slide at a time);
@@ -80,6 +82,35 @@ def two_machines(scratch: Path):
         log.close()
 
 
+def write_regions(slide: str, folder: Path, n: int) -> list[Path]:
+    """n square regions from the slide's centre, sides 1/4, 1/3, 1/2, ... of its shorter side, each written
+    as a tiled JPEG pyramid TIFF at the slide's µm per pixel (OpenSlide's generic-tiff reads it)."""
+    import tifffile
+
+    from pipeline.wsi.readers import open_slide
+
+    paths = []
+    with open_slide(slide, None) as source:
+        width, height = source.dimensions
+        resolution = {"resolution": (1e4 / source.mpp, 1e4 / source.mpp), "resolutionunit": "CENTIMETER"}
+        for i in range(n):
+            side = min(width, height) // max(2, 4 - i)
+            level = source.read_region((width - side) // 2, (height - side) // 2, side, side)
+            path = folder / f"region{i}_{side}px.tiff"
+            with tifffile.TiffWriter(path) as tw:
+                while True:
+                    sub = 0 if level.shape[0] == side else 1
+                    tw.write(
+                        level, tile=(256, 256), photometric="rgb", subfiletype=sub, compression="jpeg", **resolution
+                    )
+                    if max(level.shape[:2]) <= 512:
+                        break
+                    h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+                    level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+            paths.append(path)
+    return paths
+
+
 def slide_seconds(out: Path) -> float:
     return sum(json.loads(p.read_text())["seconds"] for p in out.glob("*/done.json"))
 
@@ -109,16 +140,18 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--slide", required=True)
     ap.add_argument("--copies", type=int, default=6)
+    ap.add_argument("--regions", type=int, default=0, help="slides cut from the slide's centre, of mixed sizes")
     ap.add_argument("--two-machines", action="store_true", help="also time a scheduler and two 1-core workers")
     args = ap.parse_args()
-    cfg, n = SlideConfig(), args.copies
+    cfg, n = SlideConfig(), args.copies + args.regions
     quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         folder = scratch / "slides"
         folder.mkdir()
         suffix = Path(args.slide).suffix
-        slides = [shutil.copy(args.slide, folder / f"s{i}{suffix}") for i in range(n)]
+        slides = [shutil.copy(args.slide, folder / f"s{i}{suffix}") for i in range(args.copies)]
+        slides += write_regions(args.slide, folder, args.regions)
         results = {"cluster start/stop": timed(cluster_start_stop)}
         results["sequential"] = timed(
             lambda: score_slides([str(s) for s in slides], args.model, scratch / "seq", cfg, log=quiet)
