@@ -84,7 +84,8 @@ def two_machines(scratch: Path):
 
 def write_regions(slide: str, folder: Path, n: int) -> list[Path]:
     """n square regions from the slide's centre, sides 1/4, 1/3, 1/2, ... of its shorter side, each written
-    as a tiled JPEG pyramid TIFF at the slide's µm per pixel (OpenSlide's generic-tiff reads it)."""
+    as a tiled deflate pyramid TIFF at the slide's µm per pixel, which OpenSlide's generic-tiff reads (tifffile
+    writes JPEG only with imagecodecs, not a dependency)."""
     import tifffile
 
     from pipeline.wsi.readers import open_slide
@@ -101,7 +102,13 @@ def write_regions(slide: str, folder: Path, n: int) -> list[Path]:
                 while True:
                     sub = 0 if level.shape[0] == side else 1
                     tw.write(
-                        level, tile=(256, 256), photometric="rgb", subfiletype=sub, compression="jpeg", **resolution
+                        level,
+                        tile=(256, 256),
+                        photometric="rgb",
+                        subfiletype=sub,
+                        compression="zlib",
+                        compressionargs={"level": 1},
+                        **resolution,
                     )
                     if max(level.shape[:2]) <= 512:
                         break
