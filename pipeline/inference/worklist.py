@@ -1,16 +1,16 @@
 """`cytopipe score-slides`: score a worklist of slides on Dask distributed, resumably, with a cohort report.
 
 Each slide is one Dask task (`score_task`) that runs `score_slide.score_loaded` into DIR/<stem>/ (a staged
-folder, moved into place only when complete) and then writes DIR/<stem>/done.json: the slide's sha256 and
-the model's URI and version. A slide whose report folder is complete and whose done.json matches the slide
-bytes and the model is skipped without scoring, so a killed run re-run scores only what is missing. A
+folder, moved into place only when complete) and then writes DIR/<stem>/done.json: the slide's sha256 and the
+model's URI, version and card sha256. A slide whose report folder is complete and whose done.json matches the
+slide bytes and the model is skipped without scoring, so a killed run re-run scores only what is missing. A
 slide that fails is tried once more, then recorded with its error in one line. DIR/worklist.csv and .html list
 every slide from the start (pending) and are rewritten as each one finishes.
 
-Each worker process loads the model once (a per-process cache keyed by the model URI and its thread
-budget) and scores with the threads the worker has: a worker that advertises the resource `slide=1`
-(score-slides' own LocalCluster does) runs one slide at a time on all its threads; any other worker runs
-one slide per thread, each on one thread.
+Each worker process loads the model once (a per-process cache keyed by the model URI, the modification time of
+its card and its thread budget) and scores with the threads the worker has: a worker that advertises the
+resource `slide=1` (score-slides' own LocalCluster does) runs one slide at a time on all its threads; any
+other worker runs one slide per thread, each on one thread.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 from pipeline import atomic
 from pipeline.config import SlideConfig
 from pipeline.errors import CytopipeError
-from pipeline.model_card import META_FILE, ONNX_META_FILE, card_file, file_sha256
 from pipeline.inference.score_slide import LoadedModel, load_model, score_loaded
+from pipeline.model_card import META_FILE, ONNX_META_FILE, card_file, file_sha256
 from pipeline.registry import MLFLOW_SCHEMES, pin_registered, resolve_model_dir
 from pipeline.report.worklist_page import render_worklist
 
@@ -336,8 +336,8 @@ def write_cohort(rows: list[dict], out_dir: Path) -> None:
 # Dask's nanny puts MALLOC_TRIM_THRESHOLD_=65536 into its worker processes' environment. Set at all, it pins
 # glibc's mmap threshold at 128 KiB, so every tile and crop array is a fresh mmap that page-faults: the CSF
 # slide took 64.5 s with it against 49.2 s without, both in one plain process, one after the other. Our
-# workers go without it; the nanny's one-thread OpenMP/MKL/OpenBLAS settings stay. `dask worker` reads the same setting
-# from configs/dask/cytopipe.yaml (DASK_CONFIG=configs/dask).
+# workers go without it; the nanny's one-thread OpenMP/MKL/OpenBLAS settings stay. `dask worker` reads the
+# same setting from configs/dask/cytopipe.yaml (DASK_CONFIG=configs/dask).
 WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 MALLOC_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
 
