@@ -229,13 +229,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_score_slide(args: argparse.Namespace) -> int:
+def _slide_scoring(args: argparse.Namespace):
+    """(params, the slide settings with --batch-size applied) for score-slide and score-slides."""
     from dataclasses import replace
 
+    params = _params_or_defaults(args.params)
+    return params, params.slide if args.batch_size is None else replace(params.slide, batch_size=args.batch_size)
+
+
+def cmd_score_slide(args: argparse.Namespace) -> int:
     from pipeline.inference.score_slide import score_slides
 
-    params = _params_or_defaults(args.params)
-    cfg = params.slide if args.batch_size is None else replace(params.slide, batch_size=args.batch_size)
+    params, cfg = _slide_scoring(args)
     return score_slides(
         args.slides,
         args.model,
@@ -249,12 +254,9 @@ def cmd_score_slide(args: argparse.Namespace) -> int:
 
 
 def cmd_score_slides(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from pipeline.inference.worklist import Job, run_worklist
 
-    params = _params_or_defaults(args.params)
-    cfg = params.slide if args.batch_size is None else replace(params.slide, batch_size=args.batch_size)
+    params, cfg = _slide_scoring(args)
     job = Job(args.model, str(Path(args.out).resolve()), cfg, _tracking_uri(params), args.mpp, args.top, args.tta)
     return run_worklist(args.worklist, job, args.scheduler, args.workers, args.threads)
 
@@ -576,8 +578,14 @@ def _add_score_slide(sub) -> None:
         metavar="DIR",
         help="output folder; with several slides, one subfolder per slide (default: %(default)s)",
     )
-    p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when the slide's properties lack it")
-    p.add_argument("--top", type=int, help="cells in the report gallery (default: slide.gallery in params)")
+    _add_slide_scoring_options(p)
+    p.set_defaults(func=cmd_score_slide)
+
+
+def _add_slide_scoring_options(p) -> None:
+    """The scoring options score-slide and score-slides share (read back by `_slide_scoring`)."""
+    p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when a slide's properties lack it")
+    p.add_argument("--top", type=int, help="cells in each report's gallery (default: slide.gallery in params)")
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -585,7 +593,6 @@ def _add_score_slide(sub) -> None:
         help="8-view test-time augmentation (default: as the model was calibrated)",
     )
     p.add_argument("--batch-size", type=int, help="cells per inference batch (default: slide.batch_size in params)")
-    p.set_defaults(func=cmd_score_slide)
 
 
 def _add_score_slides(sub) -> None:
@@ -606,10 +613,7 @@ def _add_score_slides(sub) -> None:
     p.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes (default: 1)")
     p.add_argument("--threads", type=int, metavar="N", help="threads per local worker (default: cores / workers)")
-    p.add_argument("--mpp", type=float, help="µm per level-0 pixel, when the slides' properties lack it")
-    p.add_argument("--top", type=int, help="cells in each report's gallery (default: slide.gallery in params)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="8-view test-time augmentation")
-    p.add_argument("--batch-size", type=int, help="cells per inference batch (default: slide.batch_size in params)")
+    _add_slide_scoring_options(p)
     p.set_defaults(func=cmd_score_slides)
 
 
