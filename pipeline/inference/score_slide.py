@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import atomic, ood, qupath
 from pipeline.config import SlideConfig
 from pipeline.data.transforms import base_resize
+from pipeline.errors import one_line
 from pipeline.inference.loading import load_predictor
 from pipeline.inference.slide_scoring import score_slide_cells
 from pipeline.morphometry.cells import nucleus_outline
@@ -82,11 +83,6 @@ def _missing_dirs(path: Path) -> list[Path]:
     return missing
 
 
-def _one_line(exc: BaseException) -> str:
-    first = (str(exc).splitlines() or [""])[0].strip()
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def score_slides(
     slides: list[str],
     model: str,
@@ -126,7 +122,7 @@ def score_slides(
             print(f"{PROG}: error: {exc}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - one odd slide must not stop a batch of them
             failed += 1
-            print(f"{PROG}: error: {slide}: {_one_line(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: {slide}: {one_line(exc)}", file=sys.stderr)
     for folder in missing:  # folders made for reports that never came (rmdir keeps any with files)
         try:
             if folder.exists():

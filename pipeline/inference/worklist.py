@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import sys
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from pipeline import atomic
 from pipeline.config import SlideConfig
-from pipeline.errors import CytopipeError
+from pipeline.errors import CytopipeError, one_line
 from pipeline.inference.score_slide import LoadedModel, load_model, score_loaded
 from pipeline.model_card import META_FILE, ONNX_META_FILE, card_file, file_sha256
 from pipeline.registry import MLFLOW_SCHEMES, pin_registered, resolve_model_dir
@@ -136,14 +135,6 @@ def _read_csv(path: Path) -> list[Entry]:
 # --------------------------------------------------------------------------- the skip rule
 
 
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_key(loaded: LoadedModel) -> dict:
     """What done.json records of the model: its URI, its registered version, and the sha256 of its card (which
     holds the sha256 of every model file and the calibration), so a folder retrained in place under the same
@@ -239,11 +230,6 @@ def within_threads(cfg: SlideConfig, threads: int) -> SlideConfig:
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    first = (str(exc).splitlines() or [""])[0].strip()
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 def score_task(entry: Entry, job: Job) -> dict:
     """Score one slide (or skip it when done.json matches); returns its worklist row, never raises."""
     t = time.perf_counter()
@@ -255,7 +241,7 @@ def score_task(entry: Entry, job: Job) -> dict:
             threads = slide_threads(job.per_slot)
             cfg = within_threads(job.cfg, threads)
             loaded = worker_model(job, cfg, threads)
-            sha, model = sha256_file(entry.slide), model_key(loaded)
+            sha, model = file_sha256(Path(entry.slide)), model_key(loaded)
             if is_done(report_dir, sha, model):
                 return {**row, **report_row(report_dir), "status": "skipped"}
             (report_dir / DONE).unlink(missing_ok=True)
@@ -265,7 +251,7 @@ def score_task(entry: Entry, job: Job) -> dict:
             atomic.write_json(report_dir / DONE, done)
             return {**row, **report_row(report_dir), "status": "scored"}
         except Exception as exc:  # noqa: BLE001 - a bad slide is a row of the cohort, not a crash
-            error = f"{entry.slide}: {_one_line(exc)}" if entry.slide not in str(exc) else _one_line(exc)
+            error = f"{entry.slide}: {one_line(exc)}" if entry.slide not in str(exc) else one_line(exc)
     return failed_row(entry, error, time.perf_counter() - t)
 
 
@@ -371,7 +357,7 @@ def dask_client(scheduler: str | None, workers: int, threads: int):
         try:
             client = Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as exc:
-            raise WorklistError(f"{scheduler}: cannot reach the Dask scheduler ({_one_line(exc)})") from None
+            raise WorklistError(f"{scheduler}: cannot reach the Dask scheduler ({one_line(exc)})") from None
         with client:
             yield client
         return
@@ -458,7 +444,7 @@ def collect(futures: dict, progress: bool = True, on_row=lambda row: None) -> li
         try:
             rows.append(future.result())
         except Exception as exc:  # noqa: BLE001 - a worker that died under the slide: a failed row
-            rows.append(failed_row(entry, f"{entry.slide}: {_one_line(exc)}", time.perf_counter() - t0))
+            rows.append(failed_row(entry, f"{entry.slide}: {one_line(exc)}", time.perf_counter() - t0))
         on_row(rows[-1])
         bar.set_postfix_str(f"{entry.stem}: {rows[-1]['status']}")
         bar.update(1)
