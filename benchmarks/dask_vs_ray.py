@@ -56,14 +56,11 @@ def idle(i: int) -> tuple[int, float]:
 
 
 def dask_engine(model: str, workers: int) -> dict:
-    from distributed import Client
-
     from pipeline.inference.worklist import dask_client
 
     t = time.perf_counter()
     with dask_client(None, workers, 1) as client:
         client.wait_for_workers(workers)
-        assert isinstance(client, Client)
         idle_rss = dict(client.gather(client.map(idle, range(workers), pure=False)))
         start = time.perf_counter() - t
         t = time.perf_counter()

@@ -4,8 +4,8 @@
         [--two-machines]
 
 Copies SLIDE --copies times into a scratch folder, adds --regions slides cut from its centre (square, of a
-quarter, a third, a half... of its side: a cohort of mixed sizes), and times, each into a fresh output folder and one after
-the other in one run (this machine's speed varies from day to day):
+quarter, a third, a half... of its side: a cohort of mixed sizes), and times, each into a fresh output folder
+and one after the other in one run (this machine's speed varies from day to day):
   sequential    `score_slides` in this process (the model loaded once, the shipped 2-thread schedule);
   1x2           score-slides on a LocalCluster of 1 worker process of 2 threads (one slide at a time);
   2x1           score-slides on 2 worker processes of 1 thread (two slides at once, one thread each);
