@@ -38,6 +38,7 @@ DONE = "done.json"
 REPORT_FILES = ("summary.json", "cells.csv", "report.html", "heatmap.png")  # a complete report has all of them
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 SLIDE_SUFFIXES |= {".png", ".jpg", ".jpeg"}  # plain field images, as score-slide reads them
+COHORT_FILES = ("worklist.csv", "worklist.html")
 RESOURCE = "slide"  # a worker with resources slide=1 runs one slide at a time on all its threads
 ATTEMPTS = 2  # a failed slide is retried once
 COLUMNS = [
@@ -312,8 +313,9 @@ def write_cohort(rows: list[dict], out_dir: Path) -> None:
     import pandas as pd
 
     rows = suspicion_order(rows)
-    atomic.write_csv(out_dir / "worklist.csv", pd.DataFrame(rows, columns=COLUMNS))
-    atomic.write_text(out_dir / "worklist.html", render_worklist(rows, out_dir))
+    csv_name, html_name = COHORT_FILES
+    atomic.write_csv(out_dir / csv_name, pd.DataFrame(rows, columns=COLUMNS))
+    atomic.write_text(out_dir / html_name, render_worklist(rows, out_dir))
 
 
 # --------------------------------------------------------------------------- the client
@@ -463,7 +465,8 @@ def pin_model(job: Job) -> Job:
 
 
 def remove_stale_staging(out_dir: Path, entries: list[Entry]) -> None:
-    """Staging folders a killed run left beside the report folders (.<stem>.*.tmp: atomic.staged_dir).
+    """Staging folders a killed run left beside the report folders (.<stem>.*.tmp: atomic.staged_dir), and the
+    temporary files of a cohort rewrite it was killed in (.worklist.csv.*.tmp: atomic.atomic_path).
     One run per DIR at a time: another run's staging would go too."""
     import glob
     import shutil
@@ -472,6 +475,10 @@ def remove_stale_staging(out_dir: Path, entries: list[Entry]) -> None:
         for stale in out_dir.glob(f".{glob.escape(entry.stem)}.*.tmp"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
+    for name in COHORT_FILES:  # a kill in the middle of a cohort rewrite leaves its temporary file
+        for stale in out_dir.glob(f".{name}.*.tmp"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
 
 
 def run_worklist(

@@ -129,8 +129,10 @@ def test_a_rerun_scores_only_the_missing_report(first_run, worklist_dir, schedul
     out = tmp_path / "out"
     shutil.copytree(first_run[0], out)
     shutil.rmtree(out / "b")
+    (out / ".worklist.csv.k1ll3d.tmp").write_text("a rewrite a killed run left")
     before = {s: _files(out / s) for s in ("a", "c")}
     run_worklist(worklist_dir, job(out), scheduler=scheduler, progress=False, log=quiet)
+    assert not list(out.glob(".*.tmp"))  # the killed rewrite's temporary file is cleared
     rows = _rows(out)
     assert {s: rows[s]["status"] for s in STEMS} == {"a": "skipped", "b": "scored", "c": "skipped"}
     assert rows["bad"]["status"] == "failed"  # a failed slide is tried again on every run
